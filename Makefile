@@ -1,0 +1,34 @@
+# The two commands of the README: `make demo` and `make test`. Both do all set-up first:
+# a virtual environment with the package, the Kafka jars (mvn) and the sample data (apt).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+
+.PHONY: setup demo test bench kafka-start kafka-stop clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -e '.[test]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+setup: $(STAMP)
+	$(BIN)/tilestream kafka fetch
+	$(BIN)/tilestream kafka fetch --version 3.9.1
+	$(BIN)/tilestream samples fetch
+
+demo: setup
+	$(BIN)/tilestream demo
+
+test: setup
+	$(BIN)/python -m pytest
+
+kafka-start: setup
+	$(BIN)/tilestream kafka start
+
+kafka-stop:
+	$(BIN)/tilestream kafka stop
+
+clean:
+	rm -rf $(VENV) build *.egg-info

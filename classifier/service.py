@@ -1,0 +1,164 @@
+"""The online classifier: tile-features -> assemble frames -> model -> results (thin Kafka shell).
+
+A kafka-python consumer group on ``tile-features``. Tiles are keyed by frame id, so all the
+tiles of one frame land in one partition and one classifier instance assembles them.
+Offsets are committed only after the results that depend on them were acknowledged by
+Kafka (producer flush), and never past a tile of a frame still pending.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from typing import Callable
+
+import numpy as np
+
+from tilestream import topics
+from tilestream.metrics import Metrics
+from tilestream.records import DeadLetter, FrameResult, TileFeatures, TileLabel
+
+from classifier.assembler import FrameAssembler, PendingFrame
+from classifier.model import TileModel
+
+log = logging.getLogger("tilestream.classifier")
+
+
+def classify_frame(model: TileModel, frame: PendingFrame, now_ns: int) -> FrameResult:
+    """Pure: a (complete or timed-out) frame's tiles -> its result."""
+    tiles = [frame.tiles[i] for i in sorted(frame.tiles)]
+    X = np.stack([t.vector() for t in tiles])
+    probs = model.predict_proba(X)
+    frame_p = model.frame_probabilities(probs)
+    classes = model.classes
+    first = tiles[0]
+    return FrameResult(
+        camera_id=first.camera_id,
+        seq=first.seq,
+        frame_id=first.frame_id,
+        capture_ns=first.capture_ns,
+        result_ns=now_ns,
+        latency_ms=round((now_ns - first.capture_ns) / 1e6, 3),
+        label=classes[int(np.argmax(frame_p))],
+        probabilities={c: round(float(p), 6) for c, p in zip(classes, frame_p)},
+        tiles=[
+            TileLabel(t.tile_index, t.x, t.y, t.w, t.h, classes[int(np.argmax(p))], round(float(np.max(p)), 6))
+            for t, p in zip(tiles, probs)
+        ],
+        complete=frame.complete,
+        n_tiles=frame.n_tiles,
+        missing_tiles=frame.missing(),
+        model_id=model.model_id,
+        model_version=model.version,
+    )
+
+
+class ClassifierService:
+    def __init__(self, bootstrap: str, model: TileModel, group_id: str, frame_timeout_s: float = 30.0):
+        self.bootstrap = bootstrap
+        self.model = model
+        self.digest = model.feature_config.digest()
+        self.group_id = group_id
+        self.assembler = FrameAssembler(frame_timeout_s)
+        self.metrics = Metrics("tilestream_classifier")
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def health(self) -> dict:
+        return {"status": "ok", "model_id": self.model.model_id, "model_version": self.model.version,
+                "pending_frames": len(self.assembler.pending)}
+
+    def run(self, on_result: Callable[[FrameResult], None] | None = None) -> None:
+        from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
+        from kafka.structs import OffsetAndMetadata, TopicPartition
+
+        consumer = KafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            group_id=self.group_id,
+            client_id=f"{self.group_id}-consumer",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=1000,
+        )
+        producer = KafkaProducer(
+            bootstrap_servers=self.bootstrap, client_id=f"{self.group_id}-producer",
+            acks="all", enable_idempotence=True, linger_ms=5,
+        )
+        svc = self
+
+        def commit() -> None:
+            offsets = {
+                TopicPartition(topics.TILE_FEATURES, p): OffsetAndMetadata(o, "", -1)
+                for p, o in svc.assembler.committable().items()
+            }
+            if offsets:
+                producer.flush()
+                consumer.commit(offsets)
+
+        class Rebalance(ConsumerRebalanceListener):
+            def on_partitions_revoked(self, revoked):
+                try:
+                    commit()
+                except Exception as exc:  # noqa: BLE001 - a failed commit means redelivery, not loss
+                    log.warning(json.dumps({"event": "commit_on_revoke_failed", "error": str(exc)}))
+                svc.assembler.forget_partitions({tp.partition for tp in revoked})
+
+            def on_partitions_assigned(self, assigned):
+                log.info(json.dumps({"event": "assigned", "partitions": sorted(tp.partition for tp in assigned)}))
+
+        consumer.subscribe([topics.TILE_FEATURES], listener=Rebalance())
+        last_commit = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                batch = consumer.poll(timeout_ms=200)
+                now = time.monotonic()
+                emitted = 0
+                for tp, messages in batch.items():
+                    for m in messages:
+                        try:
+                            tile = TileFeatures.from_bytes(m.value)
+                        except Exception as exc:  # noqa: BLE001 - anything unparsable is a dead letter
+                            self._dead(producer, "malformed", f"tile record does not parse: {exc}", m)
+                            continue
+                        if tile.feature_digest != self.digest:
+                            self._dead(producer, "feature_mismatch",
+                                       f"tile features {tile.feature_digest} != model features {self.digest}", m, tile.frame_id)
+                            continue
+                        frame = self.assembler.add(tile, tp.partition, m.offset, now)
+                        if frame is not None:
+                            self._emit(producer, frame, on_result)
+                            emitted += 1
+                for frame in self.assembler.expired(now):
+                    self.metrics.inc("frames_incomplete_total")
+                    log.warning(json.dumps({"event": "frame_incomplete", "frame_id": frame.frame_id,
+                                            "missing_tiles": frame.missing()}))
+                    self._emit(producer, frame, on_result)
+                    emitted += 1
+                if emitted or (batch and now - last_commit > 1.0):
+                    commit()
+                    last_commit = now
+            commit()
+        finally:
+            producer.flush()
+            producer.close()
+            consumer.close(autocommit=False)
+
+    def _emit(self, producer, frame: PendingFrame, on_result) -> None:
+        result = classify_frame(self.model, frame, time.time_ns())
+        producer.send(topics.RESULTS, key=result.camera_id.encode(), value=result.to_json())
+        self.assembler.done(frame)
+        self.metrics.inc("results_total")
+        self.metrics.observe("capture_to_result_seconds", result.latency_ms / 1e3)
+        if on_result is not None:
+            on_result(result)
+
+    def _dead(self, producer, reason: str, message: str, m, frame_id: str | None = None) -> None:
+        self.assembler.seen(m.partition, m.offset)
+        self.metrics.inc("dead_letters_total", reason=reason)
+        log.warning(json.dumps({"event": "dead_letter", "reason": reason, "partition": m.partition, "offset": m.offset}))
+        letter = DeadLetter("classifier", reason, message, m.value, frame_id, m.topic, m.partition, m.offset)
+        producer.send(topics.DEAD_LETTERS, key=(frame_id or "").encode(), value=letter.to_json())

@@ -1,0 +1,1 @@
+"""The stream processor: decrypt frames, split them into tiles, compute tile features (Faust)."""

@@ -1,0 +1,312 @@
+"""Per-tile feature extraction: the seed chain, a HOG-style descriptor and intensity stats.
+
+Small pure functions on ``uint8`` grayscale arrays in the style of OpenCV's
+``samples/python/digits.py``: no I/O, no Kafka, numpy-vectorised, OpenCV primitives only
+(no ``cv2.HOGDescriptor``, which is absent from OpenCV 5).
+
+Coordinates: ``x`` is the column, ``y`` the row, so ``I(x, y)`` is ``img[y, x]``.
+
+Seed chain (see :class:`tilestream.config.FeatureConfig`)::
+
+    I_pre  = sat(round(a*I + b))                       contrast()
+    I_bin  = 255 where I_pre >= T else 0               binarize()
+    I_edge = sum_{i,j} w(i,j) * I_bin(x+i, y+j)        edge()
+    F      = sum_i w_i * I_edge(x-i, y)                feature_sum()
+
+Feature vector (:func:`tile_features`, layout given by :func:`feature_names`)::
+
+    [seed (4) | hog ((S/cell)^2 * bins) | intensity (4 + 8)]
+
+which is 4 + 16*9 + 12 = 160 values for the default configuration (S=64, cell=16, bins=9).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import cv2
+import numpy as np
+
+from tilestream.config import FeatureConfig
+
+SEED_NAMES = ("seed_mean_F", "seed_mean_abs_F", "seed_edge_frac", "seed_white_frac")
+INTENSITY_BINS = 8
+INTENSITY_NAMES = ("int_mean", "int_std", "int_min", "int_max") + tuple(
+    f"int_hist_{k}" for k in range(INTENSITY_BINS)
+)
+# |I_edge| above this counts as an edge pixel; absorbs float32 rounding of non-integer kernels
+# (I_edge is in units of 255, so this is far below any real response).
+EDGE_EPS = 1e-3
+_HELLINGER_EPS = 1e-7
+
+
+def _check_gray(img: np.ndarray, name: str = "img") -> None:
+    if not isinstance(img, np.ndarray) or img.ndim != 2 or img.dtype != np.uint8:
+        got = f"{img.dtype} array of shape {img.shape}" if isinstance(img, np.ndarray) else type(img).__name__
+        raise ValueError(f"{name} must be a 2-D uint8 grayscale array, got {got}")
+    if img.size == 0:
+        raise ValueError(f"{name} is empty")
+
+
+# --------------------------------------------------------------------------- seed chain
+
+
+@lru_cache(maxsize=64)
+def _contrast_lut(a: float, b: float) -> np.ndarray:
+    v = np.rint(a * np.arange(256, dtype=np.float64) + b)
+    return np.clip(v, 0, 255).astype(np.uint8)
+
+
+@lru_cache(maxsize=64)
+def _binarize_lut(T: float) -> np.ndarray:
+    return np.where(np.arange(256) >= T, 255, 0).astype(np.uint8)
+
+
+def contrast(img: np.ndarray, a: float, b: float) -> np.ndarray:
+    """``I_pre = sat(round(a*I + b))`` as ``uint8``.
+
+    ``a*I + b`` is evaluated in float64 for each of the 256 input levels, rounded half to
+    even (``np.rint``: 0.5 -> 0, 1.5 -> 2, 2.5 -> 2) and saturated to ``0..255``; the
+    resulting lookup table is applied with ``cv2.LUT``.  Negative results saturate to 0,
+    unlike ``cv2.convertScaleAbs`` which would take their absolute value.
+    """
+    _check_gray(img)
+    return cv2.LUT(img, _contrast_lut(float(a), float(b)))
+
+
+def binarize(img: np.ndarray, T: float) -> np.ndarray:
+    """``I_bin = 255 where I >= T else 0`` (``uint8``).
+
+    Note ``>=``: a pixel exactly at ``T`` is white, whereas ``cv2.THRESH_BINARY`` uses ``>``.
+    ``T <= 0`` gives an all-white image, ``T > 255`` an all-black one.
+    """
+    _check_gray(img)
+    return cv2.LUT(img, _binarize_lut(float(T)))
+
+
+def _kernel_array(kernel) -> np.ndarray:
+    k = np.asarray(kernel, dtype=np.float32)
+    if k.ndim != 2 or k.size == 0:
+        raise ValueError(f"kernel must be a non-empty 2-D (rows x cols) array, got shape {k.shape}")
+    return k
+
+
+def edge(img_bin: np.ndarray, kernel) -> np.ndarray:
+    """``I_edge(x, y) = sum_{i,j} w(i, j) * I_bin(x+i, y+j)`` as ``float32``.
+
+    A correlation (not a convolution: the kernel is not flipped, so a single white pixel
+    answers with the kernel rotated by 180 degrees).  ``kernel`` is given as rows, like an
+    image: ``w(i, j) = kernel[j + cy][i + cx]`` with ``i`` along x (columns), ``j`` along y
+    (rows) and the anchor at the centre ``(cx, cy) = (n_cols // 2, n_rows // 2)``.
+    Out-of-image samples replicate the nearest border pixel (``BORDER_REPLICATE``), so a
+    tile border is not itself an edge.  Values are in units of ``I_bin`` (0/255).
+    Computed with ``cv2.filter2D(img_bin, CV_32F, kernel, borderType=BORDER_REPLICATE)``.
+    """
+    _check_gray(img_bin, "img_bin")
+    return cv2.filter2D(img_bin, cv2.CV_32F, _kernel_array(kernel), borderType=cv2.BORDER_REPLICATE)
+
+
+def feature_sum(I_edge: np.ndarray, w_i) -> np.ndarray:
+    """``F(x, y) = sum_{i=0}^{n-1} w_i * I_edge(x-i, y)`` as ``float32``.
+
+    A causal 1-D convolution along x (within each row); samples left of the image
+    (``x - i < 0``) are zero.  ``w_i = (1,)`` is the identity.
+    """
+    E = np.asarray(I_edge, dtype=np.float32)
+    w = np.asarray(w_i, dtype=np.float32).ravel()
+    if E.ndim != 2:
+        raise ValueError(f"I_edge must be 2-D, got shape {E.shape}")
+    if w.size == 0:
+        raise ValueError("w_i must hold at least one weight")
+    F = np.zeros_like(E)
+    width = E.shape[1]
+    for i, wi in enumerate(w[:width]):  # one vectorised step per tap
+        if wi:
+            F[:, i:] += wi * E[:, : width - i]
+    return F
+
+
+def _seed_maps(tile: np.ndarray, cfg: FeatureConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(I_bin, I_edge, F)`` for ``tile``; contrast and binarize fused into one LUT."""
+    lut = _binarize_lut(float(cfg.T))[_contrast_lut(float(cfg.a), float(cfg.b))]
+    I_bin = cv2.LUT(tile, lut)
+    I_edge = edge(I_bin, cfg.kernel)
+    return I_bin, I_edge, feature_sum(I_edge, cfg.w_i)
+
+
+def seed_features(tile: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
+    """The seed chain summarised as 4 ``float32`` values (names: ``SEED_NAMES``).
+
+    With ``N`` the number of pixels and ``F``, ``I_edge`` taken from ``I_bin`` in {0, 255}
+    but reported divided by 255 (i.e. as if ``I_bin`` were in {0, 1})::
+
+        [ sum F / (255 N),              seed_mean_F
+          sum |F| / (255 N),            seed_mean_abs_F
+          #{|I_edge| > 1e-3} / N,       seed_edge_frac
+          #{I_bin = 255} / N ]          seed_white_frac
+    """
+    _check_gray(tile, "tile")
+    I_bin, I_edge, F = _seed_maps(tile, cfg)
+    n = float(tile.size)
+    return np.array(
+        [
+            cv2.sumElems(F)[0] / (255.0 * n),
+            cv2.norm(F, cv2.NORM_L1) / (255.0 * n),
+            np.count_nonzero(np.abs(I_edge) > EDGE_EPS) / n,
+            np.count_nonzero(I_bin) / n,
+        ],
+        dtype=np.float32,
+    )
+
+
+# --------------------------------------------------------------------------- deskew, HOG
+
+
+def deskew(img: np.ndarray, size) -> np.ndarray:
+    """Moment-based deskew, exactly as OpenCV's digits sample.
+
+    ``skew = mu11 / mu02`` from ``cv2.moments(img)``; the image is sheared horizontally by
+    ``warpAffine`` with ``M = [[1, skew, -0.5*size*skew], [0, 1, 0]]`` and
+    ``WARP_INVERSE_MAP | INTER_LINEAR``, i.e. ``out(x, y) = img(x + skew*(y - size/2), y)``
+    (zero outside the source).  If ``|mu02| < 1e-2`` the image is returned unchanged (copy).
+    ``size`` is the side of the square output; ``(width, height)`` is also accepted for a
+    non-square tile (the shear is then centred on ``height/2``).
+    """
+    _check_gray(img)
+    w, h = (size, size) if np.isscalar(size) else size
+    m = cv2.moments(img)
+    if abs(m["mu02"]) < 1e-2:
+        return img.copy()
+    skew = m["mu11"] / m["mu02"]
+    M = np.float32([[1, skew, -0.5 * h * skew], [0, 1, 0]])
+    return cv2.warpAffine(img, M, (int(w), int(h)), flags=cv2.WARP_INVERSE_MAP | cv2.INTER_LINEAR)
+
+
+@lru_cache(maxsize=32)
+def _cell_index(h: int, w: int, cell: int, n_cols: int) -> np.ndarray:
+    ys, xs = np.divmod(np.arange(h * w), w)
+    return ((ys // cell) * n_cols + xs // cell).astype(np.intp)
+
+
+@lru_cache(maxsize=32)
+def _wrap_lut(bins: int) -> np.ndarray:
+    return (np.arange(2 * bins + 2) % bins).astype(np.intp)
+
+
+def _hog(tile: np.ndarray, cell: int, bins: int, grid: tuple[int, int]) -> np.ndarray:
+    """HOG of ``tile`` on a ``grid = (n_rows, n_cols)`` of cells anchored at the top-left.
+
+    Cells (partly) outside the tile just get less (or no) mass; used for shrunk edge tiles.
+    """
+    gx = cv2.Sobel(tile, cv2.CV_32F, 1, 0, ksize=1)
+    gy = cv2.Sobel(tile, cv2.CV_32F, 0, 1, ksize=1)
+    mag, ang = cv2.cartToPolar(gx, gy, angleInDegrees=True)
+    t = ang.ravel() * np.float32(bins)  # in [0, 2*bins]: angle is in [0, 360]
+    t /= np.float32(180.0)  # (not * bins/180, which is inexact: 90 * (6/180) != 3 in float32)
+    k = t.astype(np.intp)  # floor, as t >= 0
+    frac = t - k
+    wrap = _wrap_lut(bins)  # k mod bins (unsigned: theta and theta + 180 share a bin)
+    b0, b1 = wrap[k], wrap[k + 1]
+    m = mag.ravel()
+    base = _cell_index(tile.shape[0], tile.shape[1], cell, grid[1]) * bins
+    n = grid[0] * grid[1] * bins
+    hist = np.bincount(base + b0, m * (1.0 - frac), n) + np.bincount(base + b1, m * frac, n)
+    # Hellinger kernel, as digits.py: L1-normalise, sqrt, L2-normalise.
+    hist /= hist.sum() + _HELLINGER_EPS
+    np.sqrt(hist, out=hist)
+    hist /= np.linalg.norm(hist) + _HELLINGER_EPS
+    return hist.astype(np.float32)
+
+
+def hog(tile: np.ndarray, cell: int, bins: int) -> np.ndarray:
+    """HOG-style descriptor: per-cell magnitude-weighted orientation histograms.
+
+    * Gradients ``gx, gy`` by ``cv2.Sobel(ksize=1)`` (central difference ``[-1, 0, 1]``,
+      no smoothing; border ``BORDER_REFLECT_101``, so the gradient across the tile border
+      is 0), magnitude and angle in degrees by ``cv2.cartToPolar`` (OpenCV's fast atan,
+      accurate to ~0.01 degree).
+    * Unsigned orientation ``theta in [0, 180)``; bin ``k`` is centred on ``k * 180/bins``
+      (bin 0 = horizontal gradient, i.e. a vertical edge).  With ``t = theta * bins / 180``
+      a pixel adds ``|g| * (1 - frac(t))`` to bin ``floor(t)`` and ``|g| * frac(t)`` to bin
+      ``floor(t) + 1`` (circularly, mod ``bins``).
+    * Cells of ``cell x cell`` pixels, row-major; the tile's sides must be multiples of
+      ``cell`` (``ValueError`` otherwise).  Output layout: ``[cell_row, cell_col, bin]``.
+    * Normalisation over the whole descriptor with the Hellinger kernel as digits.py:
+      ``h /= sum(h) + 1e-7; h = sqrt(h); h /= ||h||_2 + 1e-7`` (a flat tile gives zeros).
+
+    Returns ``(h/cell) * (w/cell) * bins`` ``float32`` values.
+    """
+    _check_gray(tile, "tile")
+    if int(cell) < 1 or int(bins) < 1:
+        raise ValueError(f"cell and bins must be >= 1, got cell={cell}, bins={bins}")
+    h, w = tile.shape
+    if h % cell or w % cell:
+        raise ValueError(f"tile size {h}x{w} is not a multiple of the HOG cell size {cell}")
+    return _hog(tile, int(cell), int(bins), (h // cell, w // cell))
+
+
+# --------------------------------------------------------------------------- intensity
+
+
+def intensity_stats(tile: np.ndarray) -> np.ndarray:
+    """``[mean, std, min, max] / 255`` followed by an 8-bin normalised histogram (``float32``).
+
+    ``std`` is the population standard deviation; histogram bin ``k`` holds the fraction of
+    pixels with ``32k <= I < 32(k+1)``, so the 8 values sum to 1.
+    """
+    _check_gray(tile, "tile")
+    mean, std = cv2.meanStdDev(tile)
+    lo, hi, _, _ = cv2.minMaxLoc(tile)
+    hist = np.bincount((tile >> 5).ravel(), minlength=INTENSITY_BINS) / float(tile.size)
+    out = np.empty(4 + INTENSITY_BINS, dtype=np.float32)
+    out[:4] = (mean[0, 0] / 255.0, std[0, 0] / 255.0, lo / 255.0, hi / 255.0)
+    out[4:] = hist
+    return out
+
+
+# --------------------------------------------------------------------------- tile vector
+
+
+def _hog_grid(cfg: FeatureConfig) -> int:
+    if cfg.hog_cell < 1 or cfg.hog_bins < 1:
+        raise ValueError(f"hog_cell and hog_bins must be >= 1, got {cfg.hog_cell}, {cfg.hog_bins}")
+    if cfg.tile_size % cfg.hog_cell:
+        raise ValueError(f"tile_size {cfg.tile_size} is not a multiple of hog_cell {cfg.hog_cell}")
+    return cfg.tile_size // cfg.hog_cell
+
+
+def feature_length(cfg: FeatureConfig) -> int:
+    """``4 + (tile_size / hog_cell)^2 * hog_bins + 12`` (160 for the defaults)."""
+    n = _hog_grid(cfg)
+    return len(SEED_NAMES) + n * n * cfg.hog_bins + len(INTENSITY_NAMES)
+
+
+def feature_names(cfg: FeatureConfig) -> list[str]:
+    """Names of the :func:`tile_features` values, in order (``hog_r{row}_c{col}_b{bin}``)."""
+    n = _hog_grid(cfg)
+    hog_names = [f"hog_r{r}_c{c}_b{k}" for r in range(n) for c in range(n) for k in range(cfg.hog_bins)]
+    return [*SEED_NAMES, *hog_names, *INTENSITY_NAMES]
+
+
+def tile_features(tile: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
+    """``concat(seed_features, hog, intensity_stats)``: ``feature_length(cfg)`` ``float32`` values.
+
+    The tile is normally ``tile_size x tile_size`` (``"pad"`` and ``"drop"`` policies).  A
+    smaller ``"shrink"`` edge tile gives a vector of the same length: its HOG uses the same
+    ``tile_size / hog_cell`` cell grid anchored at the top-left, cells beyond the tile
+    staying empty; seed and intensity values are per-pixel averages anyway.
+    If ``cfg.deskew`` the tile is deskewed (:func:`deskew`) before the HOG only, as in
+    digits.py; the seed chain and intensity statistics see the raw pixels.
+    """
+    _check_gray(tile, "tile")
+    n = _hog_grid(cfg)
+    h, w = tile.shape
+    if h > cfg.tile_size or w > cfg.tile_size:
+        raise ValueError(f"tile {h}x{w} is larger than tile_size {cfg.tile_size}")
+    hog_in = deskew(tile, (w, h)) if cfg.deskew else tile
+    out = np.empty(feature_length(cfg), dtype=np.float32)
+    k = len(SEED_NAMES)
+    out[:k] = seed_features(tile, cfg)
+    out[k:k + n * n * cfg.hog_bins] = _hog(hog_in, cfg.hog_cell, cfg.hog_bins, (n, n))
+    out[k + n * n * cfg.hog_bins:] = intensity_stats(tile)
+    return out

@@ -1,0 +1,5 @@
+import sys
+
+from tilestream.cli import main
+
+sys.exit(main())

@@ -1,0 +1,274 @@
+"""``tilestream``: the one command-line entry point.
+
+    tilestream kafka start|stop|status|fetch   local Apache Kafka (deploy/local_kafka.py)
+    tilestream samples fetch                   OpenCV sample data from Debian's opencv-doc
+    tilestream keys init|enroll|rotate-cloud|revoke|list
+    tilestream agent                           edge agent: source -> sealed frames -> Kafka
+    tilestream process                         Faust stream processor (one worker)
+    tilestream train                           train a tile model
+    tilestream classify                        online classifier -> results
+    tilestream results tail                    print results as they arrive
+    tilestream demo                            all of the above on vtest.avi, on the local Kafka
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from tilestream.config import Settings, cache_home, load_settings
+
+
+def _bootstrap(args: argparse.Namespace, settings: Settings) -> str:
+    return args.bootstrap or settings.kafka.bootstrap or f"{settings.kafka.host}:{settings.kafka.port}"
+
+
+def _local_kafka(args: argparse.Namespace, settings: Settings):
+    from deploy.local_kafka import LocalKafka
+
+    k = settings.kafka
+    return LocalKafka(
+        args.kafka_version or k.version,
+        k.host,
+        args.port or k.port,
+        args.controller_port or k.controller_port,
+        state_dir=args.state_dir,
+    )
+
+
+# -- kafka ------------------------------------------------------------------------------
+def cmd_kafka(args: argparse.Namespace, settings: Settings) -> int:
+    from deploy.local_kafka import KafkaError
+    from tilestream.topics import pipeline_topics
+
+    lk = _local_kafka(args, settings)
+    try:
+        if args.action == "fetch":
+            print(lk.ensure_jars())
+        elif args.action == "start":
+            info = lk.start(pipeline_topics(settings.kafka))
+            print(f"bootstrap: {info.bootstrap}")
+        elif args.action == "stop":
+            if not lk.stop():
+                print(f"no local Kafka running for {lk.state_dir}")
+        elif args.action == "status":
+            info = lk.status()
+            if info is None:
+                print(f"down (state dir {lk.state_dir})")
+                return 3
+            print(f"up: Apache Kafka {info.version} at {info.bootstrap} (pid {info.pid}); log: {info.log}")
+    except KafkaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# -- samples ----------------------------------------------------------------------------
+def cmd_samples(args: argparse.Namespace, settings: Settings) -> int:
+    from tilestream import samples
+
+    try:
+        for name, path in samples.fetch(progress=lambda m: print(m, file=sys.stderr)).items():
+            print(f"{name}\t{path}")
+    except samples.SamplesUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# -- keys -------------------------------------------------------------------------------
+def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
+    from tilestream.keys import KeyStore
+
+    store = KeyStore(settings.keys_path())
+    if args.action == "init":
+        print(f"cloud key {store.init_cloud()} in {store.path}")
+    elif args.action == "rotate-cloud":
+        print(f"new cloud key {store.rotate_cloud()}; older keys still open older frames")
+    elif args.action == "enroll":
+        print(f"enrolled {args.camera_id} with device key {store.enroll(args.camera_id)}")
+    elif args.action == "revoke":
+        print(f"revoked {', '.join(store.revoke(args.camera_id, args.key_id)) or 'nothing'}")
+    elif args.action == "list":
+        print(store.registry_path.read_text() if store.registry_path.exists() else "{}")
+    return 0
+
+
+# -- stages -----------------------------------------------------------------------------
+def cmd_agent(args: argparse.Namespace, settings: Settings) -> int:
+    from edge_agent.agent import EdgeAgent
+    from tilestream.keys import KeyStore
+
+    a = settings.agent
+    for name in ("source", "camera_id", "fps", "max_frames", "max_side", "encoding", "jpeg_quality"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(a, name, value)
+    a.loop = a.loop or args.loop
+    a.realtime = a.realtime or args.realtime
+    if not a.source:
+        print("error: no source (--source PATH|URL|DEVICE_INDEX or [agent] source in the config)", file=sys.stderr)
+        return 2
+    agent = EdgeAgent(a, KeyStore(settings.keys_path()), _bootstrap(args, settings), settings.kafka.max_frame_bytes)
+    signal.signal(signal.SIGTERM, lambda *_: agent.stop())
+    try:
+        counters = agent.run()
+    except KeyboardInterrupt:
+        counters = agent.counters
+    print(json.dumps({"event": "agent_done", "camera_id": a.camera_id, **vars(counters)}), flush=True)
+    return 0
+
+
+def cmd_process(args: argparse.Namespace, settings: Settings) -> int:
+    from stream_processor.app import run_worker
+
+    datadir = Path(args.datadir) if args.datadir else cache_home() / "processor" / f"worker-{args.web_port or settings.processor.web_port}"
+    run_worker(settings, _bootstrap(args, settings), datadir, args.web_port, loglevel=args.loglevel)
+    return 0
+
+
+def _default_model_path(settings: Settings) -> Path:
+    return cache_home() / "models" / f"scene-{settings.features.digest()}.skops"
+
+
+def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    from classifier.train import train_scene_model
+    from tilestream import samples
+
+    video = args.video or str(samples.path("vtest.avi"))
+    model = train_scene_model(video, settings.features, kind=args.kind, max_frames=args.frames,
+                              progress=lambda m: print(m, file=sys.stderr))
+    out = model.save(args.out or _default_model_path(settings))
+    print(json.dumps({"model": str(out), **model.meta()["metrics"]}))
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace, settings: Settings) -> int:
+    from classifier.model import TileModel
+    from classifier.service import ClassifierService
+    from tilestream.metrics import serve_http
+
+    path = args.model or settings.classifier.model_path or _default_model_path(settings)
+    model = TileModel.load(path, expected_digest=settings.features.digest())
+    svc = ClassifierService(_bootstrap(args, settings), model, settings.classifier.group_id, settings.classifier.frame_timeout_s)
+    if args.metrics_port:
+        serve_http(svc.metrics, args.metrics_port, svc.health)
+    signal.signal(signal.SIGTERM, lambda *_: svc.stop())
+    try:
+        svc.run()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_results(args: argparse.Namespace, settings: Settings) -> int:
+    from classifier.results import tail
+
+    try:
+        for r in tail(_bootstrap(args, settings), camera_id=args.camera, from_beginning=args.from_beginning, max_results=args.max):
+            print(format_result(r), flush=True)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def format_result(r) -> str:
+    p = r.probabilities.get(r.label, 0.0)
+    flag = "" if r.complete else f"  INCOMPLETE missing={r.missing_tiles}"
+    return f"{r.camera_id:>10}  seq={r.seq:<6} label={r.label:<11} p={p:.2f}  latency={r.latency_ms:8.1f} ms{flag}"
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from tilestream.demo import run_demo
+
+    return run_demo(settings, args)
+
+
+# -- parser -----------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tilestream", description="Edge-to-cloud image recognition on Apache Kafka.")
+    p.add_argument("--config", help="TOML configuration file (default: $TILESTREAM_CONFIG)")
+    p.add_argument("--bootstrap", help="Kafka bootstrap servers (default: [kafka] bootstrap, else the local broker)")
+    p.add_argument("--log-level", default=os.environ.get("TILESTREAM_LOG_LEVEL", "INFO"))
+    sub = p.add_subparsers(dest="command", required=True)
+
+    k = sub.add_parser("kafka", help="run a local single-node Apache Kafka (KRaft)")
+    k.add_argument("action", choices=["start", "stop", "status", "fetch"])
+    k.add_argument("--version", dest="kafka_version", help="Kafka version (default 4.1.1; 3.9.1 supported)")
+    k.add_argument("--port", type=int)
+    k.add_argument("--controller-port", type=int)
+    k.add_argument("--state-dir", help="broker data/log directory (default ~/.cache/tilestream/kafka/broker-PORT)")
+    k.set_defaults(func=cmd_kafka)
+
+    s = sub.add_parser("samples", help="OpenCV sample data (vtest.avi, digits.png)")
+    s.add_argument("action", choices=["fetch"])
+    s.set_defaults(func=cmd_samples)
+
+    ks = sub.add_parser("keys", help="cloud key pair and device enrolment")
+    ks.add_argument("action", choices=["init", "enroll", "rotate-cloud", "revoke", "list"])
+    ks.add_argument("camera_id", nargs="?")
+    ks.add_argument("--key-id")
+    ks.set_defaults(func=cmd_keys)
+
+    a = sub.add_parser("agent", help="run the edge agent")
+    a.add_argument("--source", help="video file, image folder, device index or rtsp/http URL")
+    a.add_argument("--camera-id")
+    a.add_argument("--fps", type=float)
+    a.add_argument("--max-frames", type=int)
+    a.add_argument("--max-side", type=int)
+    a.add_argument("--encoding", choices=["jpeg", "png", "webp"])
+    a.add_argument("--jpeg-quality", type=int)
+    a.add_argument("--loop", action="store_true")
+    a.add_argument("--realtime", action="store_true", help="pace a video file at its own fps")
+    a.set_defaults(func=cmd_agent)
+
+    pr = sub.add_parser("process", help="run a stream-processor worker (Faust)")
+    pr.add_argument("--web-port", type=int, help="/healthz and /metrics port (each worker needs its own)")
+    pr.add_argument("--datadir", help="Faust data directory (each worker needs its own)")
+    pr.add_argument("--loglevel", default="warning")
+    pr.set_defaults(func=cmd_process)
+
+    t = sub.add_parser("train", help="train a tile model")
+    t.add_argument("--dataset", choices=["scene"], default="scene")
+    t.add_argument("--video", help="video of the camera for the scene model (default vtest.avi)")
+    t.add_argument("--kind", choices=["svm", "logistic"], default="svm")
+    t.add_argument("--frames", type=int, default=400)
+    t.add_argument("--out")
+    t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("classify", help="run the online classifier")
+    c.add_argument("--model")
+    c.add_argument("--metrics-port", type=int, default=0)
+    c.set_defaults(func=cmd_classify)
+
+    r = sub.add_parser("results", help="read the results topic")
+    r.add_argument("action", choices=["tail"])
+    r.add_argument("--camera")
+    r.add_argument("--from-beginning", action="store_true")
+    r.add_argument("--max", type=int, default=0)
+    r.set_defaults(func=cmd_results)
+
+    d = sub.add_parser("demo", help="agent + processor + classifier on vtest.avi, printing results")
+    d.add_argument("--frames", type=int, default=200, help="frames of vtest.avi to send (0: whole file)")
+    d.add_argument("--no-realtime", action="store_true", help="send as fast as possible instead of at the file's fps")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from tilestream.metrics import setup_logging
+
+    setup_logging(args.log_level)
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    settings = load_settings(args.config)
+    return int(args.func(args, settings) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""The one home of tilestream's configuration.
+
+Every stage reads its settings from a :class:`Settings` built by :func:`load_settings`:
+defaults defined here, overridden by a TOML file (``--config`` or ``$TILESTREAM_CONFIG``),
+overridden by environment variables ``TILESTREAM_<SECTION>_<KEY>`` (for example
+``TILESTREAM_KAFKA_BOOTSTRAP=127.0.0.1:9092``), overridden by command-line flags.
+
+:class:`FeatureConfig` is part of the contract between the processor and the model:
+its :meth:`FeatureConfig.digest` is stamped on every tile-features record and on every
+trained model, and a model is refused when the digests differ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def cache_home() -> Path:
+    """Per-user cache for Kafka jars, broker data, sample data and keys (never the repo)."""
+    env = os.environ.get("TILESTREAM_HOME")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "tilestream"
+
+
+@dataclass
+class KafkaSettings:
+    # None means "no broker configured": `tilestream demo` then starts the local one.
+    bootstrap: str | None = None
+    # Local broker (deploy/local_kafka.py).
+    version: str = "4.1.1"
+    host: str = "127.0.0.1"
+    port: int = 9092
+    controller_port: int = 9093
+    # Topic layout; partition counts are the unit of parallelism of each stage.
+    frames_partitions: int = 6
+    tile_features_partitions: int = 6
+    results_partitions: int = 3
+    max_frame_bytes: int = 4 * 1024 * 1024
+
+
+@dataclass
+class FeatureConfig:
+    """Tiling and feature parameters: the seed chain and the HOG descriptor.
+
+    I_pre = a*I + b (saturated), I_bin = 255 where I_pre >= T else 0,
+    I_edge = sum_ij w(i,j) * I_bin(x+i, y+j), F(x,y) = sum_i w_i * I_edge(x-i, y).
+    """
+
+    tile_size: int = 64
+    overlap: int = 0
+    # What happens to tiles at the right/bottom edge when the frame does not divide evenly:
+    # "pad" (replicate the border up to the full tile size), "shrink" (smaller tile) or "drop".
+    edge_policy: str = "pad"
+    a: float = 1.0
+    b: float = 0.0
+    T: int = 128
+    kernel: tuple[tuple[float, ...], ...] = ((-1, -1, -1), (-1, 8, -1), (-1, -1, -1))
+    w_i: tuple[float, ...] = (1.0,)
+    hog_cell: int = 16
+    hog_bins: int = 9
+    # Whether to deskew (moment-based, as in OpenCV's digits sample) before HOG.
+    deskew: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["kernel"] = [list(r) for r in self.kernel]
+        d["w_i"] = list(self.w_i)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FeatureConfig":
+        d = dict(d)
+        if "kernel" in d:
+            d["kernel"] = tuple(tuple(float(v) for v in r) for r in d["kernel"])
+        if "w_i" in d:
+            d["w_i"] = tuple(float(v) for v in d["w_i"])
+        return cls(**d)
+
+    def digest(self) -> str:
+        """Stable short hash of the configuration (order-independent JSON, floats normalised)."""
+        d = self.as_dict()
+        d["kernel"] = [[float(v) for v in r] for r in d["kernel"]]
+        d["w_i"] = [float(v) for v in d["w_i"]]
+        d["a"], d["b"] = float(d["a"]), float(d["b"])
+        blob = json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass
+class AgentSettings:
+    camera_id: str = "cam-1"
+    source: str = ""
+    fps: float = 0.0  # 0: as fast as the source delivers
+    max_side: int = 0  # 0: no resize
+    encoding: str = "jpeg"
+    jpeg_quality: int = 80
+    max_frames: int = 0  # 0: until the source ends
+    loop: bool = False
+    realtime: bool = False
+
+
+@dataclass
+class ProcessorSettings:
+    app_id: str = "tilestream-processor"
+    web_port: int = 6066
+    workers_threads: int = 2
+    max_image_pixels: int = 40_000_000
+
+
+@dataclass
+class ClassifierSettings:
+    group_id: str = "tilestream-classifier"
+    model_path: str = ""
+    frame_timeout_s: float = 30.0
+
+
+@dataclass
+class Settings:
+    kafka: KafkaSettings = field(default_factory=KafkaSettings)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    agent: AgentSettings = field(default_factory=AgentSettings)
+    processor: ProcessorSettings = field(default_factory=ProcessorSettings)
+    classifier: ClassifierSettings = field(default_factory=ClassifierSettings)
+    # Key material: cloud key pair, device keys, device registry.
+    keys_dir: str = ""
+
+    def keys_path(self) -> Path:
+        return Path(self.keys_dir).expanduser() if self.keys_dir else cache_home() / "keys"
+
+
+def _coerce(current: Any, raw: str) -> Any:
+    if isinstance(current, bool):
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    if isinstance(current, int):
+        return int(raw)
+    if isinstance(current, float):
+        return float(raw)
+    if isinstance(current, tuple):
+        return tuple(json.loads(raw))
+    return raw
+
+
+def _apply(section: Any, values: dict[str, Any], where: str) -> None:
+    names = {f.name.lower(): f.name for f in dataclasses.fields(section)}
+    for given, value in values.items():
+        key = names.get(given.lower())
+        if key is None:
+            raise ValueError(f"{where}: unknown setting {given!r} (known: {', '.join(sorted(names.values()))})")
+        current = getattr(section, key)
+        if isinstance(value, str) and not isinstance(current, str) and current is not None:
+            value = _coerce(current, value)
+        elif isinstance(current, tuple) and isinstance(value, list):
+            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        setattr(section, key, value)
+
+
+SECTIONS = ("kafka", "features", "agent", "processor", "classifier")
+
+
+def load_settings(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None) -> Settings:
+    """Defaults, then the TOML file, then ``TILESTREAM_<SECTION>_<KEY>`` environment variables."""
+    env = dict(os.environ if env is None else env)
+    settings = Settings()
+    path = path or env.get("TILESTREAM_CONFIG")
+    if path:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+        for name, values in data.items():
+            if name in SECTIONS:
+                _apply(getattr(settings, name), values, f"{path} [{name}]")
+            elif name == "keys_dir":
+                settings.keys_dir = str(values)
+            else:
+                raise ValueError(f"{path}: unknown section {name!r}")
+    for name in SECTIONS:
+        section = getattr(settings, name)
+        prefix = f"TILESTREAM_{name.upper()}_"
+        _apply(
+            section,
+            {k[len(prefix):].lower(): v for k, v in env.items() if k.startswith(prefix)},
+            "environment",
+        )
+    if env.get("TILESTREAM_KEYS_DIR"):
+        settings.keys_dir = env["TILESTREAM_KEYS_DIR"]
+    return settings

@@ -1,0 +1,148 @@
+"""``tilestream demo``: the whole pipeline on one machine, on vtest.avi.
+
+Starts the local Kafka unless a bootstrap server is configured, creates demo keys and a
+scene model if missing, starts one processor worker and one classifier as child processes,
+runs an edge agent on vtest.avi and prints every result as it arrives. At the end of the
+file (or on Ctrl-C) it stops every process it started, the broker included if it started it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from tilestream.config import Settings, cache_home
+
+
+def _say(msg: str) -> None:
+    print(f"[demo] {msg}", file=sys.stderr, flush=True)
+
+
+class Children:
+    """Child processes that are always stopped: SIGTERM, then SIGKILL after a deadline."""
+
+    def __init__(self):
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, argv: list[str], env: dict[str, str], **kw) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-m", "tilestream", *argv], env=env, start_new_session=True, **kw)
+        self.procs.append((name, proc))
+        return proc
+
+    def stop_all(self, timeout_s: float = 20.0) -> None:
+        for _name, proc in reversed(self.procs):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for name, proc in reversed(self.procs):
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _say(f"{name} did not stop in time; killing it")
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def wait_http(url: str, deadline_s: float, proc: subprocess.Popen | None = None) -> None:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process for {url} exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {deadline_s:.0f}s")
+
+
+def run_demo(settings: Settings, args: argparse.Namespace) -> int:
+    from classifier.results import tail
+    from deploy.local_kafka import LocalKafka, free_port
+    from tilestream import samples
+    from tilestream.cli import format_result
+    from tilestream.keys import KeyStore
+    from tilestream.topics import pipeline_topics
+
+    started_kafka = None
+    bootstrap = args.bootstrap or settings.kafka.bootstrap
+    if bootstrap is None:
+        lk = LocalKafka.from_settings(settings.kafka, progress=_say)
+        already = lk.status() is not None
+        lk.start(pipeline_topics(settings.kafka))
+        bootstrap = lk.bootstrap
+        started_kafka = None if already else lk
+    video = samples.path("vtest.avi")
+
+    keys_dir = Path(settings.keys_dir) if settings.keys_dir else cache_home() / "demo" / "keys"
+    store = KeyStore(keys_dir)
+    store.init_cloud()
+    camera = settings.agent.camera_id
+    if not (keys_dir / "devices" / camera / "current").exists():
+        store.enroll(camera)
+
+    env = dict(os.environ, TILESTREAM_KAFKA_BOOTSTRAP=bootstrap, TILESTREAM_KEYS_DIR=str(keys_dir))
+    model_path = cache_home() / "models" / f"scene-{settings.features.digest()}.skops"
+    children = Children()
+    interrupted = False
+    try:
+        if not model_path.exists():
+            _say(f"training the scene model once (cached at {model_path}) ...")
+            subprocess.run([sys.executable, "-m", "tilestream", "train", "--out", str(model_path)], env=env, check=True)
+        web_port, metrics_port = free_port(), free_port()
+        proc = children.start("processor", ["process", "--web-port", str(web_port),
+                                            "--datadir", str(cache_home() / "demo" / "processor")], env)
+        cls = children.start("classifier", ["classify", "--model", str(model_path), "--metrics-port", str(metrics_port)], env)
+        wait_http(f"http://127.0.0.1:{web_port}/healthz", 90, proc)
+        wait_http(f"http://127.0.0.1:{metrics_port}/healthz", 90, cls)
+        _say(f"processor (metrics http://127.0.0.1:{web_port}/metrics) and classifier "
+             f"(http://127.0.0.1:{metrics_port}/metrics) are up; starting the agent on {video}")
+
+        results: dict[int, object] = {}
+        done = threading.Event()
+
+        def printer():
+            for r in tail(bootstrap, camera_id=camera, idle_timeout_s=None):
+                print(format_result(r), flush=True)
+                results[r.seq] = r
+                if done.is_set():
+                    return
+
+        agent_argv = ["agent", "--source", str(video), "--camera-id", camera, "--max-frames", str(args.frames)]
+        if not args.no_realtime:
+            agent_argv.append("--realtime")
+        threading.Thread(target=printer, daemon=True).start()
+        time.sleep(1.0)  # the tail has seeked to the end of results before the first frame is sent
+        agent = children.start("agent", agent_argv, env, stdout=subprocess.PIPE, text=True)
+        out, _ = agent.communicate()
+        summary = next((json.loads(line) for line in out.splitlines() if '"agent_done"' in line), {})
+        sent = int(summary.get("sent", 0))
+        _say(f"agent done: {summary}")
+        deadline = time.monotonic() + 120
+        while len(results) < sent and time.monotonic() < deadline:
+            time.sleep(0.2)
+        done.set()
+        lat = sorted(r.latency_ms for r in results.values())
+        if lat:
+            _say(f"{len(results)}/{sent} frames got results; capture-to-result latency p50 {lat[len(lat) // 2]:.0f} ms, "
+                 f"p95 {lat[int(len(lat) * 0.95)]:.0f} ms, max {lat[-1]:.0f} ms")
+        return 0 if sent and len(results) >= sent else 1
+    except KeyboardInterrupt:
+        interrupted = True
+        _say("interrupted; stopping everything")
+        return 130
+    finally:
+        children.stop_all()
+        if started_kafka is not None:
+            started_kafka.stop()
+        elif not interrupted:
+            _say(f"the local Kafka at {bootstrap} was already running and is left running")

@@ -1,0 +1,181 @@
+"""Key files and the device registry (the I/O side of :mod:`tilestream.crypto`).
+
+A key directory holds::
+
+    cloud/<kid>.key        cloud X25519 private key, PKCS#8 PEM, mode 0600 (cloud side only)
+    cloud/<kid>.pub        cloud X25519 public key, PEM (what agents seal to)
+    cloud/current          key id agents seal to now; older keys still open older frames
+    devices/<camera>/<kid>.key   device Ed25519 private key, mode 0600 (device side only)
+    devices/<camera>/current
+    registry.json          enrolled device public keys and their status (what the processor reads)
+
+Private keys are never logged and never leave this directory.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
+
+from tilestream.crypto import DeviceKey, key_id, raw_public
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _private_pem(key: x25519.X25519PrivateKey | ed25519.Ed25519PrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+class KeyStore:
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+
+    # -- cloud keys -------------------------------------------------------------------
+    def init_cloud(self) -> str:
+        """Create the cloud key pair unless one exists; returns the current key id (hex)."""
+        current = self.path / "cloud" / "current"
+        if current.exists():
+            return current.read_text().strip()
+        return self.rotate_cloud()
+
+    def rotate_cloud(self) -> str:
+        """Make a new cloud key current; older keys stay so frames sealed to them still open."""
+        private = x25519.X25519PrivateKey.generate()
+        kid = key_id(private.public_key()).hex()
+        _write(self.path / "cloud" / f"{kid}.key", _private_pem(private), 0o600)
+        pub = private.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        _write(self.path / "cloud" / f"{kid}.pub", pub, 0o644)
+        _write(self.path / "cloud" / "current", kid.encode(), 0o644)
+        return kid
+
+    def cloud_public_key(self) -> tuple[bytes, x25519.X25519PublicKey]:
+        kid = self._current(self.path / "cloud", "no cloud key: run `tilestream keys init`")
+        key = serialization.load_pem_public_key((self.path / "cloud" / f"{kid}.pub").read_bytes())
+        assert isinstance(key, x25519.X25519PublicKey)
+        return bytes.fromhex(kid), key
+
+    def cloud_private_keys(self) -> dict[bytes, x25519.X25519PrivateKey]:
+        keys: dict[bytes, x25519.X25519PrivateKey] = {}
+        for f in sorted((self.path / "cloud").glob("*.key")):
+            key = serialization.load_pem_private_key(f.read_bytes(), password=None)
+            assert isinstance(key, x25519.X25519PrivateKey)
+            keys[bytes.fromhex(f.stem)] = key
+        if not keys:
+            raise FileNotFoundError(f"no cloud private key in {self.path / 'cloud'}: run `tilestream keys init`")
+        return keys
+
+    # -- devices ----------------------------------------------------------------------
+    def enroll(self, camera_id: str) -> str:
+        """Create a device key pair for ``camera_id`` and register its public key."""
+        private = ed25519.Ed25519PrivateKey.generate()
+        kid = key_id(private.public_key()).hex()
+        ddir = self.path / "devices" / camera_id
+        _write(ddir / f"{kid}.key", _private_pem(private), 0o600)
+        _write(ddir / "current", kid.encode(), 0o644)
+        reg = self._load_registry()
+        reg.setdefault(camera_id, []).append(
+            {
+                "key_id": kid,
+                "public_key": base64.b64encode(raw_public(private.public_key())).decode(),
+                "status": "active",
+                "enrolled_at": int(time.time()),
+            }
+        )
+        self._save_registry(reg)
+        return kid
+
+    def revoke(self, camera_id: str, kid: str | None = None) -> list[str]:
+        """Revoke one key of a device, or all of them; returns the revoked key ids."""
+        reg = self._load_registry()
+        if camera_id not in reg:
+            raise KeyError(f"device {camera_id!r} is not enrolled")
+        revoked = []
+        for entry in reg[camera_id]:
+            if kid is None or entry["key_id"] == kid:
+                entry["status"] = "revoked"
+                entry["revoked_at"] = int(time.time())
+                revoked.append(entry["key_id"])
+        self._save_registry(reg)
+        return revoked
+
+    def device_private_key(self, camera_id: str) -> tuple[bytes, ed25519.Ed25519PrivateKey]:
+        ddir = self.path / "devices" / camera_id
+        kid = self._current(ddir, f"device {camera_id!r} has no key here: run `tilestream keys enroll {camera_id}`")
+        key = serialization.load_pem_private_key((ddir / f"{kid}.key").read_bytes(), password=None)
+        assert isinstance(key, ed25519.Ed25519PrivateKey)
+        return bytes.fromhex(kid), key
+
+    @property
+    def registry_path(self) -> Path:
+        return self.path / "registry.json"
+
+    def _current(self, d: Path, missing: str) -> str:
+        try:
+            return (d / "current").read_text().strip()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{missing} (looked in {d})") from None
+
+    def _load_registry(self) -> dict[str, list[dict]]:
+        try:
+            return json.loads(self.registry_path.read_text())["devices"]
+        except FileNotFoundError:
+            return {}
+
+    def _save_registry(self, devices: dict[str, list[dict]]) -> None:
+        _write(self.registry_path, json.dumps({"devices": devices}, indent=2, sort_keys=True).encode(), 0o644)
+
+
+class DeviceRegistry:
+    """Key id -> DeviceKey, reloaded when registry.json changes (so revocation needs no restart)."""
+
+    def __init__(self, path: str | os.PathLike[str], check_every_s: float = 1.0):
+        self.path = Path(path)
+        self.check_every_s = check_every_s
+        self._mtime: float | None = None
+        self._checked = 0.0
+        self._by_kid: dict[bytes, DeviceKey] = {}
+        self._reload()
+
+    def _reload(self) -> None:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            self._by_kid, self._mtime = {}, None
+            return
+        if st.st_mtime == self._mtime:
+            return
+        devices = json.loads(self.path.read_text())["devices"]
+        by_kid = {}
+        for camera_id, entries in devices.items():
+            for e in entries:
+                pub = ed25519.Ed25519PublicKey.from_public_bytes(base64.b64decode(e["public_key"]))
+                by_kid[bytes.fromhex(e["key_id"])] = DeviceKey(camera_id, pub, e.get("status") == "revoked")
+        self._by_kid, self._mtime = by_kid, st.st_mtime
+
+    def __call__(self, kid: bytes) -> DeviceKey | None:
+        now = time.monotonic()
+        if now - self._checked >= self.check_every_s:
+            self._checked = now
+            self._reload()
+        return self._by_kid.get(kid)

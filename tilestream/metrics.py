@@ -1,0 +1,124 @@
+"""Counters, gauges and latency summaries in Prometheus text format, shared by every stage.
+
+Deliberately small: labelled counters/gauges and a reservoir of recent latencies per key
+(quantiles over the last ``window`` observations). Thread-safe enough for our use: each
+update is a single dict operation under the GIL.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import time
+from typing import Iterable
+
+
+def _labels(labels: dict[str, str]) -> str:
+    if not labels:
+        return ""
+    inner = ",".join(f'{k}="{str(v)}"' for k, v in sorted(labels.items()))
+    return "{" + inner + "}"
+
+
+class Metrics:
+    def __init__(self, prefix: str, window: int = 2048):
+        self.prefix = prefix
+        self.window = window
+        self.counters: dict[tuple[str, tuple], float] = collections.defaultdict(float)
+        self.gauges: dict[tuple[str, tuple], float] = {}
+        self.samples: dict[tuple[str, tuple], collections.deque] = {}
+        self.help: dict[str, str] = {}
+        self.started = time.time()
+
+    def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
+        self.counters[(name, tuple(sorted(labels.items())))] += value
+
+    def set(self, name: str, value: float, **labels: str) -> None:
+        self.gauges[(name, tuple(sorted(labels.items())))] = value
+
+    def observe(self, name: str, seconds: float, **labels: str) -> None:
+        key = (name, tuple(sorted(labels.items())))
+        dq = self.samples.get(key)
+        if dq is None:
+            dq = self.samples[key] = collections.deque(maxlen=self.window)
+        dq.append(seconds)
+        self.inc(name + "_count", **labels)
+        self.inc(name + "_sum", seconds, **labels)
+
+    def counter(self, name: str, **labels: str) -> float:
+        return self.counters.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    def quantiles(self, name: str, qs: Iterable[float] = (0.5, 0.95, 0.99), **labels: str) -> dict[float, float]:
+        dq = self.samples.get((name, tuple(sorted(labels.items()))))
+        if not dq:
+            return {}
+        data = sorted(dq)
+        return {q: data[min(len(data) - 1, int(q * len(data)))] for q in qs}
+
+    def render(self) -> str:
+        lines = [f"{self.prefix}_uptime_seconds {time.time() - self.started:.3f}"]
+        for (name, labels), v in sorted(self.counters.items()):
+            lines.append(f"{self.prefix}_{name}{_labels(dict(labels))} {v:g}")
+        for (name, labels), v in sorted(self.gauges.items()):
+            lines.append(f"{self.prefix}_{name}{_labels(dict(labels))} {v:g}")
+        for (name, labels), _dq in sorted(self.samples.items()):
+            for q, v in self.quantiles(name, **dict(labels)).items():
+                lines.append(f"{self.prefix}_{name}{_labels({**dict(labels), 'quantile': str(q)})} {v:.6f}")
+        return "\n".join(lines) + "\n"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message (and event fields if the message is JSON)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": round(record.created, 3), "level": record.levelname, "logger": record.name}
+        msg = record.getMessage()
+        try:
+            parsed = json.loads(msg)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict):
+            out.update(parsed)
+        else:
+            out["msg"] = msg
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def setup_logging(level: str = "INFO") -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def serve_http(metrics: Metrics, port: int, health=lambda: {"status": "ok"}, host: str = "127.0.0.1"):
+    """``/healthz`` (JSON) and ``/metrics`` (Prometheus text) on a daemon thread; returns the server."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server API
+            if self.path.startswith("/metrics"):
+                body, ctype, code = metrics.render().encode(), "text/plain; version=0.0.4", 200
+            elif self.path.startswith("/healthz"):
+                h = health()
+                body, ctype = json.dumps(h).encode(), "application/json"
+                code = 200 if h.get("status") == "ok" else 503
+            else:
+                body, ctype, code = b"not found\n", "text/plain", 404
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):  # keep the structured log clean
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    threading.Thread(target=server.serve_forever, name=f"http-{port}", daemon=True).start()
+    return server

@@ -1,0 +1,119 @@
+"""Record schemas between stages (after the envelope): tile features, results, dead letters.
+
+* :class:`TileFeatures` — processor -> classifier, a ``faust.Record`` (JSON, no Faust
+  metadata, so any client can read it). The feature vector travels as base64 of
+  little-endian float32: compact and exact.
+* :class:`FrameResult` — classifier -> everyone, plain JSON that follows the committed
+  JSON Schema ``tilestream/schemas/result.v1.json``.
+* :class:`DeadLetter` — any stage -> ``dead-letters``, with the original record (still
+  encrypted) so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import faust
+import numpy as np
+
+RESULT_SCHEMA_VERSION = 1
+
+
+def encode_vector(v: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(v, dtype="<f4").tobytes()).decode("ascii")
+
+
+def decode_vector(s: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(s), dtype="<f4")
+
+
+class TileFeatures(faust.Record, serializer="json", include_metadata=False):
+    frame_id: str
+    camera_id: str
+    seq: int
+    capture_ns: int
+    frame_width: int
+    frame_height: int
+    tile_index: int
+    n_tiles: int
+    x: int
+    y: int
+    w: int
+    h: int
+    feature_digest: str
+    features: str  # base64 little-endian float32, see encode_vector
+    processed_ns: int
+
+    def vector(self) -> np.ndarray:
+        return decode_vector(self.features)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "TileFeatures":
+        return cls.from_data(json.loads(data))
+
+
+@dataclass
+class TileLabel:
+    index: int
+    x: int
+    y: int
+    w: int
+    h: int
+    label: str
+    probability: float
+
+
+@dataclass
+class FrameResult:
+    camera_id: str
+    seq: int
+    frame_id: str
+    capture_ns: int
+    result_ns: int
+    latency_ms: float
+    label: str
+    probabilities: dict[str, float]
+    tiles: list[TileLabel]
+    complete: bool
+    n_tiles: int
+    missing_tiles: list[int]
+    model_id: str
+    model_version: int
+    schema_version: int = RESULT_SCHEMA_VERSION
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> "FrameResult":
+        d = json.loads(data)
+        d["tiles"] = [TileLabel(**t) for t in d["tiles"]]
+        return cls(**d)
+
+
+@dataclass
+class DeadLetter:
+    stage: str
+    reason: str
+    message: str
+    original: bytes
+    frame_id: str | None = None
+    source_topic: str | None = None
+    source_partition: int | None = None
+    source_offset: int | None = None
+    at_ns: int = field(default_factory=time.time_ns)
+
+    def to_json(self) -> bytes:
+        d: dict[str, Any] = asdict(self)
+        d["original"] = base64.b64encode(self.original).decode("ascii")
+        return json.dumps(d, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> "DeadLetter":
+        d = json.loads(data)
+        d["original"] = base64.b64decode(d["original"])
+        return cls(**d)

@@ -1,0 +1,52 @@
+"""Topic names and layouts: the one place that says which topics the pipeline uses.
+
+    frames         agent -> processor     sealed frames (tilestream.envelope), key = frame id
+    tile-features  processor -> classifier  one TileFeatures record per tile, key = frame id
+    results        classifier -> anyone   one FrameResult (JSON) per frame, key = camera id
+    dead-letters   any stage -> operators  DeadLetter (JSON) with the original record
+    heartbeats     agent -> dashboard      small JSON status per camera, key = camera id
+
+The frames topic uses ``LogAppendTime``: the broker stamps records with its own clock,
+so a camera whose clock is hours off is never rejected by Kafka 4's
+``message.timestamp.after.max.ms`` check. The camera's capture time travels inside the
+envelope header, which is what latency is computed from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tilestream.config import KafkaSettings
+
+FRAMES = "frames"
+TILE_FEATURES = "tile-features"
+RESULTS = "results"
+DEAD_LETTERS = "dead-letters"
+HEARTBEATS = "heartbeats"
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    configs: dict[str, str] = field(default_factory=dict)
+
+
+def pipeline_topics(kafka: KafkaSettings) -> list[TopicSpec]:
+    """The topics `tilestream kafka start` creates, with partition counts and configs."""
+    max_bytes = str(kafka.max_frame_bytes + 64 * 1024)  # room for the envelope header and batch overhead
+    return [
+        TopicSpec(
+            FRAMES,
+            kafka.frames_partitions,
+            {
+                "message.timestamp.type": "LogAppendTime",
+                "max.message.bytes": max_bytes,
+                "retention.ms": str(24 * 3600 * 1000),
+            },
+        ),
+        TopicSpec(TILE_FEATURES, kafka.tile_features_partitions, {"retention.ms": str(24 * 3600 * 1000)}),
+        TopicSpec(RESULTS, kafka.results_partitions, {"retention.ms": str(7 * 24 * 3600 * 1000)}),
+        TopicSpec(DEAD_LETTERS, 1, {"max.message.bytes": max_bytes, "retention.ms": str(7 * 24 * 3600 * 1000)}),
+        TopicSpec(HEARTBEATS, 1, {"cleanup.policy": "compact"}),
+    ]
