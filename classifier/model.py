@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sklearn.calibration import CalibratedClassifierCV
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -37,7 +38,9 @@ class ModelMismatch(ValueError):
 
 def make_estimator(kind: str, C: float = 10.0, gamma: str | float = "scale") -> Pipeline:
     if kind == "svm":
-        return make_pipeline(StandardScaler(), SVC(kernel="rbf", C=C, gamma=gamma, probability=True, random_state=0))
+        # Platt-calibrated probabilities (SVC(probability=True) is deprecated in scikit-learn 1.9).
+        svc = SVC(kernel="rbf", C=C, gamma=gamma, random_state=0)
+        return make_pipeline(StandardScaler(), CalibratedClassifierCV(svc, method="sigmoid", ensemble=False))
     if kind == "logistic":
         return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))
     raise ValueError(f"unknown model kind {kind!r} ({', '.join(KINDS)})")

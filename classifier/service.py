@@ -101,10 +101,8 @@ class ClassifierService:
 
         class Rebalance(ConsumerRebalanceListener):
             def on_partitions_revoked(self, revoked):
-                try:
-                    commit()
-                except Exception as exc:  # noqa: BLE001 - a failed commit means redelivery, not loss
-                    log.warning(json.dumps({"event": "commit_on_revoke_failed", "error": str(exc)}))
+                # Offsets are committed after every emitted batch (kafka-python 3 listeners may not block
+                # on the network); frames still pending here are re-read by the partitions' next owner.
                 svc.assembler.forget_partitions({tp.partition for tp in revoked})
 
             def on_partitions_assigned(self, assigned):

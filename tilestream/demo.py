@@ -11,58 +11,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 from tilestream.config import Settings, cache_home
+from tilestream.procs import Children, wait_http
 
 
 def _say(msg: str) -> None:
     print(f"[demo] {msg}", file=sys.stderr, flush=True)
-
-
-class Children:
-    """Child processes that are always stopped: SIGTERM, then SIGKILL after a deadline."""
-
-    def __init__(self):
-        self.procs: list[tuple[str, subprocess.Popen]] = []
-
-    def start(self, name: str, argv: list[str], env: dict[str, str], **kw) -> subprocess.Popen:
-        proc = subprocess.Popen([sys.executable, "-m", "tilestream", *argv], env=env, start_new_session=True, **kw)
-        self.procs.append((name, proc))
-        return proc
-
-    def stop_all(self, timeout_s: float = 20.0) -> None:
-        for _name, proc in reversed(self.procs):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        for name, proc in reversed(self.procs):
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                _say(f"{name} did not stop in time; killing it")
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
-
-def wait_http(url: str, deadline_s: float, proc: subprocess.Popen | None = None) -> None:
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process for {url} exited with code {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise TimeoutError(f"{url} did not answer within {deadline_s:.0f}s")
 
 
 def run_demo(settings: Settings, args: argparse.Namespace) -> int:
@@ -99,9 +59,14 @@ def run_demo(settings: Settings, args: argparse.Namespace) -> int:
             _say(f"training the scene model once (cached at {model_path}) ...")
             subprocess.run([sys.executable, "-m", "tilestream", "train", "--out", str(model_path)], env=env, check=True)
         web_port, metrics_port = free_port(), free_port()
-        proc = children.start("processor", ["process", "--web-port", str(web_port),
-                                            "--datadir", str(cache_home() / "demo" / "processor")], env)
-        cls = children.start("classifier", ["classify", "--model", str(model_path), "--metrics-port", str(metrics_port)], env)
+        logs = cache_home() / "demo"
+        logs.mkdir(parents=True, exist_ok=True)
+        with open(logs / "processor.log", "ab") as plog, open(logs / "classifier.log", "ab") as clog:
+            proc = children.start("processor", ["process", "--web-port", str(web_port), "--datadir", str(logs / "processor")],
+                                  env, stdout=plog, stderr=subprocess.STDOUT)
+            cls = children.start("classifier", ["classify", "--model", str(model_path), "--metrics-port", str(metrics_port)],
+                                 env, stdout=clog, stderr=subprocess.STDOUT)
+        _say(f"processor and classifier logs: {logs}/processor.log, {logs}/classifier.log")
         wait_http(f"http://127.0.0.1:{web_port}/healthz", 90, proc)
         wait_http(f"http://127.0.0.1:{metrics_port}/healthz", 90, cls)
         _say(f"processor (metrics http://127.0.0.1:{web_port}/metrics) and classifier "

@@ -1,0 +1,116 @@
+"""Walking skeleton, real all the way: agent -> frames -> Faust processor -> tile-features ->
+classifier -> results, on a real Apache Kafka (4.x and 3.9.x), with real vtest.avi frames."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from classifier.results import tail
+from classifier.train import train_scene_model
+from deploy.local_kafka import free_port
+from edge_agent.agent import EdgeAgent
+from edge_agent.encode import encode_image
+from stream_processor.tiling import tile_grid
+from tilestream import topics
+from tilestream.config import AgentSettings, FeatureConfig
+from tilestream.procs import Children, wait_http
+from tilestream.records import TileFeatures
+from tilestream.samples import iter_video_frames
+
+from conftest import SUPPORTED_VERSIONS, child_env
+
+N_FRAMES = 50
+
+
+def read_topic(bootstrap: str, topic: str) -> list:
+    """Every record of ``topic`` up to its end offsets now."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None, consumer_timeout_ms=5000)
+    try:
+        parts = [TopicPartition(topic, p) for p in c.partitions_for_topic(topic)]
+        c.assign(parts)
+        c.seek_to_beginning(*parts)
+        end = c.end_offsets(parts)
+        out = []
+        while any(c.position(tp) < end[tp] for tp in parts):
+            for records in c.poll(timeout_ms=1000).values():
+                out.extend(records)
+        return out
+    finally:
+        c.close()
+
+
+@pytest.fixture(scope="module")
+def scene_model(tmp_path_factory, vtest_path) -> Path:
+    """A small model trained inside the test session on the first 150 frames (logistic: fast)."""
+    model = train_scene_model(str(vtest_path), FeatureConfig(), kind="logistic", max_frames=150, progress=print)
+    return model.save(tmp_path_factory.mktemp("model") / "scene.skops")
+
+
+@pytest.mark.kafka
+@pytest.mark.parametrize("version", SUPPORTED_VERSIONS)
+def test_encrypted_frames_become_exactly_one_result_each(version, kafka_any, keystore, scene_model, vtest_path, tmp_path):
+    broker = kafka_any(version)
+    bootstrap = broker.bootstrap
+    env = child_env(bootstrap, keystore.path, tmp_path / "home")
+    children = Children()
+    try:
+        web_port, metrics_port = free_port(), free_port()
+        proc = children.start("processor", ["process", "--web-port", str(web_port), "--datadir", str(tmp_path / "faust")], env)
+        cls = children.start("classifier", ["classify", "--model", str(scene_model), "--metrics-port", str(metrics_port)], env)
+        wait_http(f"http://127.0.0.1:{web_port}/healthz", 90, proc)
+        wait_http(f"http://127.0.0.1:{metrics_port}/healthz", 90, cls)
+
+        agent = EdgeAgent(
+            AgentSettings(camera_id="cam-test", source=str(vtest_path), max_frames=N_FRAMES, jpeg_quality=80),
+            keystore, bootstrap, max_frame_bytes=4 * 1024 * 1024, state_dir=tmp_path / "agent",
+        )
+        counters = agent.run()
+        assert counters.sent == N_FRAMES and counters.send_errors == 0
+
+        results = []
+        for r in tail(bootstrap, from_beginning=True, idle_timeout_s=90):
+            results.append(r)
+            if len({x.seq for x in results}) >= N_FRAMES:
+                break
+        assert len({r.seq for r in results}) == N_FRAMES, "not every frame produced a result"
+
+        # Stop the classifier cleanly: everything it produced is then on the topic, so
+        # reading the topic to its end shows any duplicate without waiting and hoping.
+        assert children.stop(cls, name="classifier") == 0
+        all_results = [r for r in tail(bootstrap, from_beginning=True, idle_timeout_s=5)]
+        seqs = sorted(r.seq for r in all_results)
+        assert seqs == list(range(N_FRAMES)), f"want exactly one result per frame, got seqs {seqs}"
+
+        expected_tiles = tile_grid(576, 768, 64, 0, "pad")
+        for r in all_results:
+            assert r.camera_id == "cam-test"
+            assert r.frame_id == f"cam-test/{r.seq}"
+            assert r.complete and r.missing_tiles == []
+            assert r.n_tiles == len(expected_tiles) == len(r.tiles)
+            assert [(t.index, t.x, t.y, t.w, t.h) for t in r.tiles] == [(t.index, t.x, t.y, t.w, t.h) for t in expected_tiles]
+            assert r.label in ("person", "background") and abs(sum(r.probabilities.values()) - 1) < 1e-3
+            assert r.latency_ms > 0
+
+        # Tile features: every tile of every frame is on the topic (at least once).
+        tiles = {(t.frame_id, t.tile_index) for t in map(TileFeatures.from_bytes, (m.value for m in read_topic(bootstrap, topics.TILE_FEATURES)))}
+        assert tiles == {(f"cam-test/{s}", i) for s in range(N_FRAMES) for i in range(len(expected_tiles))}
+
+        # No frame travels in plaintext: raw records on `frames` do not decode as images and
+        # do not contain the encoded image bytes (the same frames, encoded the same way).
+        raw = read_topic(bootstrap, topics.FRAMES)
+        assert len(raw) == N_FRAMES
+        plain = [encode_image(f, "jpeg", 80) for f in iter_video_frames(str(vtest_path), max_frames=N_FRAMES)]
+        for m in raw:
+            assert cv2.imdecode(np.frombuffer(m.value, np.uint8), cv2.IMREAD_UNCHANGED) is None
+            for p in plain:
+                assert p[:64] not in m.value and p[len(p) // 2:len(p) // 2 + 64] not in m.value
+    finally:
+        children.stop_all()
+    assert proc.returncode is not None and cls.returncode is not None
