@@ -1,0 +1,68 @@
+"""`tilestream kafka start|status|stop` as a user runs it, against the real jars."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from deploy.local_kafka import DEFAULT_VERSION, KafkaError, LocalKafka, free_port
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tilestream", "kafka", *args], capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.kafka
+def test_start_status_reuse_stop(tmp_path):
+    port, cport = free_port(), free_port()
+    where = ["--port", str(port), "--controller-port", str(cport), "--state-dir", str(tmp_path / "k")]
+    try:
+        down = cli("status", *where)
+        assert down.returncode == 3 and "down" in down.stdout
+
+        started = cli("start", *where)
+        assert started.returncode == 0, started.stderr + started.stdout
+        assert f"bootstrap: 127.0.0.1:{port}" in started.stdout
+        assert "created topics: frames, tile-features, results, dead-letters, heartbeats" in started.stdout
+
+        status = cli("status", *where)
+        assert status.returncode == 0
+        assert f"up: Apache Kafka {DEFAULT_VERSION} at 127.0.0.1:{port}" in status.stdout
+        assert str(tmp_path / "k" / "broker.log") in status.stdout
+        assert "Kafka Server started" in (tmp_path / "k" / "broker.log").read_text()
+
+        again = cli("start", *where)
+        assert again.returncode == 0 and "reusing Apache Kafka" in again.stdout
+
+        # The topics have the partition counts and configs the pipeline relies on.
+        from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
+
+        admin = KafkaAdminClient(bootstrap_servers=f"127.0.0.1:{port}")
+        try:
+            desc = {t["name"]: len(t["partitions"]) for t in admin.describe_topics(["frames", "results"])}
+            assert desc == {"frames": 6, "results": 3}
+            cfg = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, "frames")])["topic"]["frames"]
+            assert cfg["message.timestamp.type"]["value"] == "LogAppendTime"
+        finally:
+            admin.close()
+
+        stopped = cli("stop", *where)
+        assert stopped.returncode == 0 and "stopped Apache Kafka" in stopped.stdout
+        assert cli("status", *where).returncode == 3
+    finally:
+        LocalKafka(DEFAULT_VERSION, port=port, controller_port=cport, state_dir=tmp_path / "k").stop()
+
+
+@pytest.mark.kafka
+def test_port_in_use_is_a_clear_error(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        busy = s.getsockname()[1]
+        lk = LocalKafka(DEFAULT_VERSION, port=busy, controller_port=free_port(), state_dir=tmp_path / "k", progress=lambda m: None)
+        with pytest.raises(KafkaError, match=f"127.0.0.1:{busy} is already in use"):
+            lk.start(topics=[])
+    assert lk.status() is None
