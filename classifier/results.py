@@ -6,6 +6,8 @@ this is the small helper for our own users and for ``tilestream results tail``.
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from typing import Iterator
 
@@ -19,8 +21,14 @@ def tail(
     from_beginning: bool = False,
     max_results: int = 0,
     idle_timeout_s: float | None = None,
+    stop: threading.Event | None = None,
+    ready: threading.Event | None = None,
 ) -> Iterator[FrameResult]:
-    """Yield results as they arrive (optionally only one camera's), without joining a group."""
+    """Yield results as they arrive (optionally one camera's), without joining a consumer group.
+
+    Ends after ``max_results`` results, after ``idle_timeout_s`` without a record, or when
+    ``stop`` is set (checked at least every 200 ms). ``ready`` is set once the start position is fixed.
+    """
     from kafka import KafkaConsumer, TopicPartition
 
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
@@ -31,16 +39,25 @@ def tail(
         (consumer.seek_to_beginning if from_beginning else consumer.seek_to_end)(*parts)
         for tp in parts:
             consumer.position(tp)  # resolve the seek now, so "from now" means now
+        if ready is not None:
+            ready.set()
         seen = 0
-        timeout_ms = int(idle_timeout_s * 1000) if idle_timeout_s else float("inf")
-        consumer.config["consumer_timeout_ms"] = timeout_ms
-        for message in consumer:
-            result = FrameResult.from_json(message.value)
-            if camera_id is not None and result.camera_id != camera_id:
+        last = time.monotonic()
+        while stop is None or not stop.is_set():
+            batch = consumer.poll(timeout_ms=200)
+            if not batch:
+                if idle_timeout_s is not None and time.monotonic() - last > idle_timeout_s:
+                    return
                 continue
-            yield result
-            seen += 1
-            if max_results and seen >= max_results:
-                return
+            last = time.monotonic()
+            for records in batch.values():
+                for message in records:
+                    result = FrameResult.from_json(message.value)
+                    if camera_id is not None and result.camera_id != camera_id:
+                        continue
+                    yield result
+                    seen += 1
+                    if max_results and seen >= max_results:
+                        return
     finally:
         consumer.close()

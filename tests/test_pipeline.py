@@ -3,7 +3,7 @@ classifier -> results, on a real Apache Kafka (4.x and 3.9.x), with real vtest.a
 
 from __future__ import annotations
 
-import subprocess
+import urllib.request
 from pathlib import Path
 
 import cv2
@@ -19,7 +19,7 @@ from stream_processor.tiling import tile_grid
 from tilestream import topics
 from tilestream.config import AgentSettings, FeatureConfig
 from tilestream.procs import Children, wait_http
-from tilestream.records import TileFeatures
+from tilestream.records import DeadLetter, TileFeatures
 from tilestream.samples import iter_video_frames
 
 from conftest import SUPPORTED_VERSIONS, child_env
@@ -71,6 +71,18 @@ def test_encrypted_frames_become_exactly_one_result_each(version, kafka_any, key
             AgentSettings(camera_id="cam-test", source=str(vtest_path), max_frames=N_FRAMES, jpeg_quality=80),
             keystore, bootstrap, max_frame_bytes=4 * 1024 * 1024, state_dir=tmp_path / "agent",
         )
+        # Bad input first: garbage and a tampered sealed frame go to dead-letters; the worker keeps going.
+        from kafka import KafkaProducer
+
+        header, good = agent.seal(next(iter_video_frames(str(vtest_path), max_frames=1)), 1)
+        tampered = bytearray(good)
+        tampered[len(good) // 2] ^= 0xFF
+        producer = KafkaProducer(bootstrap_servers=bootstrap)
+        producer.send(topics.FRAMES, key=b"junk", value=b"definitely not a frame")
+        producer.send(topics.FRAMES, key=header.frame_id.encode(), value=bytes(tampered))
+        producer.flush()
+        producer.close()
+
         counters = agent.run()
         assert counters.sent == N_FRAMES and counters.send_errors == 0
 
@@ -86,7 +98,16 @@ def test_encrypted_frames_become_exactly_one_result_each(version, kafka_any, key
         assert children.stop(cls, name="classifier") == 0
         all_results = [r for r in tail(bootstrap, from_beginning=True, idle_timeout_s=5)]
         seqs = sorted(r.seq for r in all_results)
-        assert seqs == list(range(N_FRAMES)), f"want exactly one result per frame, got seqs {seqs}"
+        # seq 0 was taken by the tampered frame, so the agent's frames are 1..N.
+        assert seqs == list(range(1, N_FRAMES + 1)), f"want exactly one result per frame, got seqs {seqs}"
+
+        letters = [DeadLetter.from_json(m.value) for m in read_topic(bootstrap, topics.DEAD_LETTERS)]
+        assert sorted(d.reason for d in letters) == ["bad_signature", "malformed"]
+        assert {d.original for d in letters} == {b"definitely not a frame", bytes(tampered)}
+        with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/metrics", timeout=5) as resp:
+            metrics = resp.read().decode()
+        assert 'tilestream_processor_dead_letters_total{reason="bad_signature"} 1' in metrics
+        assert f"tilestream_processor_frames_total {N_FRAMES}" in metrics
 
         expected_tiles = tile_grid(576, 768, 64, 0, "pad")
         for r in all_results:
@@ -100,12 +121,12 @@ def test_encrypted_frames_become_exactly_one_result_each(version, kafka_any, key
 
         # Tile features: every tile of every frame is on the topic (at least once).
         tiles = {(t.frame_id, t.tile_index) for t in map(TileFeatures.from_bytes, (m.value for m in read_topic(bootstrap, topics.TILE_FEATURES)))}
-        assert tiles == {(f"cam-test/{s}", i) for s in range(N_FRAMES) for i in range(len(expected_tiles))}
+        assert tiles == {(f"cam-test/{s}", i) for s in range(1, N_FRAMES + 1) for i in range(len(expected_tiles))}
 
         # No frame travels in plaintext: raw records on `frames` do not decode as images and
         # do not contain the encoded image bytes (the same frames, encoded the same way).
         raw = read_topic(bootstrap, topics.FRAMES)
-        assert len(raw) == N_FRAMES
+        assert len(raw) == N_FRAMES + 2
         plain = [encode_image(f, "jpeg", 80) for f in iter_video_frames(str(vtest_path), max_frames=N_FRAMES)]
         for m in raw:
             assert cv2.imdecode(np.frombuffer(m.value, np.uint8), cv2.IMREAD_UNCHANGED) is None

@@ -53,6 +53,7 @@ def run_demo(settings: Settings, args: argparse.Namespace) -> int:
     env = dict(os.environ, TILESTREAM_KAFKA_BOOTSTRAP=bootstrap, TILESTREAM_KEYS_DIR=str(keys_dir))
     model_path = cache_home() / "models" / f"scene-{settings.features.digest()}.skops"
     children = Children()
+    done, tail_ready = threading.Event(), threading.Event()
     interrupted = False
     try:
         if not model_path.exists():
@@ -73,20 +74,19 @@ def run_demo(settings: Settings, args: argparse.Namespace) -> int:
              f"(http://127.0.0.1:{metrics_port}/metrics) are up; starting the agent on {video}")
 
         results: dict[int, object] = {}
-        done = threading.Event()
 
         def printer():
-            for r in tail(bootstrap, camera_id=camera, idle_timeout_s=None):
+            for r in tail(bootstrap, camera_id=camera, stop=done, ready=tail_ready):
                 print(format_result(r), flush=True)
                 results[r.seq] = r
-                if done.is_set():
-                    return
 
         agent_argv = ["agent", "--source", str(video), "--camera-id", camera, "--max-frames", str(args.frames)]
         if not args.no_realtime:
             agent_argv.append("--realtime")
-        threading.Thread(target=printer, daemon=True).start()
-        time.sleep(1.0)  # the tail has seeked to the end of results before the first frame is sent
+        printer_thread = threading.Thread(target=printer, daemon=True)
+        printer_thread.start()
+        if not tail_ready.wait(30):  # results are read from "now", fixed before the first frame is sent
+            raise TimeoutError("could not read the results topic")
         agent = children.start("agent", agent_argv, env, stdout=subprocess.PIPE, text=True)
         out, _ = agent.communicate()
         summary = next((json.loads(line) for line in out.splitlines() if '"agent_done"' in line), {})
@@ -96,6 +96,7 @@ def run_demo(settings: Settings, args: argparse.Namespace) -> int:
         while len(results) < sent and time.monotonic() < deadline:
             time.sleep(0.2)
         done.set()
+        printer_thread.join(5)
         lat = sorted(r.latency_ms for r in results.values())
         if lat:
             _say(f"{len(results)}/{sent} frames got results; capture-to-result latency p50 {lat[len(lat) // 2]:.0f} ms, "
@@ -106,6 +107,7 @@ def run_demo(settings: Settings, args: argparse.Namespace) -> int:
         _say("interrupted; stopping everything")
         return 130
     finally:
+        done.set()
         children.stop_all()
         if started_kafka is not None:
             started_kafka.stop()
