@@ -1,13 +1,21 @@
 """The Faust stream processor: all wiring in one place.
 
-    frames (sealed)  --process_frames-->  tile-features   (one TileFeatures per tile)
-                     \\--> dead-letters   (DeadLetter with the original, still-encrypted record)
+    frames (sealed)  --process_frames-->  tile-features   (one TileFeatures per tile, key = frame id)
+                     \\--> dead-letters   (DeadLetter: stage, reason, original still-encrypted record)
+    every 2 s        ------------------>  metrics         (StageMetrics snapshot for the dashboard)
 
-The agent is a short async function; the CPU work (verify, open, decode, tile, features)
-runs in a thread pool through ``run_in_executor`` so Faust's event loop keeps serving
-heartbeats, commits and rebalances. Agent concurrency stays 1 (faust-streaming #606).
-Delivery: at least once — Faust commits a frame's offset after its tiles were sent;
-the classifier drops repeated tiles and frames.
+Per frame: verify the device signature (on the loop, ~0.1 ms) -> replay check -> open, decode,
+tile and features in a thread pool (``run_in_executor``) so the event loop keeps serving
+heartbeats, commits and rebalances -> send the tile records. Agent concurrency stays 1
+(faust-streaming #606).
+
+Replays: the windowed table ``frame-sightings`` remembers where each verified frame id was
+first seen (partition:offset). The same id at the same offset again is a redelivery after a
+crash and is processed again (the classifier drops what it already answered); the same id at
+another offset is a replay and goes to dead-letters. The window is ``replay_window_s``.
+
+Delivery: at least once. Faust commits a frame's offset after its tile records were handed
+to the producer; a worker killed before that commit has its frames re-read by the next owner.
 """
 
 from __future__ import annotations
@@ -15,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,11 +36,12 @@ from tilestream.config import Settings
 from tilestream.crypto import FrameRejected
 from tilestream.keys import DeviceRegistry, KeyStore
 from tilestream.metrics import Metrics
-from tilestream.records import DeadLetter, TileFeatures
+from tilestream.records import DeadLetter, StageMetrics, TileFeatures
 
 from stream_processor.pipeline import FrameProcessor
 
 log = logging.getLogger("tilestream.processor")
+STAGES = ("verify", "open", "decode", "features")
 
 
 def create_app(settings: Settings, bootstrap: str, datadir: Path, web_port: int | None = None) -> faust.App:
@@ -51,11 +62,17 @@ def create_app(settings: Settings, bootstrap: str, datadir: Path, web_port: int 
         consumer_auto_offset_reset="earliest",
         broker_commit_every=100,
         broker_commit_interval=1.0,
+        table_cleanup_interval=60.0,
         web_enabled=True,
     )
     frames = app.topic(topics.FRAMES, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     tile_features = app.topic(topics.TILE_FEATURES, key_type=bytes, value_type=TileFeatures, key_serializer="raw")
     dead_letters = app.topic(topics.DEAD_LETTERS, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+    metrics_topic = app.topic(topics.METRICS, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+
+    window = max(60.0, float(ps.replay_window_s))
+    sightings = app.Table("frame-sightings", default=str, partitions=settings.kafka.frames_partitions).tumbling(
+        window, expires=2 * window)
 
     keystore = KeyStore(settings.keys_path())
     processor = FrameProcessor(
@@ -67,7 +84,17 @@ def create_app(settings: Settings, bootstrap: str, datadir: Path, web_port: int 
     )
     executor = ThreadPoolExecutor(max_workers=ps.workers_threads, thread_name_prefix="tilestream-cpu")
     metrics = Metrics("tilestream_processor")
+    instance = f"{socket.gethostname()}:{os.getpid()}"
     app.tilestream_metrics = metrics  # type: ignore[attr-defined]
+
+    async def dead_letter(rej: FrameRejected, event) -> None:
+        msg = event.message
+        metrics.inc("dead_letters_total", reason=rej.reason)
+        fid = rej.header.frame_id if rej.header else None
+        log.warning(json.dumps({"event": "dead_letter", "reason": rej.reason, "frame_id": fid,
+                                "partition": msg.partition, "offset": msg.offset, "error": str(rej)}))
+        letter = DeadLetter("processor", rej.reason, str(rej), event.value, fid, msg.topic, msg.partition, msg.offset)
+        await dead_letters.send(key=(fid or "").encode(), value=letter.to_json())
 
     @app.agent(frames)
     async def process_frames(stream):
@@ -76,22 +103,27 @@ def create_app(settings: Settings, bootstrap: str, datadir: Path, web_port: int 
             msg = event.message
             t0 = time.perf_counter()
             try:
-                records, times = await loop.run_in_executor(executor, processor.process, event.value)
+                env = processor.verify(event.value)
+                fid, here = env.header.frame_id, f"{msg.partition}:{msg.offset}"
+                first = sightings[fid].current() or sightings[fid].delta(window)
+                if first and first != here:
+                    raise FrameRejected("replay", f"frame {fid} at {here} was already seen at {first}", env.header)
+                t1 = time.perf_counter()
+                records, times = await loop.run_in_executor(executor, processor.process_verified, env)
             except FrameRejected as rej:
-                metrics.inc("dead_letters_total", reason=rej.reason)
-                fid = rej.header.frame_id if rej.header else None
-                log.warning(json.dumps({"event": "dead_letter", "reason": rej.reason, "frame_id": fid,
-                                        "partition": msg.partition, "offset": msg.offset, "error": str(rej)}))
-                letter = DeadLetter("processor", rej.reason, str(rej), event.value, fid, msg.topic, msg.partition, msg.offset)
-                await dead_letters.send(key=(fid or "").encode(), value=letter.to_json())
+                await dead_letter(rej, event)
                 continue
             for rec in records:
                 await tile_features.send(key=rec.frame_id.encode(), value=rec)
+            if not first:
+                sightings[fid] = here
             metrics.inc("frames_total")
             metrics.inc("tiles_total", len(records))
-            for stage in ("verify", "open", "decode", "features"):
+            times.verify = t1 - t0
+            for stage in STAGES:
                 metrics.observe("stage_seconds", getattr(times, stage), stage=stage)
             metrics.observe("frame_seconds", time.perf_counter() - t0)
+            metrics.observe("capture_to_features_seconds", max(0.0, (time.time_ns() - env.header.capture_ns) / 1e9))
 
     @app.timer(interval=0.5)
     async def event_loop_lag():
@@ -100,9 +132,53 @@ def create_app(settings: Settings, bootstrap: str, datadir: Path, web_port: int 
         await asyncio.sleep(0.1)
         metrics.observe("event_loop_lag_seconds", max(0.0, time.perf_counter() - t0 - 0.1))
 
+    def consumer_lag() -> dict[str, int]:
+        lag = {}
+        try:
+            for tp in app.consumer.assignment():
+                if tp.topic != topics.FRAMES:
+                    continue
+                read = app.monitor.tp_read_offsets.get(tp)
+                high = app.consumer.highwater(tp)
+                if high is not None:
+                    lag[f"{tp.topic}/{tp.partition}"] = max(0, high - (read + 1 if read is not None else 0))
+        except Exception:  # noqa: BLE001 - no assignment yet / consumer not started
+            pass
+        return lag
+
+    last = {"t": time.monotonic(), "frames": 0.0, "tiles": 0.0}
+
+    @app.timer(interval=ps.metrics_interval_s)
+    async def publish_metrics():
+        now = time.monotonic()
+        dt = max(1e-6, now - last["t"])
+        frames_total, tiles_total = metrics.counter("frames_total"), metrics.counter("tiles_total")
+        lag = consumer_lag()
+        for key, value in lag.items():
+            metrics.set("consumer_lag", value, partition=key)
+        counters = {"frames_total": frames_total, "tiles_total": tiles_total}
+        for (name, labels), value in metrics.counters.items():
+            if name == "dead_letters_total":
+                counters[f"dead_letters_total:{dict(labels)['reason']}"] = value
+        latency = {}
+        for stage in STAGES:
+            q = metrics.quantiles("stage_seconds", stage=stage)
+            if q:
+                latency[stage] = {"p50": q[0.5] * 1e3, "p95": q[0.95] * 1e3, "p99": q[0.99] * 1e3}
+        loop_lag = metrics.quantiles("event_loop_lag_seconds")
+        snap = StageMetrics(
+            stage="processor", instance=instance, at_ns=time.time_ns(), interval_s=ps.metrics_interval_s,
+            counters=counters,
+            rates={"frames_per_s": (frames_total - last["frames"]) / dt, "tiles_per_s": (tiles_total - last["tiles"]) / dt},
+            latency_ms=latency, consumer_lag=lag, group=ps.app_id,
+            extra={"event_loop_lag_ms_p99": loop_lag.get(0.99, 0.0) * 1e3},
+        )
+        last.update(t=now, frames=frames_total, tiles=tiles_total)
+        await metrics_topic.send(key=f"processor/{instance}".encode(), value=snap.to_json())
+
     @app.page("/healthz")
     async def healthz(web, request):
-        return web.json({"status": "ok", "app": ps.app_id, "frames": metrics.counter("frames_total")})
+        return web.json({"status": "ok", "app": ps.app_id, "instance": instance, "frames": metrics.counter("frames_total")})
 
     @app.page("/metrics")
     async def metrics_page(web, request):

@@ -17,19 +17,34 @@ import numpy as np
 from tilestream import crypto
 from tilestream.config import FeatureConfig
 from tilestream.crypto import DeviceKey, FrameRejected
-from tilestream.envelope import FrameHeader
+from tilestream.envelope import Envelope, FrameHeader
 from tilestream.records import TileFeatures, encode_vector
 
 from stream_processor.features import tile_features
+from stream_processor.imageinfo import ImageHeaderError, probe
 from stream_processor.tiling import Tile, split
 
 
 def decode_image(data: bytes, header: FrameHeader, max_bytes: int, max_pixels: int) -> np.ndarray:
-    """Decode to grayscale; refuse oversized input before decoding (decompression bombs)."""
+    """Decode to grayscale under limits.
+
+    The size is read from the image's own header before anything is decoded, so a
+    decompression bomb (a small file declaring a huge image) is refused, not decoded; it
+    must also match the size the (signed) envelope header declares.
+    """
+    fid = header.frame_id
     if len(data) > max_bytes:
-        raise FrameRejected("too_large", f"frame {header.frame_id}: {len(data)} encoded bytes > limit {max_bytes}", header)
-    if header.width * header.height > max_pixels:
-        raise FrameRejected("too_large", f"frame {header.frame_id}: {header.width}x{header.height} > {max_pixels} pixels", header)
+        raise FrameRejected("too_large", f"frame {fid}: {len(data)} encoded bytes > limit {max_bytes}", header)
+    try:
+        fmt, width, height = probe(data)
+    except ImageHeaderError as exc:
+        raise FrameRejected("bad_image", f"frame {fid}: {exc}", header) from None
+    if width * height > max_pixels:
+        raise FrameRejected("too_large", f"frame {fid}: {fmt} header declares {width}x{height} > {max_pixels} pixels", header)
+    if (width, height) != (header.width, header.height) or fmt != header.encoding:
+        raise FrameRejected(
+            "bad_image", f"frame {fid}: image is {fmt} {width}x{height}, envelope says {header.encoding} "
+            f"{header.width}x{header.height}", header)
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
     if image is None:
         raise FrameRejected("bad_image", f"frame {header.frame_id}: the {header.encoding} payload does not decode", header)
@@ -71,11 +86,22 @@ class FrameProcessor:
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
 
+    def verify(self, blob: bytes) -> Envelope:
+        """Parse and check the device signature (cheap: ~0.1 ms). Raises FrameRejected."""
+        return crypto.verify_frame(blob, self.devices)
+
     def process(self, blob: bytes) -> tuple[list[TileFeatures], StageTimes]:
         """Sealed frame bytes -> one TileFeatures record per tile. Raises FrameRejected."""
-        times = StageTimes()
         t0 = time.perf_counter()
-        env = crypto.verify_frame(blob, self.devices)
+        env = self.verify(blob)
+        verify_s = time.perf_counter() - t0
+        records, times = self.process_verified(env)
+        times.verify = verify_s
+        return records, times
+
+    def process_verified(self, env: Envelope) -> tuple[list[TileFeatures], StageTimes]:
+        """Open, decode, tile and compute features of a frame whose signature was verified."""
+        times = StageTimes()
         t1 = time.perf_counter()
         data = crypto.open_envelope(env, self.cloud_keys)
         t2 = time.perf_counter()
@@ -84,7 +110,7 @@ class FrameProcessor:
         t3 = time.perf_counter()
         tiles = image_tile_features(gray, self.cfg)
         t4 = time.perf_counter()
-        times.verify, times.open, times.decode, times.features = t1 - t0, t2 - t1, t3 - t2, t4 - t3
+        times.open, times.decode, times.features = t2 - t1, t3 - t2, t4 - t3
         now = time.time_ns()
         records = [
             TileFeatures(

@@ -26,7 +26,7 @@ def test_start_status_reuse_stop(tmp_path):
         started = cli("start", *where)
         assert started.returncode == 0, started.stderr + started.stdout
         assert f"bootstrap: 127.0.0.1:{port}" in started.stdout
-        assert "created topics: frames, tile-features, results, dead-letters, heartbeats" in started.stdout
+        assert "created topics: frames, tile-features, results, dead-letters, heartbeats, metrics" in started.stdout
 
         status = cli("status", *where)
         assert status.returncode == 0

@@ -71,7 +71,8 @@ def test_encrypted_frames_become_exactly_one_result_each(version, kafka_any, key
             AgentSettings(camera_id="cam-test", source=str(vtest_path), max_frames=N_FRAMES, jpeg_quality=80),
             keystore, bootstrap, max_frame_bytes=4 * 1024 * 1024, state_dir=tmp_path / "agent",
         )
-        # Bad input first: garbage and a tampered sealed frame go to dead-letters; the worker keeps going.
+        # Bad input first: garbage, a tampered sealed frame and a replayed frame go to dead-letters;
+        # the worker keeps going.
         from kafka import KafkaProducer
 
         header, good = agent.seal(next(iter_video_frames(str(vtest_path), max_frames=1)), 1)
@@ -79,7 +80,9 @@ def test_encrypted_frames_become_exactly_one_result_each(version, kafka_any, key
         tampered[len(good) // 2] ^= 0xFF
         producer = KafkaProducer(bootstrap_servers=bootstrap)
         producer.send(topics.FRAMES, key=b"junk", value=b"definitely not a frame")
+        producer.send(topics.FRAMES, key=header.frame_id.encode(), value=good)
         producer.send(topics.FRAMES, key=header.frame_id.encode(), value=bytes(tampered))
+        producer.send(topics.FRAMES, key=header.frame_id.encode(), value=good)  # replay
         producer.flush()
         producer.close()
 
@@ -89,25 +92,26 @@ def test_encrypted_frames_become_exactly_one_result_each(version, kafka_any, key
         results = []
         for r in tail(bootstrap, from_beginning=True, idle_timeout_s=90):
             results.append(r)
-            if len({x.seq for x in results}) >= N_FRAMES:
+            if len({x.seq for x in results}) >= N_FRAMES + 1:
                 break
-        assert len({r.seq for r in results}) == N_FRAMES, "not every frame produced a result"
+        assert len({r.seq for r in results}) == N_FRAMES + 1, "not every frame produced a result"
 
         # Stop the classifier cleanly: everything it produced is then on the topic, so
         # reading the topic to its end shows any duplicate without waiting and hoping.
         assert children.stop(cls, name="classifier") == 0
         all_results = [r for r in tail(bootstrap, from_beginning=True, idle_timeout_s=5)]
         seqs = sorted(r.seq for r in all_results)
-        # seq 0 was taken by the tampered frame, so the agent's frames are 1..N.
-        assert seqs == list(range(1, N_FRAMES + 1)), f"want exactly one result per frame, got seqs {seqs}"
+        # seq 0 is the frame sent by hand (once good, once replayed), the agent's frames are 1..N.
+        assert seqs == list(range(N_FRAMES + 1)), f"want exactly one result per frame, got seqs {seqs}"
 
         letters = [DeadLetter.from_json(m.value) for m in read_topic(bootstrap, topics.DEAD_LETTERS)]
-        assert sorted(d.reason for d in letters) == ["bad_signature", "malformed"]
-        assert {d.original for d in letters} == {b"definitely not a frame", bytes(tampered)}
+        assert sorted(d.reason for d in letters) == ["bad_signature", "malformed", "replay"]
+        assert {d.original for d in letters} == {b"definitely not a frame", bytes(tampered), good}
         with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/metrics", timeout=5) as resp:
             metrics = resp.read().decode()
         assert 'tilestream_processor_dead_letters_total{reason="bad_signature"} 1' in metrics
-        assert f"tilestream_processor_frames_total {N_FRAMES}" in metrics
+        assert f"tilestream_processor_frames_total {N_FRAMES + 1}" in metrics
+        assert 'tilestream_processor_dead_letters_total{reason="replay"} 1' in metrics
 
         expected_tiles = tile_grid(576, 768, 64, 0, "pad")
         for r in all_results:
@@ -121,12 +125,12 @@ def test_encrypted_frames_become_exactly_one_result_each(version, kafka_any, key
 
         # Tile features: every tile of every frame is on the topic (at least once).
         tiles = {(t.frame_id, t.tile_index) for t in map(TileFeatures.from_bytes, (m.value for m in read_topic(bootstrap, topics.TILE_FEATURES)))}
-        assert tiles == {(f"cam-test/{s}", i) for s in range(1, N_FRAMES + 1) for i in range(len(expected_tiles))}
+        assert tiles == {(f"cam-test/{s}", i) for s in range(N_FRAMES + 1) for i in range(len(expected_tiles))}
 
         # No frame travels in plaintext: raw records on `frames` do not decode as images and
         # do not contain the encoded image bytes (the same frames, encoded the same way).
         raw = read_topic(bootstrap, topics.FRAMES)
-        assert len(raw) == N_FRAMES + 2
+        assert len(raw) == N_FRAMES + 4
         plain = [encode_image(f, "jpeg", 80) for f in iter_video_frames(str(vtest_path), max_frames=N_FRAMES)]
         for m in raw:
             assert cv2.imdecode(np.frombuffer(m.value, np.uint8), cv2.IMREAD_UNCHANGED) is None

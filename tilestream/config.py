@@ -114,6 +114,9 @@ class ProcessorSettings:
     web_port: int = 6066
     workers_threads: int = 2
     max_image_pixels: int = 40_000_000
+    # A frame id seen again at another offset within this window is a replay (dead letter).
+    replay_window_s: float = 1800.0
+    metrics_interval_s: float = 2.0
 
 
 @dataclass

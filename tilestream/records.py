@@ -7,6 +7,10 @@
   JSON Schema ``tilestream/schemas/result.v1.json``.
 * :class:`DeadLetter` — any stage -> ``dead-letters``, with the original record (still
   encrypted) so nothing is lost.
+* :class:`AgentHeartbeat` — edge agent -> ``heartbeats`` (key camera id), every few seconds.
+* :class:`StageMetrics` — processor / classifier -> ``metrics`` (key stage/instance), a
+  periodic snapshot of a stage's counters, rates, latencies and consumer lag, so the
+  dashboard needs nothing but Kafka.
 """
 
 from __future__ import annotations
@@ -117,3 +121,45 @@ class DeadLetter:
         d = json.loads(data)
         d["original"] = base64.b64decode(d["original"])
         return cls(**d)
+
+
+@dataclass
+class AgentHeartbeat:
+    camera_id: str
+    agent_version: str
+    at_ns: int
+    interval_s: float
+    # captured, skipped, sent, spooled, dropped, source_errors, send_errors, too_large
+    counters: dict[str, int]
+    spool_frames: int = 0
+    spool_bytes: int = 0
+    fps: float = 0.0
+    status: str = "running"  # running | stopping
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> "AgentHeartbeat":
+        return cls(**json.loads(data))
+
+
+@dataclass
+class StageMetrics:
+    stage: str  # "processor" | "classifier"
+    instance: str
+    at_ns: int
+    interval_s: float
+    counters: dict[str, float]  # monotonically increasing totals, e.g. frames_total, dead_letters_total:bad_signature
+    rates: dict[str, float]  # per second over the last interval, e.g. frames_per_s
+    latency_ms: dict[str, dict[str, float]]  # name -> {"p50": .., "p95": .., "p99": ..}
+    consumer_lag: dict[str, int] = field(default_factory=dict)  # "topic/partition" -> lag in records
+    group: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. model_id, model_version, event_loop_lag_ms
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> "StageMetrics":
+        return cls(**json.loads(data))

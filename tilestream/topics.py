@@ -4,7 +4,8 @@
     tile-features  processor -> classifier  one TileFeatures record per tile, key = frame id
     results        classifier -> anyone   one FrameResult (JSON) per frame, key = camera id
     dead-letters   any stage -> operators  DeadLetter (JSON) with the original record
-    heartbeats     agent -> dashboard      small JSON status per camera, key = camera id
+    heartbeats     agent -> dashboard      AgentHeartbeat JSON, key = camera id
+    metrics        stages -> dashboard     StageMetrics JSON snapshots, key = stage/instance
 
 The frames topic uses ``LogAppendTime``: the broker stamps records with its own clock,
 so a camera whose clock is hours off is never rejected by Kafka 4's
@@ -23,6 +24,7 @@ TILE_FEATURES = "tile-features"
 RESULTS = "results"
 DEAD_LETTERS = "dead-letters"
 HEARTBEATS = "heartbeats"
+METRICS = "metrics"
 
 
 @dataclass(frozen=True)
@@ -48,5 +50,6 @@ def pipeline_topics(kafka: KafkaSettings) -> list[TopicSpec]:
         TopicSpec(TILE_FEATURES, kafka.tile_features_partitions, {"retention.ms": str(24 * 3600 * 1000)}),
         TopicSpec(RESULTS, kafka.results_partitions, {"retention.ms": str(7 * 24 * 3600 * 1000)}),
         TopicSpec(DEAD_LETTERS, 1, {"max.message.bytes": max_bytes, "retention.ms": str(7 * 24 * 3600 * 1000)}),
-        TopicSpec(HEARTBEATS, 1, {"cleanup.policy": "compact"}),
+        TopicSpec(HEARTBEATS, 1, {"retention.ms": str(24 * 3600 * 1000)}),
+        TopicSpec(METRICS, 1, {"retention.ms": str(24 * 3600 * 1000)}),
     ]
