@@ -91,6 +91,13 @@ class FrameAssembler:
         while len(self._emitted) > self._remember:
             self._emitted.popitem(last=False)
 
+    def remember(self, frame_ids) -> None:
+        """Frames answered elsewhere (before a crash, or by a previous owner of a partition)."""
+        for fid in frame_ids:
+            self._emitted[fid] = None
+        while len(self._emitted) > self._remember:
+            self._emitted.popitem(last=False)
+
     def committable(self) -> dict[int, int]:
         """Per partition, the offset to commit (the next offset to read after a restart)."""
         out = {}

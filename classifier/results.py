@@ -61,3 +61,42 @@ def tail(
                         return
     finally:
         consumer.close()
+
+
+class AnsweredFrames:
+    """The frame ids on the results topic since some time, read incrementally.
+
+    ``catch_up(since_ms)`` reads the results written since ``since_ms`` (broker time) up to
+    the end now; a later call with the same or a later ``since_ms`` only reads what was
+    added since the previous call.
+    """
+
+    def __init__(self, bootstrap: str):
+        from kafka import KafkaConsumer, TopicPartition
+
+        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
+                                      client_id=f"tilestream-dedup-{uuid.uuid4().hex[:6]}")
+        self.parts = [TopicPartition(topics.RESULTS, p)
+                      for p in sorted(self.consumer.partitions_for_topic(topics.RESULTS) or ())]
+        self.consumer.assign(self.parts)
+        self.since_ms: int | None = None
+
+    def catch_up(self, since_ms: int) -> set[str]:
+        import json
+
+        c = self.consumer
+        end = c.end_offsets(self.parts)
+        if self.since_ms is None or since_ms < self.since_ms:
+            starts = c.offsets_for_times({tp: max(0, since_ms) for tp in self.parts})
+            for tp in self.parts:
+                c.seek(tp, starts[tp].offset if starts.get(tp) is not None else end[tp])
+            self.since_ms = since_ms
+        ids: set[str] = set()
+        while any(c.position(tp) < end[tp] for tp in self.parts):
+            for records in c.poll(timeout_ms=1000).values():
+                for m in records:
+                    ids.add(json.loads(m.value)["frame_id"])
+        return ids
+
+    def close(self) -> None:
+        self.consumer.close()

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import threading
 import time
 from typing import Callable
@@ -18,10 +20,11 @@ import numpy as np
 
 from tilestream import topics
 from tilestream.metrics import Metrics
-from tilestream.records import DeadLetter, FrameResult, TileFeatures, TileLabel
+from tilestream.records import DeadLetter, FrameResult, StageMetrics, TileFeatures, TileLabel
 
 from classifier.assembler import FrameAssembler, PendingFrame
 from classifier.model import TileModel
+from classifier.results import AnsweredFrames
 
 log = logging.getLogger("tilestream.classifier")
 
@@ -56,14 +59,21 @@ def classify_frame(model: TileModel, frame: PendingFrame, now_ns: int) -> FrameR
 
 
 class ClassifierService:
-    def __init__(self, bootstrap: str, model: TileModel, group_id: str, frame_timeout_s: float = 30.0):
+    def __init__(self, bootstrap: str, model: TileModel, group_id: str, frame_timeout_s: float = 30.0,
+                 dedup_margin_s: float = 120.0, metrics_interval_s: float = 2.0):
         self.bootstrap = bootstrap
         self.model = model
         self.digest = model.feature_config.digest()
         self.group_id = group_id
         self.assembler = FrameAssembler(frame_timeout_s)
+        self.dedup_margin_s = dedup_margin_s
+        self.metrics_interval_s = metrics_interval_s
         self.metrics = Metrics("tilestream_classifier")
+        self.instance = f"{socket.gethostname()}:{os.getpid()}"
         self._stop = threading.Event()
+        self._unseeded: set[int] = set()
+        self._last_results = 0.0
+        self._answered: AnsweredFrames | None = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -83,6 +93,9 @@ class ClassifierService:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=1000,
+            session_timeout_ms=10000,
+            heartbeat_interval_ms=3000,
+            max_poll_interval_ms=60000,
         )
         producer = KafkaProducer(
             bootstrap_servers=self.bootstrap, client_id=f"{self.group_id}-producer",
@@ -106,15 +119,22 @@ class ClassifierService:
                 svc.assembler.forget_partitions({tp.partition for tp in revoked})
 
             def on_partitions_assigned(self, assigned):
+                # Before the first tile of a newly assigned partition is used, the main loop reads
+                # back the results written since then (see _seed_dedup).
+                svc._unseeded.update(tp.partition for tp in assigned)
                 log.info(json.dumps({"event": "assigned", "partitions": sorted(tp.partition for tp in assigned)}))
 
         consumer.subscribe([topics.TILE_FEATURES], listener=Rebalance())
-        last_commit = time.monotonic()
+        last_commit = last_metrics = time.monotonic()
         try:
             while not self._stop.is_set():
                 batch = consumer.poll(timeout_ms=200)
                 now = time.monotonic()
                 emitted = 0
+                fresh = [ms[0].timestamp for tp, ms in batch.items() if tp.partition in self._unseeded and ms]
+                if fresh:
+                    self._seed_dedup(min(fresh))
+                    self._unseeded -= {tp.partition for tp in batch}
                 for tp, messages in batch.items():
                     for m in messages:
                         try:
@@ -139,11 +159,59 @@ class ClassifierService:
                 if emitted or (batch and now - last_commit > 1.0):
                     commit()
                     last_commit = now
+                if now - last_metrics >= self.metrics_interval_s:
+                    self._publish_metrics(producer, consumer, now - last_metrics)
+                    last_metrics = now
             commit()
         finally:
             producer.flush()
             producer.close()
             consumer.close(autocommit=False)
+            if self._answered is not None:
+                self._answered.close()
+
+    def _seed_dedup(self, first_tile_ms: int) -> None:
+        """Remember the frames already answered since ``first_tile_ms - margin``.
+
+        Tiles re-read after a crash or a rebalance start at the committed offset; every result
+        that could have been produced from them was written after that tile was, so reading
+        the results topic from the tile's timestamp (minus a margin for clock differences
+        between producers) finds every frame that must not be answered again.
+        """
+        since = first_tile_ms - int(self.dedup_margin_s * 1000)
+        t0 = time.monotonic()
+        if self._answered is None:
+            self._answered = AnsweredFrames(self.bootstrap)
+        ids = self._answered.catch_up(since)
+        self.assembler.remember(ids)
+        log.info(json.dumps({"event": "dedup_seeded", "frames": len(ids), "seconds": round(time.monotonic() - t0, 3)}))
+
+    def _publish_metrics(self, producer, consumer, dt: float) -> None:
+        results = self.metrics.counter("results_total")
+        lag = {}
+        try:
+            for tp in consumer.assignment():
+                high = consumer.highwater(tp)
+                if high is not None:
+                    lag[f"{tp.topic}/{tp.partition}"] = max(0, high - consumer.position(tp))
+        except Exception:  # noqa: BLE001 - metrics must never stop the classifier
+            pass
+        q = self.metrics.quantiles("capture_to_result_seconds")
+        counters = {"results_total": results, "frames_incomplete_total": self.metrics.counter("frames_incomplete_total"),
+                    "duplicates_dropped_total": float(self.assembler.duplicates)}
+        for (name, labels), value in self.metrics.counters.items():
+            if name == "dead_letters_total":
+                counters[f"dead_letters_total:{dict(labels)['reason']}"] = value
+        snap = StageMetrics(
+            stage="classifier", instance=self.instance, at_ns=time.time_ns(), interval_s=self.metrics_interval_s,
+            counters=counters, rates={"frames_per_s": (results - self._last_results) / max(dt, 1e-6)},
+            latency_ms={"capture_to_result": {f"p{int(k * 100)}": v * 1e3 for k, v in q.items()}} if q else {},
+            consumer_lag=lag, group=self.group_id,
+            extra={"model_id": self.model.model_id, "model_version": self.model.version,
+                   "pending_frames": len(self.assembler.pending)},
+        )
+        self._last_results = results
+        producer.send(topics.METRICS, key=f"classifier/{self.instance}".encode(), value=snap.to_json())
 
     def _emit(self, producer, frame: PendingFrame, on_result) -> None:
         result = classify_frame(self.model, frame, time.time_ns())

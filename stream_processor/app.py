@@ -63,6 +63,8 @@ def create_app(settings: Settings, bootstrap: str, datadir: Path, web_port: int 
         broker_commit_every=100,
         broker_commit_interval=1.0,
         table_cleanup_interval=60.0,
+        broker_session_timeout=ps.session_timeout_s,
+        broker_heartbeat_interval=max(1.0, ps.session_timeout_s / 4),
         web_enabled=True,
     )
     frames = app.topic(topics.FRAMES, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
@@ -194,4 +196,5 @@ def run_worker(settings: Settings, bootstrap: str, datadir: Path, web_port: int 
     datadir.mkdir(parents=True, exist_ok=True)
     app = create_app(settings, bootstrap, datadir, web_port)
     worker = Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
+    worker.spinner = None  # a terminal spinner has no place in service logs
     worker.execute_from_commandline()

@@ -18,34 +18,40 @@ from tilestream.config import KafkaSettings
 from tilestream.keys import KeyStore
 from tilestream.topics import pipeline_topics
 
-_brokers: dict[str, LocalKafka] = {}
+class Brokers:
+    """Real brokers on free loopback ports, one per version, stopped at teardown even on failure."""
+
+    def __init__(self, tmp_path_factory: pytest.TempPathFactory):
+        self.tmp = tmp_path_factory
+        self.running: dict[str, LocalKafka] = {}
+
+    def __call__(self, version: str = DEFAULT_VERSION) -> LocalKafka:
+        if version not in self.running:
+            lk = LocalKafka(version, "127.0.0.1", free_port(), free_port(),
+                            state_dir=self.tmp.mktemp(f"kafka-{version}"), progress=lambda m: print(m))
+            self.running[version] = lk  # registered before start: stopped even if start fails half-way
+            lk.start(pipeline_topics(KafkaSettings()))
+        return self.running[version]
+
+    def stop(self) -> None:
+        for lk in self.running.values():
+            lk.stop()
 
 
-def _broker(version: str, tmp_path_factory: pytest.TempPathFactory) -> LocalKafka:
-    if version not in _brokers:
-        lk = LocalKafka(version, "127.0.0.1", free_port(), free_port(),
-                        state_dir=tmp_path_factory.mktemp(f"kafka-{version}"), progress=lambda m: print(m))
-        _brokers[version] = lk  # registered before start: stopped at session end even if start fails half-way
-        lk.start(pipeline_topics(KafkaSettings()))
-    return _brokers[version]
+@pytest.fixture(scope="module")
+def kafka_any(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], LocalKafka]]:
+    """Brokers of any supported version, private to the test module (isolated topics and groups)."""
+    brokers = Brokers(tmp_path_factory)
+    try:
+        yield brokers
+    finally:
+        brokers.stop()
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _stop_brokers() -> Iterator[None]:
-    yield
-    for lk in _brokers.values():
-        lk.stop()
-
-
-@pytest.fixture(scope="session")
-def kafka(tmp_path_factory: pytest.TempPathFactory) -> LocalKafka:
-    """The default (4.x) broker."""
-    return _broker(DEFAULT_VERSION, tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def kafka_any(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], LocalKafka]:
-    return lambda version: _broker(version, tmp_path_factory)
+@pytest.fixture(scope="module")
+def kafka(kafka_any) -> LocalKafka:
+    """The default (4.x) broker of this test module."""
+    return kafka_any(DEFAULT_VERSION)
 
 
 SUPPORTED_VERSIONS = [DEFAULT_VERSION, LEGACY_VERSION]
@@ -82,3 +88,32 @@ def wait_for(condition: Callable[[], object], timeout_s: float, what: str, inter
 def child_env(bootstrap: str, keys_dir: Path, home: Path) -> dict[str, str]:
     return dict(os.environ, TILESTREAM_KAFKA_BOOTSTRAP=bootstrap, TILESTREAM_KEYS_DIR=str(keys_dir),
                 TILESTREAM_HOME=str(home))
+
+
+def read_topic(bootstrap: str, topic: str) -> list:
+    """Every record of ``topic`` up to its end offsets now."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None, consumer_timeout_ms=5000)
+    try:
+        parts = [TopicPartition(topic, p) for p in c.partitions_for_topic(topic)]
+        c.assign(parts)
+        c.seek_to_beginning(*parts)
+        end = c.end_offsets(parts)
+        out = []
+        while any(c.position(tp) < end[tp] for tp in parts):
+            for records in c.poll(timeout_ms=1000).values():
+                out.extend(records)
+        return out
+    finally:
+        c.close()
+
+
+@pytest.fixture(scope="session")
+def scene_model(tmp_path_factory, vtest_path) -> Path:
+    """A small scene model trained inside the test session on the first 150 frames (logistic: fast)."""
+    from classifier.train import train_scene_model
+    from tilestream.config import FeatureConfig
+
+    model = train_scene_model(str(vtest_path), FeatureConfig(), kind="logistic", max_frames=150, progress=print)
+    return model.save(tmp_path_factory.mktemp("model") / "scene.skops")

@@ -11,46 +11,19 @@ import numpy as np
 import pytest
 
 from classifier.results import tail
-from classifier.train import train_scene_model
 from deploy.local_kafka import free_port
 from edge_agent.agent import EdgeAgent
 from edge_agent.encode import encode_image
 from stream_processor.tiling import tile_grid
 from tilestream import topics
-from tilestream.config import AgentSettings, FeatureConfig
+from tilestream.config import AgentSettings
 from tilestream.procs import Children, wait_http
 from tilestream.records import DeadLetter, TileFeatures
 from tilestream.samples import iter_video_frames
 
-from conftest import SUPPORTED_VERSIONS, child_env
+from conftest import SUPPORTED_VERSIONS, child_env, read_topic
 
 N_FRAMES = 50
-
-
-def read_topic(bootstrap: str, topic: str) -> list:
-    """Every record of ``topic`` up to its end offsets now."""
-    from kafka import KafkaConsumer, TopicPartition
-
-    c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None, consumer_timeout_ms=5000)
-    try:
-        parts = [TopicPartition(topic, p) for p in c.partitions_for_topic(topic)]
-        c.assign(parts)
-        c.seek_to_beginning(*parts)
-        end = c.end_offsets(parts)
-        out = []
-        while any(c.position(tp) < end[tp] for tp in parts):
-            for records in c.poll(timeout_ms=1000).values():
-                out.extend(records)
-        return out
-    finally:
-        c.close()
-
-
-@pytest.fixture(scope="module")
-def scene_model(tmp_path_factory, vtest_path) -> Path:
-    """A small model trained inside the test session on the first 150 frames (logistic: fast)."""
-    model = train_scene_model(str(vtest_path), FeatureConfig(), kind="logistic", max_frames=150, progress=print)
-    return model.save(tmp_path_factory.mktemp("model") / "scene.skops")
 
 
 @pytest.mark.kafka

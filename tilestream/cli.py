@@ -155,7 +155,9 @@ def cmd_classify(args: argparse.Namespace, settings: Settings) -> int:
 
     path = args.model or settings.classifier.model_path or _default_model_path(settings)
     model = TileModel.load(path, expected_digest=settings.features.digest())
-    svc = ClassifierService(_bootstrap(args, settings), model, settings.classifier.group_id, settings.classifier.frame_timeout_s)
+    cs = settings.classifier
+    svc = ClassifierService(_bootstrap(args, settings), model, cs.group_id, cs.frame_timeout_s, cs.dedup_margin_s,
+                            cs.metrics_interval_s)
     if args.metrics_port:
         serve_http(svc.metrics, args.metrics_port, svc.health)
     signal.signal(signal.SIGTERM, lambda *_: svc.stop())

@@ -117,6 +117,8 @@ class ProcessorSettings:
     # A frame id seen again at another offset within this window is a replay (dead letter).
     replay_window_s: float = 1800.0
     metrics_interval_s: float = 2.0
+    # How fast a dead worker's partitions move to the others (Faust's default is 60 s).
+    session_timeout_s: float = 10.0
 
 
 @dataclass
@@ -124,6 +126,10 @@ class ClassifierSettings:
     group_id: str = "tilestream-classifier"
     model_path: str = ""
     frame_timeout_s: float = 30.0
+    # After (re)assignment, results produced since (first re-read tile's time - margin) are
+    # read back so frames answered before a crash or rebalance are not answered twice.
+    dedup_margin_s: float = 120.0
+    metrics_interval_s: float = 2.0
 
 
 @dataclass
