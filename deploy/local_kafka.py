@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from tilestream.config import KafkaSettings, cache_home
-from tilestream.topics import TopicSpec, pipeline_topics
+from tilestream.topics import TopicSpec, ensure_topics, pipeline_topics
 
 DEFAULT_VERSION = "4.1.1"
 LEGACY_VERSION = "3.9.1"
@@ -282,25 +282,7 @@ class LocalKafka:
             admin.close()
 
     def create_topics(self, topics: Iterable[TopicSpec]) -> list[str]:
-        from kafka.admin import NewTopic
-        from kafka.errors import TopicAlreadyExistsError
-
-        admin = self._admin()
-        created = []
-        try:
-            existing = set(admin.list_topics())
-            for spec in topics:
-                if spec.name in existing:
-                    continue
-                try:
-                    admin.create_topics(
-                        [NewTopic(spec.name, spec.partitions, 1, topic_configs=dict(spec.configs))], timeout_ms=30000
-                    )
-                    created.append(spec.name)
-                except TopicAlreadyExistsError:
-                    pass
-        finally:
-            admin.close()
+        created = ensure_topics(self.bootstrap, topics)
         if created:
             self.progress(f"created topics: {', '.join(created)}")
         return created

@@ -1,30 +1,50 @@
-"""The edge agent loop: source -> policy -> encode -> seal + sign -> Kafka.
+"""The edge agent: source -> frame policy -> encode -> seal + sign -> disk spool -> Kafka.
 
-Thin shell: image work is :mod:`edge_agent.encode`, cryptography is :mod:`tilestream.crypto`,
-the wire format is :mod:`tilestream.envelope`; this module wires them to a source and a
-kafka-python producer.
+Two threads and a spool between them:
+
+* **capture** (the caller's thread): reads the source through :func:`edge_agent.sources.resilient`
+  (reopened with capped exponential backoff, never fatal), applies the frame policy (target
+  fps, resize, change gating), encodes, seals to the cloud key, signs with the device key and
+  appends the sealed frame to the spool. Frames on disk are already encrypted.
+* **sender**: hands spooled frames to a kafka-python producer (``acks=all``, idempotent) in
+  capture order and acknowledges each one in the spool when Kafka acknowledged it. While the
+  broker is unreachable nothing is acknowledged and the spool grows (bounded; when full:
+  drop-oldest or pause capture, both counted).
+
+No duplicates on the topic: within one producer session the idempotent producer de-duplicates
+its own retries. Across sessions (agent restart after ``kill -9``, or a delivery timeout) the
+sender first *reconciles*: it reads the ``frames`` partitions from the last offsets it knows
+were acknowledged and drops from the spool every frame whose id is already on the topic.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from tilestream import crypto, topics
+import cv2
+import numpy as np
+
+from tilestream import __version__, crypto, envelope, topics
 from tilestream.config import AgentSettings, cache_home
-from tilestream.envelope import FrameHeader, frame_id
+from tilestream.envelope import FrameHeader
 from tilestream.keys import KeyStore
+from tilestream.metrics import Metrics
+from tilestream.records import AgentHeartbeat
 
 from edge_agent.encode import encode_image, resize_max_side
-from edge_agent.sources import open_source
+from edge_agent.sources import Backoff, SourceError, open_source, resilient
+from edge_agent.spool import Spool, SpoolFull
 
 log = logging.getLogger("tilestream.agent")
+
+# Envelope bytes beyond the encoded image: header (45 + camera id), length, HPKE enc + tag, signature.
+ENVELOPE_OVERHEAD = 45 + 255 + 4 + 32 + 16 + 64
 
 
 class SeqCounter:
@@ -35,13 +55,14 @@ class SeqCounter:
     of at most ``block`` numbers, never a repeat).
     """
 
-    def __init__(self, path: Path, block: int = 1000):
+    def __init__(self, path: Path, block: int = 1000, at_least: int = 0):
         self.path = path
         self.block = block
         try:
             self._next = int(path.read_text().strip() or 0)
         except FileNotFoundError:
             self._next = 0
+        self._next = max(self._next, at_least)
         self._reserved = self._next
 
     def next(self) -> int:
@@ -50,7 +71,7 @@ class SeqCounter:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text(str(self._reserved))
-            os.replace(tmp, self.path)
+            tmp.replace(self.path)
         seq = self._next
         self._next += 1
         return seq
@@ -59,11 +80,59 @@ class SeqCounter:
 @dataclass
 class AgentCounters:
     captured: int = 0
-    skipped: int = 0
-    sent: int = 0
+    skipped: int = 0  # fps policy
+    unchanged: int = 0  # change gating
+    sealed: int = 0
+    sent: int = 0  # acknowledged by Kafka
+    already_on_topic: int = 0  # found by reconciliation, not sent again
+    dropped: int = 0  # spool full, drop-oldest
+    paused: int = 0  # spool full, capture paused (frames that waited)
+    source_errors: int = 0
     send_errors: int = 0
     too_large: int = 0
+    reencoded: int = 0
+    heartbeats: int = 0
     last_seq: int = -1
+
+
+def thumbnail(image: np.ndarray, width: int = 64) -> np.ndarray:
+    """Small grayscale copy for change gating (pure)."""
+    gray = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    h, w = gray.shape
+    return cv2.resize(gray, (width, max(1, round(h * width / w))), interpolation=cv2.INTER_AREA).astype(np.int16)
+
+
+def changed_enough(prev: np.ndarray | None, cur: np.ndarray, threshold: float) -> bool:
+    """Mean absolute difference of two thumbnails (0..255 scale) at least ``threshold``."""
+    if prev is None or threshold <= 0 or prev.shape != cur.shape:
+        return True
+    return float(np.mean(np.abs(cur - prev))) >= threshold
+
+
+def encode_within(image: np.ndarray, encoding: str, quality: int, max_bytes: int, reencode: bool) -> tuple[np.ndarray, bytes, int]:
+    """Encode; if too large and ``reencode``, lower the quality, then downscale, until it fits.
+
+    Returns (image actually encoded, bytes, number of re-encodes). Raises ValueError if it
+    cannot fit (or ``reencode`` is off).
+    """
+    data = encode_image(image, encoding, quality)
+    tries = 0
+    if len(data) <= max_bytes:
+        return image, data, 0
+    if not reencode or encoding == "png":
+        raise ValueError(f"encoded frame is {len(data)} bytes > {max_bytes}")
+    q = quality
+    while len(data) > max_bytes and q > 30:
+        q = max(30, q - 20)
+        data = encode_image(image, encoding, q)
+        tries += 1
+    while len(data) > max_bytes and min(image.shape[:2]) > 32:
+        image = cv2.resize(image, None, fx=0.75, fy=0.75, interpolation=cv2.INTER_AREA)
+        data = encode_image(image, encoding, q)
+        tries += 1
+    if len(data) > max_bytes:
+        raise ValueError(f"frame still {len(data)} bytes > {max_bytes} after {tries} re-encodes")
+    return image, data, tries
 
 
 class EdgeAgent:
@@ -80,31 +149,124 @@ class EdgeAgent:
         self.max_frame_bytes = max_frame_bytes
         self.cloud_kid, self.cloud_public = keystore.cloud_public_key()
         self.device_kid, self.device_key = keystore.device_private_key(settings.camera_id)
-        state_dir = state_dir or cache_home() / "agent" / settings.camera_id
-        self.seq = SeqCounter(state_dir / "seq")
+        self.state_dir = Path(state_dir or settings.state_dir or cache_home() / "agent" / settings.camera_id)
+        self.spool = Spool(self.state_dir / "spool", settings.spool_max_bytes, settings.spool_when_full)
+        self.seq = SeqCounter(self.state_dir / "seq", at_least=self.spool.last_seq + 1)
         self.counters = AgentCounters()
-        self._stop = threading.Event()
+        self.metrics = Metrics("tilestream_agent")
+        self._stop = threading.Event()  # stop capturing
+        self._sender_stop = threading.Event()  # stop sending (after draining, or at shutdown)
+        self._acked_offsets_path = self.state_dir / "acked-offsets.json"
+        self._acked_offsets: dict[int, int] = self._load_offsets()
+        self._producer = None
+        self._connected = False
+        self._last_prev: np.ndarray | None = None
 
+    # -- lifecycle --------------------------------------------------------------------------
     def stop(self) -> None:
+        """Graceful stop (SIGTERM): stop capturing; what is in flight is sent or stays spooled."""
         self._stop.set()
 
-    def seal(self, image, capture_ns: int) -> tuple[FrameHeader, bytes]:
+    def run(self, drain_timeout_s: float | None = None, on_sent: Callable[[bytes], None] | None = None) -> AgentCounters:
+        """Capture until the source ends or stop(); then drain the spool (bounded) and return."""
+        sender = threading.Thread(target=self._send_loop, args=(on_sent,), name="tilestream-sender", daemon=True)
+        sender.start()
+        try:
+            self._capture_loop()
+        finally:
+            deadline = time.monotonic() + (self.settings.drain_timeout_s if drain_timeout_s is None else drain_timeout_s)
+            while self.spool.frames and time.monotonic() < deadline and sender.is_alive():
+                time.sleep(0.05)
+            if self.spool.frames:
+                log.warning(json.dumps({"event": "exit_with_spooled_frames", "frames": self.spool.frames,
+                                        "bytes": self.spool.live_bytes}))
+            self._sender_stop.set()
+            sender.join(30)
+            self._publish_heartbeat(status="stopped")
+            self._close_producer()
+            self._save_offsets()
+            self.spool.close()
+        return self.counters
+
+    # -- capture ----------------------------------------------------------------------------
+    def _source_error(self, exc: Exception) -> None:
+        self.counters.source_errors += 1
+        self.metrics.inc("source_errors_total", reason=getattr(exc, "reason", type(exc).__name__))
+        log.warning(json.dumps({"event": "source_error", "reason": getattr(exc, "reason", type(exc).__name__),
+                                "error": str(exc)}))
+
+    def _capture_loop(self) -> None:
+        s, c = self.settings, self.counters
+        min_period = 1.0 / s.fps if s.fps > 0 else 0.0
+        next_due = 0.0
+
+        def opener():
+            return open_source(s.source, loop=s.loop, realtime=s.realtime, watch=s.watch, stop=self._stop,
+                               on_bad=self._source_error)
+
+        for captured in resilient(opener, self._source_error, self._stop, Backoff(0.5, s.backoff_max_s)):
+            c.captured += 1
+            now = time.monotonic()
+            if min_period:
+                # Even dropping: keep a frame when its slot is due; slots advance by the period.
+                if now < next_due:
+                    c.skipped += 1
+                    continue
+                next_due = max(next_due + min_period, now - min_period)
+            image = resize_max_side(captured.image, s.max_side)
+            if s.change_threshold > 0:
+                thumb = thumbnail(image)
+                if not changed_enough(self._last_prev, thumb, s.change_threshold):
+                    c.unchanged += 1
+                    continue
+                self._last_prev = thumb
+            self._seal_and_spool(image, captured.capture_ns)
+            if s.max_frames and c.captured >= s.max_frames:
+                break
+
+    def seal(self, image: np.ndarray, capture_ns: int) -> tuple[FrameHeader, bytes]:
+        """Encode (within the size limit), seal and sign one frame; assigns its seq."""
         s = self.settings
-        image = resize_max_side(image, s.max_side)
-        data = encode_image(image, s.encoding, s.jpeg_quality)
+        image, data, reencodes = encode_within(image, s.encoding, s.jpeg_quality,
+                                               self.max_frame_bytes - ENVELOPE_OVERHEAD, s.oversize == "reencode")
+        self.counters.reencoded += reencodes > 0
         header = FrameHeader(
-            camera_id=s.camera_id,
-            seq=self.seq.next(),
-            capture_ns=capture_ns,
-            width=image.shape[1],
-            height=image.shape[0],
-            encoding=s.encoding,
-            cloud_key_id=self.cloud_kid,
-            device_key_id=self.device_kid,
+            camera_id=s.camera_id, seq=self.seq.next(), capture_ns=capture_ns, width=image.shape[1],
+            height=image.shape[0], encoding=s.encoding, cloud_key_id=self.cloud_kid, device_key_id=self.device_kid,
         )
         return header, crypto.seal_frame(data, header, self.cloud_public, self.device_key)
 
-    def _producer(self):
+    def _seal_and_spool(self, image: np.ndarray, capture_ns: int) -> None:
+        c = self.counters
+        try:
+            header, blob = self.seal(image, capture_ns)
+        except ValueError as exc:
+            c.too_large += 1
+            self.metrics.inc("too_large_total")
+            log.error(json.dumps({"event": "frame_too_large", "camera_id": self.settings.camera_id, "error": str(exc)}))
+            return
+        c.sealed += 1
+        c.last_seq = header.seq
+        key = header.frame_id.encode()
+        waited = False
+        while True:
+            dropped_before = self.spool.dropped
+            try:
+                self.spool.append(key, blob, header.seq)
+                c.dropped += self.spool.dropped - dropped_before
+                return
+            except SpoolFull:
+                if not waited:
+                    c.paused += 1
+                    waited = True
+                    log.warning(json.dumps({"event": "spool_full_paused", "frames": self.spool.frames}))
+                if self._stop.is_set() and self._sender_stop.is_set():
+                    c.dropped += 1
+                    return
+                self.spool.wait_for_space(len(key) + len(blob), timeout=0.5)
+
+    # -- sending ----------------------------------------------------------------------------
+    def _make_producer(self):
         from kafka import KafkaProducer
 
         return KafkaProducer(
@@ -114,49 +276,213 @@ class EdgeAgent:
             enable_idempotence=True,
             linger_ms=5,
             max_request_size=self.max_frame_bytes + 64 * 1024,
-            retries=2**31 - 1,
-            delivery_timeout_ms=120000,
+            delivery_timeout_ms=int(self.settings.delivery_timeout_s * 1000),
+            request_timeout_ms=10000,
+            max_block_ms=10000,
+            reconnect_backoff_max_ms=int(self.settings.backoff_max_s * 1000),
         )
 
-    def run(self, on_sent: Callable[[FrameHeader], None] | None = None) -> AgentCounters:
+    def _send_loop(self, on_sent) -> None:
         s = self.settings
-        producer = self._producer()
-        min_period = 1.0 / s.fps if s.fps > 0 else 0.0
-        last_sent_at = 0.0
-        c = self.counters
+        backoff = Backoff(0.5, s.backoff_max_s)
+        in_flight: dict[int, object] = {}
+        failed: list[int] = []
+        lock = threading.Lock()
+        need_reconcile = self.spool.frames > 0  # frames left by a previous run may already be on the topic
+        last_heartbeat = 0.0
+        last_offsets_save = time.monotonic()
+        sent_at: dict[int, float] = {}
+
+        def acked(entry_id: int, key: bytes, md) -> None:
+            with lock:
+                in_flight.pop(entry_id, None)
+                prev = self._acked_offsets.get(md.partition, -1)
+                self._acked_offsets[md.partition] = max(prev, md.offset)
+            self.spool.ack(entry_id)
+            self.counters.sent += 1
+            self._connected = True
+            self.metrics.observe("send_seconds", time.monotonic() - sent_at.pop(entry_id, time.monotonic()))
+            if on_sent:
+                on_sent(key)
+
+        def errored(entry_id: int, exc: Exception) -> None:
+            with lock:
+                in_flight.pop(entry_id, None)
+                failed.append(entry_id)
+            self.counters.send_errors += 1
+            log.warning(json.dumps({"event": "send_failed", "entry": entry_id, "error": str(exc)}))
+
+        while not self._sender_stop.is_set():
+            now = time.monotonic()
+            if self._producer is None:
+                try:
+                    self._producer = self._make_producer()
+                    backoff.reset()
+                except Exception as exc:  # noqa: BLE001 - broker unreachable: keep spooling, retry later
+                    self._connected = False
+                    delay = backoff.next()
+                    log.warning(json.dumps({"event": "broker_unreachable", "error": str(exc), "retry_in_s": delay,
+                                            "spooled": self.spool.frames}))
+                    self._sender_stop.wait(delay)
+                    continue
+            if now - last_heartbeat >= s.heartbeat_interval_s:
+                self._publish_heartbeat()
+                last_heartbeat = now
+            if now - last_offsets_save > 1.0:
+                self._save_offsets()
+                last_offsets_save = now
+            with lock:
+                retry, failed[:] = list(failed), []
+                busy = len(in_flight)
+            if retry:
+                self.spool.release(retry)
+                need_reconcile = True
+            if need_reconcile:
+                if busy:  # let what is in flight finish first, so the topic shows everything sent
+                    time.sleep(0.05)
+                    continue
+                try:
+                    self._reconcile()
+                    need_reconcile = False
+                    backoff.reset()
+                except Exception as exc:  # noqa: BLE001 - broker still away: retry after a pause
+                    delay = backoff.next()
+                    log.warning(json.dumps({"event": "reconcile_failed", "error": str(exc), "retry_in_s": delay}))
+                    self._sender_stop.wait(delay)
+                    continue
+            room = s.max_in_flight - busy
+            entries = self.spool.peek(room, timeout=0.1) if room > 0 else []
+            if not entries:
+                if room <= 0:
+                    time.sleep(0.01)
+                continue
+            for e in entries:
+                with lock:
+                    in_flight[e.id] = True
+                sent_at[e.id] = time.monotonic()
+                try:
+                    fut = self._producer.send(topics.FRAMES, key=e.key, value=e.value)
+                except Exception as exc:  # noqa: BLE001 - buffer full / closed: retry the entry later
+                    errored(e.id, exc)
+                    continue
+                fut.add_callback(lambda md, eid=e.id, key=e.key: acked(eid, key, md))
+                fut.add_errback(lambda exc, eid=e.id: errored(eid, exc))
+        # Shutting down: give what is in flight a moment to be acknowledged; the rest stays spooled.
+        deadline = time.monotonic() + 10
+        while in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def _reconcile(self) -> None:
+        """Drop from the spool the frames that are already on the topic (sent by an earlier session)."""
+        pending = self.spool.peek(1_000_000)
+        if not pending:
+            return
+        present: set[bytes] = set()
         try:
-            for captured in open_source(s.source, loop=s.loop, realtime=s.realtime):
-                if self._stop.is_set():
-                    break
-                c.captured += 1
-                now = time.monotonic()
-                if min_period and now - last_sent_at < min_period:
-                    c.skipped += 1
-                    continue
-                last_sent_at = now
-                header, blob = self.seal(captured.image, captured.capture_ns)
-                if len(blob) > self.max_frame_bytes:
-                    c.too_large += 1
-                    log.error(json.dumps({"event": "frame_too_large", "frame_id": header.frame_id, "bytes": len(blob),
-                                          "max_bytes": self.max_frame_bytes}))
-                    continue
-                fut = producer.send(topics.FRAMES, key=header.frame_id.encode(), value=blob)
-                fut.add_callback(self._sent, header, on_sent)
-                fut.add_errback(self._failed, header)
-                if s.max_frames and c.captured >= s.max_frames:
-                    break
+            keys = {e.key: e.id for e in pending}
+            present = frames_on_topic(self.bootstrap, set(keys), self._acked_offsets, _oldest_capture_ms(pending))
+            for key in present:
+                self.spool.ack(keys[key])
+            self.counters.already_on_topic += len(present)
+            log.info(json.dumps({"event": "reconciled", "pending": len(pending), "already_on_topic": len(present)}))
         finally:
-            producer.flush()
-            producer.close()
-        return c
+            self.spool.release([e.id for e in pending if e.key not in present])
 
-    def _sent(self, header: FrameHeader, on_sent, _metadata) -> None:
-        c = self.counters
-        c.sent += 1
-        c.last_seq = max(c.last_seq, header.seq)
-        if on_sent:
-            on_sent(header)
+    def _publish_heartbeat(self, status: str = "running") -> None:
+        if self._producer is None:
+            return
+        hb = AgentHeartbeat(
+            camera_id=self.settings.camera_id, agent_version=__version__, at_ns=time.time_ns(),
+            interval_s=self.settings.heartbeat_interval_s,
+            counters={k: int(v) for k, v in asdict(self.counters).items() if k != "last_seq"},
+            spool_frames=self.spool.frames, spool_bytes=self.spool.live_bytes, status=status,
+        )
+        try:
+            self._producer.send(topics.HEARTBEATS, key=self.settings.camera_id.encode(), value=hb.to_json())
+            self.counters.heartbeats += 1
+        except Exception as exc:  # noqa: BLE001 - a missed heartbeat is not worth a crash
+            log.warning(json.dumps({"event": "heartbeat_failed", "error": str(exc)}))
 
-    def _failed(self, header: FrameHeader, exc: Exception) -> None:
-        self.counters.send_errors += 1
-        log.error(json.dumps({"event": "send_failed", "frame_id": frame_id(header.camera_id, header.seq), "error": str(exc)}))
+    def _close_producer(self) -> None:
+        if self._producer is not None:
+            try:
+                self._producer.flush(timeout=5)
+                self._producer.close(timeout=5)
+            except Exception:  # noqa: BLE001 - closing a producer to a dead broker may time out
+                pass
+            self._producer = None
+
+    # -- state ------------------------------------------------------------------------------
+    def _load_offsets(self) -> dict[int, int]:
+        try:
+            return {int(k): int(v) for k, v in json.loads(self._acked_offsets_path.read_text()).items()}
+        except (OSError, ValueError):
+            return {}
+
+    def _save_offsets(self) -> None:
+        self._acked_offsets_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._acked_offsets_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self._acked_offsets))
+        tmp.replace(self._acked_offsets_path)
+
+    def health(self) -> dict:
+        return {"status": "ok", "camera_id": self.settings.camera_id, "connected": self._connected,
+                "spool_frames": self.spool.frames, "spool_bytes": self.spool.live_bytes}
+
+    def render_metrics(self) -> str:
+        for name, value in asdict(self.counters).items():
+            self.metrics.set(name if name == "last_seq" else f"{name}_total", value)
+        self.metrics.set("spool_frames", self.spool.frames)
+        self.metrics.set("spool_bytes", self.spool.live_bytes)
+        self.metrics.set("connected", 1.0 if self._connected else 0.0)
+        return self.metrics.render()
+
+
+def _oldest_capture_ms(entries) -> int:
+    try:
+        return min(envelope.parse(e.value).header.capture_ns for e in entries) // 1_000_000
+    except envelope.EnvelopeError:
+        return 0
+
+
+def frames_on_topic(bootstrap: str, keys: set[bytes], acked_offsets: dict[int, int], oldest_capture_ms: int,
+                    clock_margin_ms: int = 3600_000) -> set[bytes]:
+    """Which of ``keys`` are already on the frames topic.
+
+    Each partition is read from just after the last offset this agent knows was acknowledged
+    (or, for a partition it has none for, from the broker time of the oldest pending capture
+    minus a margin for camera clock error) up to its end now.
+    """
+    from kafka import KafkaConsumer, TopicPartition
+
+    c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
+                      client_id="tilestream-agent-reconcile", request_timeout_ms=10000)
+    try:
+        parts = [TopicPartition(topics.FRAMES, p) for p in sorted(c.partitions_for_topic(topics.FRAMES) or ())]
+        if not parts:
+            raise RuntimeError("frames topic has no partitions (broker not ready?)")
+        c.assign(parts)
+        end = c.end_offsets(parts)
+        unknown = [tp for tp in parts if tp.partition not in acked_offsets]
+        by_time = c.offsets_for_times({tp: max(0, oldest_capture_ms - clock_margin_ms) for tp in unknown}) if unknown else {}
+        todo = {}
+        for tp in parts:
+            if tp.partition in acked_offsets:
+                start = acked_offsets[tp.partition] + 1
+            else:
+                found = by_time.get(tp)
+                start = found.offset if found is not None else end[tp]
+            if start < end[tp]:
+                c.seek(tp, start)
+                todo[tp] = end[tp]
+            else:
+                c.seek(tp, end[tp])
+        present: set[bytes] = set()
+        while any(c.position(tp) < e for tp, e in todo.items()):
+            for records in c.poll(timeout_ms=1000).values():
+                for m in records:
+                    if m.key in keys:
+                        present.add(m.key)
+        return present
+    finally:
+        c.close()

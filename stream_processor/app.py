@@ -42,6 +42,18 @@ from stream_processor.pipeline import FrameProcessor
 
 log = logging.getLogger("tilestream.processor")
 STAGES = ("verify", "open", "decode", "features")
+SIGHTINGS = "frame-sightings"
+
+
+def internal_topics(settings: Settings) -> list[topics.TopicSpec]:
+    """Faust's changelog of the sightings table, created before the worker starts.
+
+    Faust creates it too, but on a busy machine its metadata check can run before the new
+    topic is visible and the worker dies with PartitionsMismatch; creating it first avoids that.
+    """
+    retention_ms = str(int(2 * max(60.0, settings.processor.replay_window_s) * 1000))
+    return [topics.TopicSpec(f"{settings.processor.app_id}-{SIGHTINGS}-changelog", settings.kafka.frames_partitions,
+                             {"cleanup.policy": "compact,delete", "retention.ms": retention_ms})]
 
 
 def create_app(settings: Settings, bootstrap: str, datadir: Path, web_port: int | None = None) -> faust.App:
@@ -73,7 +85,7 @@ def create_app(settings: Settings, bootstrap: str, datadir: Path, web_port: int 
     metrics_topic = app.topic(topics.METRICS, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
 
     window = max(60.0, float(ps.replay_window_s))
-    sightings = app.Table("frame-sightings", default=str, partitions=settings.kafka.frames_partitions).tumbling(
+    sightings = app.Table(SIGHTINGS, default=str, partitions=settings.kafka.frames_partitions).tumbling(
         window, expires=2 * window)
 
     keystore = KeyStore(settings.keys_path())
@@ -194,6 +206,7 @@ def run_worker(settings: Settings, bootstrap: str, datadir: Path, web_port: int 
     from faust.worker import Worker
 
     datadir.mkdir(parents=True, exist_ok=True)
+    topics.ensure_topics(bootstrap, internal_topics(settings))
     app = create_app(settings, bootstrap, datadir, web_port)
     worker = Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
     worker.spinner = None  # a terminal spinner has no place in service logs

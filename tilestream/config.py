@@ -98,14 +98,30 @@ class FeatureConfig:
 @dataclass
 class AgentSettings:
     camera_id: str = "cam-1"
+    # Video file, image folder, V4L2 device index ("0") or rtsp:// / http(s):// URL.
     source: str = ""
-    fps: float = 0.0  # 0: as fast as the source delivers
-    max_side: int = 0  # 0: no resize
-    encoding: str = "jpeg"
-    jpeg_quality: int = 80
-    max_frames: int = 0  # 0: until the source ends
-    loop: bool = False
-    realtime: bool = False
+    fps: float = 0.0  # target frames/s; faster sources are dropped evenly (counted as skipped). 0: all
+    max_side: int = 0  # resize so the longer side is at most this; 0: no resize
+    encoding: str = "jpeg"  # jpeg | png | webp
+    jpeg_quality: int = 80  # also the WebP quality
+    # Change gating: skip a frame whose 64-px thumbnail differs from the last sent one by less
+    # than this mean absolute difference (0..255); counted as unchanged. 0: off.
+    change_threshold: float = 0.0
+    max_frames: int = 0  # stop after this many captured frames; 0: until the source ends
+    loop: bool = False  # video files: start again at the end
+    realtime: bool = False  # video files: pace at the file's fps
+    watch: bool = False  # image folders: keep watching for new files
+    # Frames larger than the topic allows: "reencode" (lower quality, then downscale) or "reject".
+    oversize: str = "reencode"
+    state_dir: str = ""  # seq counter, spool, acked offsets (default ~/.cache/tilestream/agent/<camera>)
+    spool_max_bytes: int = 1024 * 1024 * 1024
+    spool_when_full: str = "drop_oldest"  # or "block" (pause capture)
+    max_in_flight: int = 64
+    delivery_timeout_s: float = 120.0
+    backoff_max_s: float = 30.0
+    heartbeat_interval_s: float = 5.0
+    drain_timeout_s: float = 30.0  # at the end of a finite source, wait this long for the spool to drain
+    http_port: int = 0  # /healthz and /metrics; 0: off
 
 
 @dataclass

@@ -16,6 +16,7 @@ envelope header, which is what latency is computed from.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterable
 
 from tilestream.config import KafkaSettings
 
@@ -53,3 +54,26 @@ def pipeline_topics(kafka: KafkaSettings) -> list[TopicSpec]:
         TopicSpec(HEARTBEATS, 1, {"retention.ms": str(24 * 3600 * 1000)}),
         TopicSpec(METRICS, 1, {"retention.ms": str(24 * 3600 * 1000)}),
     ]
+
+
+def ensure_topics(bootstrap: str, specs: Iterable[TopicSpec], replication: int = 1) -> list[str]:
+    """Create the topics of ``specs`` that do not exist yet; returns the names created."""
+    from kafka.admin import KafkaAdminClient, NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="tilestream-admin", request_timeout_ms=10000)
+    created = []
+    try:
+        existing = set(admin.list_topics())
+        for spec in specs:
+            if spec.name in existing:
+                continue
+            try:
+                admin.create_topics([NewTopic(spec.name, spec.partitions, replication, topic_configs=dict(spec.configs))],
+                                    timeout_ms=30000)
+                created.append(spec.name)
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        admin.close()
+    return created
