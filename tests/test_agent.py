@@ -1,0 +1,165 @@
+"""The edge agent against a real broker that goes away, and a real process that is SIGKILLed."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+
+import cv2
+import numpy as np
+import pytest
+
+from edge_agent.agent import EdgeAgent, changed_enough, encode_within, thumbnail
+from tilestream import envelope, topics
+from tilestream.config import AgentSettings
+from tilestream.samples import iter_video_frames
+
+from conftest import child_env, read_topic, wait_for
+
+
+def frames_on_topic(bootstrap: str, camera: str) -> list[tuple[int, int]]:
+    """(partition, seq) of every record of ``camera`` on the frames topic, in offset order per partition."""
+    out = []
+    for m in read_topic(bootstrap, topics.FRAMES):
+        h = envelope.parse(m.value).header
+        if h.camera_id == camera:
+            out.append((m.partition, h.seq))
+    return out
+
+
+def assert_exactly_once_in_order(records: list[tuple[int, int]], expected: list[int]) -> None:
+    seqs = [s for _, s in records]
+    dupes = sorted({s for s in seqs if seqs.count(s) > 1})
+    assert not dupes, f"duplicated seqs on the topic: {dupes}"
+    assert sorted(seqs) == expected, f"missing: {sorted(set(expected) - set(seqs))}"
+    by_partition: dict[int, list[int]] = {}
+    for p, s in records:
+        by_partition.setdefault(p, []).append(s)
+    for p, ss in by_partition.items():
+        assert ss == sorted(ss), f"partition {p} is out of seq order: {ss}"
+
+
+# -- pure policy ------------------------------------------------------------------------------
+def test_change_gating_sees_motion_not_noise(vtest_path):
+    frames = list(iter_video_frames(str(vtest_path), max_frames=1))
+    base = np.full((120, 160, 3), 100, np.uint8)
+    noisy = base.copy()
+    noisy[::7, ::7] = 103  # sensor noise
+    moved = base.copy()
+    moved[30:90, 40:100] = 250  # something entered the scene
+    assert not changed_enough(thumbnail(base), thumbnail(noisy), 2.0)
+    assert changed_enough(thumbnail(base), thumbnail(moved), 2.0)
+    assert changed_enough(None, thumbnail(base), 2.0)
+    assert thumbnail(frames[0]).shape == (48, 64)  # 768x576 -> 64 px wide, aspect kept
+
+
+def test_oversize_frames_are_reencoded_or_rejected():
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (576, 768, 3), np.uint8)  # incompressible
+    image, data, tries = encode_within(noise, "jpeg", 95, 60_000, reencode=True)
+    assert len(data) <= 60_000 and tries > 0
+    assert cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR).shape == image.shape
+    with pytest.raises(ValueError, match="bytes"):
+        encode_within(noise, "jpeg", 95, 60_000, reencode=False)
+
+
+# -- against the real broker ------------------------------------------------------------------
+@pytest.mark.kafka
+def test_broker_outage_of_30_seconds_loses_and_repeats_nothing(kafka, keystore, vtest_path, tmp_path):
+    """Stop the broker while the agent publishes, start it again 30 s later."""
+    n = 120
+    sent = []
+    agent = EdgeAgent(
+        AgentSettings(camera_id="cam-test", source=str(vtest_path), max_frames=n, realtime=True, max_side=384,
+                      heartbeat_interval_s=1.0, drain_timeout_s=120, backoff_max_s=2.0),
+        keystore, kafka.bootstrap, max_frame_bytes=4 * 1024 * 1024, state_dir=tmp_path / "agent",
+    )
+    runner = threading.Thread(target=agent.run, kwargs={"on_sent": sent.append}, daemon=True)
+    runner.start()
+    try:
+        wait_for(lambda: len(sent) >= 20, 60, "20 frames acknowledged before the outage")
+        kafka.stop()
+        at_stop = agent.counters.sent
+        wait_for(lambda: agent.spool.frames >= 20 and agent.counters.captured >= at_stop + 20, 60,
+                 "frames to pile up in the spool while the broker is down")
+        import time as _time
+
+        outage_end = _time.monotonic() + 30
+        wait_for(lambda: _time.monotonic() >= outage_end, 40, "30 s of outage")
+        spooled_during_outage = agent.spool.frames
+        kafka.start(topics=[])
+        runner.join(180)
+        assert not runner.is_alive(), "agent did not finish after the broker came back"
+    finally:
+        agent.stop()
+        runner.join(30)
+    assert spooled_during_outage >= 20
+    assert agent.counters.captured == n and agent.spool.frames == 0
+    assert_exactly_once_in_order(frames_on_topic(kafka.bootstrap, "cam-test"), list(range(n)))
+
+
+@pytest.mark.kafka
+def test_sigkill_while_draining_then_restart_loses_and_repeats_nothing(kafka_any, keystore, vtest_path, tmp_path):
+    broker = kafka_any()
+    empty = tmp_path / "no-new-images"
+    empty.mkdir()
+    env = child_env(broker.bootstrap, keystore.path, tmp_path / "home")
+    common = ["--camera-id", "cam-test", "--state-dir", str(tmp_path / "agent")]
+    n = 400
+
+    # 1. Broker down: the agent captures n frames into its spool and gives up draining after 1 s.
+    broker.stop()
+    first = subprocess.run([sys.executable, "-m", "tilestream", "agent", "--source", str(vtest_path), "--max-frames",
+                            str(n), "--max-side", "320", "--drain-timeout-s", "1", *common],
+                           env=env, capture_output=True, text=True, timeout=300)
+    done = json.loads(first.stdout.strip().splitlines()[-1])
+    assert done["sealed"] == n and done["sent"] == 0, first.stderr[-2000:]
+
+    # 2. Broker up: drain one frame at a time and SIGKILL the agent half-way.
+    broker.start(topics=[])
+    env_slow = dict(env, TILESTREAM_AGENT_MAX_IN_FLIGHT="1")
+    drain = subprocess.Popen([sys.executable, "-m", "tilestream", "agent", "--source", str(empty), "--drain-timeout-s",
+                              "300", *common], env=env_slow, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             start_new_session=True)
+    try:
+        wait_for(lambda: len(frames_on_topic(broker.bootstrap, "cam-test")) >= 30, 120, "the drain to be under way")
+        drain.send_signal(signal.SIGKILL)
+        drain.wait(10)
+    finally:
+        if drain.poll() is None:
+            drain.kill()
+            drain.wait()
+    partial = len(frames_on_topic(broker.bootstrap, "cam-test"))
+    assert 30 <= partial < n, f"the kill did not land mid-drain ({partial}/{n} on the topic)"
+
+    # 3. Restart: the rest is sent, nothing twice.
+    third = subprocess.run([sys.executable, "-m", "tilestream", "agent", "--source", str(empty), "--drain-timeout-s",
+                            "120", *common], env=env, capture_output=True, text=True, timeout=300)
+    done = json.loads(third.stdout.strip().splitlines()[-1])
+    print(f"after the SIGKILL at {partial}/{n}: restart sent {done['sent']}, found {done['already_on_topic']} already on the topic")
+    assert done["sent"] + done["already_on_topic"] >= n - partial, third.stderr[-2000:]
+    assert_exactly_once_in_order(frames_on_topic(broker.bootstrap, "cam-test"), list(range(n)))
+
+
+@pytest.mark.kafka
+def test_bad_images_in_the_source_are_counted_and_the_agent_goes_on(kafka, keystore, vtest_path, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    good = 0
+    for i, frame in enumerate(iter_video_frames(str(vtest_path), max_frames=20)):
+        path = folder / f"{i:03d}.jpg"
+        if i % 5 == 4:
+            path.write_bytes(b"\xff\xd8 this is not a jpeg")  # every 5th file is corrupt
+        else:
+            cv2.imwrite(str(path), frame)
+            good += 1
+    keystore.enroll("cam-folder")
+    agent = EdgeAgent(AgentSettings(camera_id="cam-folder", source=str(folder)), keystore, kafka.bootstrap,
+                      max_frame_bytes=4 * 1024 * 1024, state_dir=tmp_path / "agent")
+    counters = agent.run()
+    assert counters.source_errors == 4
+    assert counters.sent == good == 16
+    assert len(frames_on_topic(kafka.bootstrap, "cam-folder")) == 16
