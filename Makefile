@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: setup demo test bench kafka-start kafka-stop clean
+.PHONY: setup browser demo test bench kafka-start kafka-stop clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,10 +13,15 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-setup: $(STAMP)
+setup: $(STAMP) browser
 	$(BIN)/tilestream kafka fetch
 	$(BIN)/tilestream kafka fetch --version 3.9.1
 	$(BIN)/tilestream samples fetch
+
+# Debian's Chromium and ChromeDriver for the dashboard's browser test (no browser downloads here).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
 demo: setup
 	$(BIN)/tilestream demo

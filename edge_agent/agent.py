@@ -43,8 +43,9 @@ from edge_agent.spool import Spool, SpoolFull
 
 log = logging.getLogger("tilestream.agent")
 
-# Envelope bytes beyond the encoded image: header (45 + camera id), length, HPKE enc + tag, signature.
-ENVELOPE_OVERHEAD = 45 + 255 + 4 + 32 + 16 + 64
+# Envelope bytes beyond the encoded image: header (45 + camera id), length, HPKE enc (up to 1120 for
+# MLKEM768-X25519) + tag, signature.
+ENVELOPE_OVERHEAD = 45 + 255 + 4 + 1120 + 16 + 64
 
 
 class SeqCounter:
@@ -147,7 +148,7 @@ class EdgeAgent:
         self.settings = settings
         self.bootstrap = bootstrap
         self.max_frame_bytes = max_frame_bytes
-        self.cloud_kid, self.cloud_public = keystore.cloud_public_key()
+        self.cloud_kid, self.suite, self.cloud_public = keystore.cloud_public_key()
         self.device_kid, self.device_key = keystore.device_private_key(settings.camera_id)
         self.state_dir = Path(state_dir or settings.state_dir or cache_home() / "agent" / settings.camera_id)
         self.spool = Spool(self.state_dir / "spool", settings.spool_max_bytes, settings.spool_when_full)
@@ -233,6 +234,7 @@ class EdgeAgent:
         header = FrameHeader(
             camera_id=s.camera_id, seq=self.seq.next(), capture_ns=capture_ns, width=image.shape[1],
             height=image.shape[0], encoding=s.encoding, cloud_key_id=self.cloud_kid, device_key_id=self.device_kid,
+            suite=self.suite,
         )
         return header, crypto.seal_frame(data, header, self.cloud_public, self.device_key)
 

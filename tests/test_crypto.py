@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import stat
 
 import pytest
@@ -15,13 +16,13 @@ IMAGE = bytes(range(256)) * 40
 
 
 def header(store: KeyStore, camera: str = "cam-test", seq: int = 7) -> FrameHeader:
-    ckid, _ = store.cloud_public_key()
+    ckid, suite, _ = store.cloud_public_key()
     dkid, _ = store.device_private_key(camera)
-    return FrameHeader(camera, seq, 1_700_000_000_000_000_000, 640, 480, "jpeg", ckid, dkid)
+    return FrameHeader(camera, seq, 1_700_000_000_000_000_000, 640, 480, "jpeg", ckid, dkid, suite=suite)
 
 
 def seal(store: KeyStore, camera: str = "cam-test", seq: int = 7) -> bytes:
-    _, cloud_pub = store.cloud_public_key()
+    _, _, cloud_pub = store.cloud_public_key()
     _, dev = store.device_private_key(camera)
     return crypto.seal_frame(IMAGE, header(store, camera, seq), cloud_pub, dev)
 
@@ -67,7 +68,7 @@ def test_header_is_bound_into_the_seal_even_with_a_valid_signature(keystore):
 def test_frame_sealed_to_another_cloud_key_is_refused(keystore, tmp_path):
     other = KeyStore(tmp_path / "other")
     other.init_cloud()
-    _, other_pub = other.cloud_public_key()
+    _, _, other_pub = other.cloud_public_key()
     _, dev = keystore.device_private_key("cam-test")
     h = header(keystore)
     blob = crypto.seal_frame(IMAGE, h, other_pub, dev)  # header names our key, sealed to theirs
@@ -81,7 +82,7 @@ def test_unknown_and_revoked_devices_are_refused(keystore, tmp_path):
     stranger.init_cloud()
     stranger.enroll("cam-test")
     _, dev = stranger.device_private_key("cam-test")
-    _, cloud_pub = keystore.cloud_public_key()
+    _, _, cloud_pub = keystore.cloud_public_key()
     dkid, _ = stranger.device_private_key("cam-test")
     h = FrameHeader("cam-test", 1, 1, 640, 480, "jpeg", keystore.cloud_public_key()[0], dkid)
     with pytest.raises(FrameRejected) as exc:
@@ -97,7 +98,7 @@ def test_unknown_and_revoked_devices_are_refused(keystore, tmp_path):
 
 def test_a_device_cannot_speak_for_another_camera(keystore):
     keystore.enroll("cam-other")
-    _, cloud_pub = keystore.cloud_public_key()
+    _, _, cloud_pub = keystore.cloud_public_key()
     dkid, dev = keystore.device_private_key("cam-other")
     h = FrameHeader("cam-test", 1, 1, 640, 480, "jpeg", keystore.cloud_public_key()[0], dkid)
     with pytest.raises(FrameRejected) as exc:
@@ -139,3 +140,29 @@ def test_truncated_record_is_malformed(keystore):
     with pytest.raises(envelope.EnvelopeError) as exc:
         envelope.parse(blob[:-1])
     assert exc.value.reason == "malformed"
+
+
+def test_hybrid_post_quantum_suite_round_trip_and_rotation(keystore):
+    """MLKEM768-X25519: frames sealed to it open; the X25519 key of before still opens its frames."""
+    classic = seal(keystore, seq=1)
+    kid = keystore.rotate_cloud("mlkem768-x25519")
+    pq = seal(keystore, seq=2)
+    env = envelope.parse(pq)
+    assert env.header.suite == envelope.SUITE_MLKEM768_X25519 and env.header.cloud_key_id.hex() == kid
+    assert len(env.sealed) - len(IMAGE) == 1120 + 16  # X-Wing encapsulation + AES-GCM tag
+    assert open_(keystore, pq)[1] == IMAGE and open_(keystore, classic)[1] == IMAGE
+    tampered = bytearray(pq)
+    tampered[len(env.header_bytes) + 4 + 500] ^= 1  # inside the KEM ciphertext; re-sign so only the seal can object
+    _, dev = keystore.device_private_key("cam-test")
+    t_env = envelope.parse(bytes(tampered[:-64]) + bytes(64))
+    forged = envelope.assemble(t_env.header_bytes, t_env.sealed, dev.sign(envelope.signed_part(t_env.header_bytes, t_env.sealed)))
+    with pytest.raises(FrameRejected) as exc:
+        open_(keystore, forged)
+    assert exc.value.reason == "decrypt_failed"
+
+
+def test_public_key_files_hold_no_private_material(keystore):
+    keystore.rotate_cloud("mlkem768-x25519")
+    for f in (keystore.path / "cloud").glob("*.pub"):
+        d = json.loads(f.read_text())
+        assert "mlkem768_seed" not in d and set(d) <= {"suite", "x25519", "mlkem768"}

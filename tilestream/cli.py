@@ -2,7 +2,8 @@
 
     tilestream kafka start|stop|status|fetch   local Apache Kafka (deploy/local_kafka.py)
     tilestream samples fetch                   OpenCV sample data from Debian's opencv-doc
-    tilestream keys init|enroll|rotate-cloud|revoke|list
+    tilestream keys init|enroll|rotate-device|rotate-cloud|revoke|list
+    tilestream dashboard                       real-time web dashboard
     tilestream agent                           edge agent: source -> sealed frames -> Kafka
     tilestream process                         Faust stream processor (one worker)
     tilestream train                           train a tile model
@@ -86,12 +87,19 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
     from tilestream.keys import KeyStore
 
     store = KeyStore(settings.keys_path())
+    if args.action in ("enroll", "rotate-device", "revoke") and not args.camera_id:
+        print(f"error: keys {args.action} needs a CAMERA_ID", file=sys.stderr)
+        return 2
     if args.action == "init":
-        print(f"cloud key {store.init_cloud()} in {store.path}")
+        print(f"cloud key {store.init_cloud(args.suite)} in {store.path}")
     elif args.action == "rotate-cloud":
-        print(f"new cloud key {store.rotate_cloud()}; older keys still open older frames")
+        print(f"new cloud key {store.rotate_cloud(args.suite)} ({args.suite}); older keys still open older frames")
     elif args.action == "enroll":
         print(f"enrolled {args.camera_id} with device key {store.enroll(args.camera_id)}")
+    elif args.action == "rotate-device":
+        kid = store.enroll(args.camera_id)
+        print(f"{args.camera_id} now signs with {kid}; revoke its old key with "
+              f"`tilestream keys revoke {args.camera_id} --key-id OLD` once the device uses the new one")
     elif args.action == "revoke":
         print(f"revoked {', '.join(store.revoke(args.camera_id, args.key_id)) or 'nothing'}")
     elif args.action == "list":
@@ -190,6 +198,18 @@ def format_result(r) -> str:
     return f"{r.camera_id:>10}  seq={r.seq:<6} label={r.label:<11} p={p:.2f}  latency={r.latency_ms:8.1f} ms{flag}"
 
 
+def cmd_dashboard(args: argparse.Namespace, settings: Settings) -> int:
+    from dashboard.server import TOKEN_ENV, DashboardError, run_dashboard
+
+    token = args.token or os.environ.get(TOKEN_ENV) or None
+    try:
+        run_dashboard(_bootstrap(args, settings), args.host, args.port, token)
+    except DashboardError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from tilestream.demo import run_demo
 
@@ -217,9 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_samples)
 
     ks = sub.add_parser("keys", help="cloud key pair and device enrolment")
-    ks.add_argument("action", choices=["init", "enroll", "rotate-cloud", "revoke", "list"])
+    ks.add_argument("action", choices=["init", "enroll", "rotate-device", "rotate-cloud", "revoke", "list"])
     ks.add_argument("camera_id", nargs="?")
     ks.add_argument("--key-id")
+    ks.add_argument("--suite", choices=["x25519", "mlkem768-x25519"], default="x25519",
+                    help="HPKE KEM of a new cloud key (mlkem768-x25519: hybrid post-quantum)")
     ks.set_defaults(func=cmd_keys)
 
     a = sub.add_parser("agent", help="run the edge agent")
@@ -267,6 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--from-beginning", action="store_true")
     r.add_argument("--max", type=int, default=0)
     r.set_defaults(func=cmd_results)
+
+    db = sub.add_parser("dashboard", help="real-time web dashboard (reads only Kafka)")
+    db.add_argument("--host", default="127.0.0.1")
+    db.add_argument("--port", type=int, default=8080)
+    db.add_argument("--token", help="access token (default $TILESTREAM_DASHBOARD_TOKEN); required off loopback")
+    db.set_defaults(func=cmd_dashboard)
 
     d = sub.add_parser("demo", help="agent + processor + classifier on vtest.avi, printing results")
     d.add_argument("--frames", type=int, default=200, help="frames of vtest.avi to send (0: whole file)")

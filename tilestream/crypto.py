@@ -3,9 +3,10 @@
 Pure functions, no I/O: keys come in as objects, bytes go out. Key files and the device
 registry are :mod:`tilestream.keys`.
 
-* seal: HPKE base mode, DHKEM(X25519, HKDF-SHA256) / HKDF-SHA256 / AES-256-GCM, to the
-  cloud's public key, with ``info = INFO_PREFIX + header`` so the header is authenticated
-  by the seal; then Ed25519 over header + ciphertext with the device's key.
+* seal: HPKE base mode to the cloud's public key — DHKEM(X25519, HKDF-SHA256) / HKDF-SHA256 /
+  AES-256-GCM by default, or the hybrid post-quantum MLKEM768-X25519 KEM when the cloud key
+  is of that kind — with ``info = INFO_PREFIX + header`` so the header is authenticated by
+  the seal; then Ed25519 over header + ciphertext with the device's key.
 * open: parse, look up the device by key id, verify the signature, look up the cloud
   private key by key id, decrypt. Every refusal is a :class:`FrameRejected` carrying a
   dead-letter reason code.
@@ -26,7 +27,11 @@ from tilestream import envelope
 from tilestream.envelope import Envelope, EnvelopeError, FrameHeader
 
 INFO_PREFIX = b"tilestream/frame/v1\x00"
-SUITE = Suite(KEM.X25519, KDF.HKDF_SHA256, AEAD.AES_256_GCM)
+SUITES = {
+    envelope.SUITE_X25519: Suite(KEM.X25519, KDF.HKDF_SHA256, AEAD.AES_256_GCM),
+    envelope.SUITE_MLKEM768_X25519: Suite(KEM.MLKEM768_X25519, KDF.HKDF_SHA256, AEAD.AES_256_GCM),
+}
+SUITE_NAMES = {"x25519": envelope.SUITE_X25519, "mlkem768-x25519": envelope.SUITE_MLKEM768_X25519}
 
 
 class FrameRejected(Exception):
@@ -42,9 +47,13 @@ def raw_public(key: x25519.X25519PublicKey | ed25519.Ed25519PublicKey) -> bytes:
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
+def key_id_of(raw: bytes) -> bytes:
+    """8-byte key id: the start of SHA-256 over the raw public key bytes."""
+    return hashlib.sha256(raw).digest()[: envelope.KEY_ID_LEN]
+
+
 def key_id(public_key: x25519.X25519PublicKey | ed25519.Ed25519PublicKey) -> bytes:
-    """8-byte key id: the start of SHA-256 over the raw public key."""
-    return hashlib.sha256(raw_public(public_key)).digest()[: envelope.KEY_ID_LEN]
+    return key_id_of(raw_public(public_key))
 
 
 @dataclass(frozen=True)
@@ -59,12 +68,12 @@ class DeviceKey:
 def seal_frame(
     image: bytes,
     header: FrameHeader,
-    cloud_public: x25519.X25519PublicKey,
+    cloud_public,
     device_private: ed25519.Ed25519PrivateKey,
 ) -> bytes:
-    """Encrypt ``image`` to the cloud and sign it as the device; returns the envelope bytes."""
+    """Encrypt ``image`` to the cloud (suite from ``header.suite``) and sign it as the device."""
     header_bytes = header.pack()
-    sealed = SUITE.encrypt(image, cloud_public, info=INFO_PREFIX + header_bytes)
+    sealed = SUITES[header.suite].encrypt(image, cloud_public, info=INFO_PREFIX + header_bytes)
     signature = device_private.sign(envelope.signed_part(header_bytes, sealed))
     return envelope.assemble(header_bytes, sealed, signature)
 
@@ -92,21 +101,21 @@ def verify_frame(blob: bytes, devices: Callable[[bytes], DeviceKey | None]) -> E
     return env
 
 
-def open_envelope(env: Envelope, cloud_keys: Mapping[bytes, x25519.X25519PrivateKey]) -> bytes:
+def open_envelope(env: Envelope, cloud_keys: Mapping[bytes, object]) -> bytes:
     """Decrypt a verified envelope with the cloud key its header names."""
     h = env.header
     private = cloud_keys.get(h.cloud_key_id)
     if private is None:
         raise FrameRejected("decrypt_failed", f"frame {h.frame_id} is sealed to unknown cloud key {h.cloud_key_id.hex()}", h)
     try:
-        return SUITE.decrypt(env.sealed, private, info=INFO_PREFIX + env.header_bytes)
-    except (InvalidTag, ValueError):
+        return SUITES[h.suite].decrypt(env.sealed, private, info=INFO_PREFIX + env.header_bytes)
+    except (InvalidTag, ValueError, TypeError):  # TypeError: a key of the other suite
         raise FrameRejected("decrypt_failed", f"frame {h.frame_id} does not open with cloud key {h.cloud_key_id.hex()}", h) from None
 
 
 def open_frame(
     blob: bytes,
-    cloud_keys: Mapping[bytes, x25519.X25519PrivateKey],
+    cloud_keys: Mapping[bytes, object],
     devices: Callable[[bytes], DeviceKey | None],
 ) -> tuple[FrameHeader, bytes]:
     """verify_frame then open_envelope: the header and the encoded image bytes."""

@@ -5,7 +5,7 @@ Layout (big-endian), version 1::
     offset  size  field
     0       4     magic            b"TSFR"
     4       1     version          1
-    5       1     suite            HPKE suite id (SUITE_X25519 = 1)
+    5       1     suite            HPKE suite id (SUITE_X25519 = 1, SUITE_MLKEM768_X25519 = 2)
     6       1     encoding         1 jpeg, 2 png, 3 webp
     7       1     flags            reserved, 0
     8       8     seq              per-camera sequence number, increases across restarts
@@ -34,6 +34,8 @@ from dataclasses import dataclass
 MAGIC = b"TSFR"
 VERSION = 1
 SUITE_X25519 = 1  # DHKEM(X25519, HKDF-SHA256) / HKDF-SHA256 / AES-256-GCM
+SUITE_MLKEM768_X25519 = 2  # hybrid post-quantum MLKEM768-X25519 (X-Wing) / HKDF-SHA256 / AES-256-GCM
+SUITES = (SUITE_X25519, SUITE_MLKEM768_X25519)
 SIGNATURE_LEN = 64
 KEY_ID_LEN = 8
 
@@ -130,7 +132,7 @@ def parse(blob: bytes) -> Envelope:
         raise EnvelopeError("malformed", "not a tilestream frame (bad magic)")
     if version != VERSION:
         raise EnvelopeError("unsupported_version", f"envelope version {version} is not supported (want {VERSION})")
-    if suite != SUITE_X25519:
+    if suite not in SUITES:
         raise EnvelopeError("unsupported_version", f"HPKE suite {suite} is not supported")
     if enc not in ENCODING_NAMES:
         raise EnvelopeError("malformed", f"unknown image encoding {enc}")

@@ -2,8 +2,8 @@
 
 A key directory holds::
 
-    cloud/<kid>.key        cloud X25519 private key, PKCS#8 PEM, mode 0600 (cloud side only)
-    cloud/<kid>.pub        cloud X25519 public key, PEM (what agents seal to)
+    cloud/<kid>.key        cloud private key, JSON {suite, raw key parts in base64}, mode 0600 (cloud only)
+    cloud/<kid>.pub        cloud public key, JSON {suite, raw key parts in base64} (what agents seal to)
     cloud/current          key id agents seal to now; older keys still open older frames
     devices/<camera>/<kid>.key   device Ed25519 private key, mode 0600 (device side only)
     devices/<camera>/current
@@ -21,10 +21,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
+from cryptography.hazmat.primitives import hpke, serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, mlkem, x25519
 
-from tilestream.crypto import DeviceKey, key_id, raw_public
+from tilestream.crypto import SUITE_NAMES, DeviceKey, key_id, key_id_of, raw_public
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode("ascii")
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
@@ -52,35 +56,54 @@ class KeyStore:
         self.path = Path(path)
 
     # -- cloud keys -------------------------------------------------------------------
-    def init_cloud(self) -> str:
+    def init_cloud(self, suite: str = "x25519") -> str:
         """Create the cloud key pair unless one exists; returns the current key id (hex)."""
         current = self.path / "cloud" / "current"
         if current.exists():
             return current.read_text().strip()
-        return self.rotate_cloud()
+        return self.rotate_cloud(suite)
 
-    def rotate_cloud(self) -> str:
-        """Make a new cloud key current; older keys stay so frames sealed to them still open."""
-        private = x25519.X25519PrivateKey.generate()
-        kid = key_id(private.public_key()).hex()
-        _write(self.path / "cloud" / f"{kid}.key", _private_pem(private), 0o600)
-        pub = private.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        _write(self.path / "cloud" / f"{kid}.pub", pub, 0o644)
+    def rotate_cloud(self, suite: str = "x25519") -> str:
+        """Make a new cloud key current; older keys stay so frames sealed to them still open.
+
+        ``suite``: "x25519" (default) or "mlkem768-x25519" (hybrid post-quantum).
+        """
+        if suite == "x25519":
+            private = x25519.X25519PrivateKey.generate()
+            pub = {"x25519": _b64(raw_public(private.public_key()))}
+            priv = {"x25519": _b64(private.private_bytes_raw())}
+        elif suite == "mlkem768-x25519":
+            m, x = mlkem.MLKEM768PrivateKey.generate(), x25519.X25519PrivateKey.generate()
+            pub = {"mlkem768": _b64(m.public_key().public_bytes_raw()), "x25519": _b64(raw_public(x.public_key()))}
+            priv = {"mlkem768_seed": _b64(m.private_bytes_raw()), "x25519": _b64(x.private_bytes_raw())}
+        else:
+            raise ValueError(f"unknown suite {suite!r} (x25519, mlkem768-x25519)")
+        kid = key_id_of(b"".join(base64.b64decode(v) for v in pub.values())).hex()
+        _write(self.path / "cloud" / f"{kid}.key", json.dumps({"suite": suite, **priv}).encode(), 0o600)
+        _write(self.path / "cloud" / f"{kid}.pub", json.dumps({"suite": suite, **pub}).encode(), 0o644)
         _write(self.path / "cloud" / "current", kid.encode(), 0o644)
         return kid
 
-    def cloud_public_key(self) -> tuple[bytes, x25519.X25519PublicKey]:
+    def cloud_public_key(self) -> tuple[bytes, int, object]:
+        """(key id, envelope suite id, public key object) of the current cloud key."""
         kid = self._current(self.path / "cloud", "no cloud key: run `tilestream keys init`")
-        key = serialization.load_pem_public_key((self.path / "cloud" / f"{kid}.pub").read_bytes())
-        assert isinstance(key, x25519.X25519PublicKey)
-        return bytes.fromhex(kid), key
+        d = json.loads((self.path / "cloud" / f"{kid}.pub").read_text())
+        xpub = x25519.X25519PublicKey.from_public_bytes(base64.b64decode(d["x25519"]))
+        if d["suite"] == "x25519":
+            return bytes.fromhex(kid), SUITE_NAMES["x25519"], xpub
+        mpub = mlkem.MLKEM768PublicKey.from_public_bytes(base64.b64decode(d["mlkem768"]))
+        return bytes.fromhex(kid), SUITE_NAMES[d["suite"]], hpke.MLKEM768X25519PublicKey(mpub, xpub)
 
-    def cloud_private_keys(self) -> dict[bytes, x25519.X25519PrivateKey]:
-        keys: dict[bytes, x25519.X25519PrivateKey] = {}
+    def cloud_private_keys(self) -> dict[bytes, object]:
+        keys: dict[bytes, object] = {}
         for f in sorted((self.path / "cloud").glob("*.key")):
-            key = serialization.load_pem_private_key(f.read_bytes(), password=None)
-            assert isinstance(key, x25519.X25519PrivateKey)
-            keys[bytes.fromhex(f.stem)] = key
+            d = json.loads(f.read_text())
+            x = x25519.X25519PrivateKey.from_private_bytes(base64.b64decode(d["x25519"]))
+            if d["suite"] == "x25519":
+                keys[bytes.fromhex(f.stem)] = x
+            else:
+                m = mlkem.MLKEM768PrivateKey.from_seed_bytes(base64.b64decode(d["mlkem768_seed"]))
+                keys[bytes.fromhex(f.stem)] = hpke.MLKEM768X25519PrivateKey(m, x)
         if not keys:
             raise FileNotFoundError(f"no cloud private key in {self.path / 'cloud'}: run `tilestream keys init`")
         return keys
@@ -97,7 +120,7 @@ class KeyStore:
         reg.setdefault(camera_id, []).append(
             {
                 "key_id": kid,
-                "public_key": base64.b64encode(raw_public(private.public_key())).decode(),
+                "public_key": _b64(raw_public(private.public_key())),
                 "status": "active",
                 "enrolled_at": int(time.time()),
             }
