@@ -287,6 +287,14 @@ class LocalKafka:
             self.progress(f"created topics: {', '.join(created)}")
         return created
 
+    def tool(self, main_class: str, *args: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess:
+        """Run one of Kafka's own Java tools (e.g. the console consumer) against this broker's jars."""
+        self.ensure_jars()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        cmd = self._java(f"-Dlog4j2.configurationFile={HERE / 'log4j2.properties'}",
+                         f"-Dtilestream.kafka.log={self.state_dir / 'tools.log'}") + [main_class, *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
+
     def stop(self, timeout_s: float = 60.0) -> bool:
         """Stop the broker of this state dir; True if one was running."""
         try:

@@ -277,6 +277,8 @@ class EdgeAgent:
             acks="all",
             enable_idempotence=True,
             linger_ms=5,
+            # Frames are ~50-100 KB: the default 16 KB batch would make every frame its own batch.
+            batch_size=1024 * 1024,
             max_request_size=self.max_frame_bytes + 64 * 1024,
             delivery_timeout_ms=int(self.settings.delivery_timeout_s * 1000),
             request_timeout_ms=10000,

@@ -34,3 +34,11 @@ def test_feature_digest_tracks_every_parameter():
                FeatureConfig(kernel=((0, 1, 0), (1, -4, 1), (0, 1, 0))), FeatureConfig(hog_bins=8), FeatureConfig(deskew=True)]
     digests = {c.digest() for c in changed}
     assert base.digest() not in digests and len(digests) == len(changed)
+
+
+def test_the_example_agent_config_loads():
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "deploy" / "config" / "agent.toml"
+    s = load_settings(example, env={})
+    assert s.agent.camera_id == "gate-north" and s.agent.fps == 5.0 and s.agent.spool_when_full == "drop_oldest"

@@ -3,10 +3,12 @@ classifier -> results, on a real Apache Kafka (4.x and 3.9.x), with real vtest.a
 
 from __future__ import annotations
 
+import json
 import urllib.request
 from pathlib import Path
 
 import cv2
+import jsonschema
 import numpy as np
 import pytest
 
@@ -24,6 +26,7 @@ from tilestream.samples import iter_video_frames
 from conftest import SUPPORTED_VERSIONS, child_env, read_topic
 
 N_FRAMES = 50
+RESULT_SCHEMA = Path(__file__).resolve().parents[1] / "tilestream" / "schemas" / "result.v1.json"
 
 
 @pytest.mark.kafka
@@ -85,6 +88,18 @@ def test_encrypted_frames_become_exactly_one_result_each(version, kafka_any, key
         assert 'tilestream_processor_dead_letters_total{reason="bad_signature"} 1' in metrics
         assert f"tilestream_processor_frames_total {N_FRAMES + 1}" in metrics
         assert 'tilestream_processor_dead_letters_total{reason="replay"} 1' in metrics
+
+        # Any Kafka client can read the results: Kafka's own Java console consumer, every record
+        # valid against the committed JSON Schema.
+        console = broker.tool("org.apache.kafka.tools.consumer.ConsoleConsumer", "--bootstrap-server", bootstrap,
+                              "--topic", topics.RESULTS, "--from-beginning", "--max-messages", str(len(all_results)),
+                              "--timeout-ms", "30000")
+        lines = [line for line in console.stdout.splitlines() if line.strip()]
+        assert len(lines) == len(all_results), console.stderr[-2000:]
+        validator = jsonschema.Draft202012Validator(json.loads(RESULT_SCHEMA.read_text()))
+        for line in lines:
+            validator.validate(json.loads(line))
+        assert {json.loads(line)["frame_id"] for line in lines} == {r.frame_id for r in all_results}
 
         expected_tiles = tile_grid(576, 768, 64, 0, "pad")
         for r in all_results:
