@@ -24,6 +24,7 @@ from tilestream.records import DeadLetter, FrameResult, StageMetrics, TileFeatur
 
 from classifier.assembler import FrameAssembler, PendingFrame
 from classifier.model import TileModel
+from classifier.registry import ModelWatcher
 from classifier.results import AnsweredFrames
 
 log = logging.getLogger("tilestream.classifier")
@@ -60,9 +61,10 @@ def classify_frame(model: TileModel, frame: PendingFrame, now_ns: int) -> FrameR
 
 class ClassifierService:
     def __init__(self, bootstrap: str, model: TileModel, group_id: str, frame_timeout_s: float = 30.0,
-                 dedup_margin_s: float = 120.0, metrics_interval_s: float = 2.0):
+                 dedup_margin_s: float = 120.0, metrics_interval_s: float = 2.0, models: ModelWatcher | None = None):
         self.bootstrap = bootstrap
         self.model = model
+        self.models = models
         self.digest = model.feature_config.digest()
         self.group_id = group_id
         self.assembler = FrameAssembler(frame_timeout_s)
@@ -125,7 +127,7 @@ class ClassifierService:
                 log.info(json.dumps({"event": "assigned", "partitions": sorted(tp.partition for tp in assigned)}))
 
         consumer.subscribe([topics.TILE_FEATURES], listener=Rebalance())
-        last_commit = last_metrics = time.monotonic()
+        last_commit = last_metrics = last_model_check = time.monotonic()
         try:
             while not self._stop.is_set():
                 batch = consumer.poll(timeout_ms=200)
@@ -159,6 +161,9 @@ class ClassifierService:
                 if emitted or (batch and now - last_commit > 1.0):
                     commit()
                     last_commit = now
+                if self.models is not None and now - last_model_check >= 1.0:
+                    self._maybe_swap_model()
+                    last_model_check = now
                 if now - last_metrics >= self.metrics_interval_s:
                     self._publish_metrics(producer, consumer, now - last_metrics)
                     last_metrics = now
@@ -169,6 +174,24 @@ class ClassifierService:
             consumer.close(autocommit=False)
             if self._answered is not None:
                 self._answered.close()
+            if self.models is not None:
+                self.models.close()
+
+    def _maybe_swap_model(self) -> None:
+        """Between two batches: switch to a newer published model (same features only)."""
+        try:
+            model = self.models.poll()
+        except Exception as exc:  # noqa: BLE001 - keep serving the current model
+            self.metrics.inc("models_refused_total")
+            log.error(json.dumps({"event": "model_refused", "version": self.models.version, "error": str(exc)}))
+            return
+        if model is None:
+            return
+        old = self.model
+        self.model = model
+        self.metrics.inc("model_swaps_total")
+        log.info(json.dumps({"event": "model_swapped", "from": [old.model_id, old.version],
+                             "to": [model.model_id, model.version]}))
 
     def _seed_dedup(self, first_tile_ms: int) -> None:
         """Remember the frames already answered since ``first_tile_ms - margin``.

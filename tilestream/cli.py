@@ -8,6 +8,7 @@
     tilestream process                         Faust stream processor (one worker)
     tilestream train                           train a tile model
     tilestream classify                        online classifier -> results
+    tilestream models publish|show             model registry; publishing hot-swaps running classifiers
     tilestream results tail                    print results as they arrive
     tilestream demo                            all of the above on vtest.avi, on the local Kafka
 """
@@ -162,15 +163,30 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_classify(args: argparse.Namespace, settings: Settings) -> int:
+    from classifier import registry
     from classifier.model import TileModel
     from classifier.service import ClassifierService
     from tilestream.metrics import serve_http
 
-    path = args.model or settings.classifier.model_path or _default_model_path(settings)
-    model = TileModel.load(path, expected_digest=settings.features.digest())
-    cs = settings.classifier
-    svc = ClassifierService(_bootstrap(args, settings), model, cs.group_id, cs.frame_timeout_s, cs.dedup_margin_s,
-                            cs.metrics_interval_s)
+    bootstrap, digest, cs = _bootstrap(args, settings), settings.features.digest(), settings.classifier
+    watcher = registry.ModelWatcher(bootstrap, args.model_name, expected_digest=digest)
+    path = args.model or cs.model_path
+    if path:
+        # The models topic is the registry: a model given as a file is published unless it is the newest.
+        file_model = TileModel.load(path, expected_digest=digest)
+        _, newest = watcher.latest()
+        if newest is None or registry.unpack(newest, digest).model_id != file_model.model_id:
+            print(f"publishing {path} as version {registry.publish(bootstrap, path, args.model_name, digest)} "
+                  f"of model {args.model_name!r}", file=sys.stderr)
+        watcher.close()
+        watcher = registry.ModelWatcher(bootstrap, args.model_name, expected_digest=digest)
+    model = watcher.poll()
+    if model is None:
+        print(f"error: no model {args.model_name!r} on the models topic; give --model PATH "
+              f"(train one with `tilestream train`)", file=sys.stderr)
+        return 2
+    svc = ClassifierService(bootstrap, model, cs.group_id, cs.frame_timeout_s, cs.dedup_margin_s, cs.metrics_interval_s,
+                            models=watcher)
     if args.metrics_port:
         serve_http(svc.metrics, args.metrics_port, svc.health)
     signal.signal(signal.SIGTERM, lambda *_: svc.stop())
@@ -178,6 +194,29 @@ def cmd_classify(args: argparse.Namespace, settings: Settings) -> int:
         svc.run()
     except KeyboardInterrupt:
         pass
+    return 0
+
+
+def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
+    from classifier import registry
+
+    bootstrap, digest = _bootstrap(args, settings), settings.features.digest()
+    if args.action == "publish":
+        if not args.path:
+            print("error: models publish needs a PATH", file=sys.stderr)
+            return 2
+        version = registry.publish(bootstrap, args.path, args.model_name, digest)
+        print(f"published {args.path} as version {version} of model {args.model_name!r}")
+    else:
+        watcher = registry.ModelWatcher(bootstrap, args.model_name)
+        try:
+            version, data = watcher.latest()
+        finally:
+            watcher.close()
+        if data is None:
+            print(f"no model {args.model_name!r} published")
+            return 3
+        print(json.dumps(registry.meta_of(data), indent=2))
     return 0
 
 
@@ -279,9 +318,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     c = sub.add_parser("classify", help="run the online classifier")
-    c.add_argument("--model")
+    c.add_argument("--model", help="model file; published to the models topic unless it is the newest there")
+    c.add_argument("--model-name", default="default", help="which model of the registry to follow")
     c.add_argument("--metrics-port", type=int, default=0)
     c.set_defaults(func=cmd_classify)
+
+    mo = sub.add_parser("models", help="the model registry (compacted models topic); publishing hot-swaps classifiers")
+    mo.add_argument("action", choices=["publish", "show"])
+    mo.add_argument("path", nargs="?")
+    mo.add_argument("--model-name", default="default")
+    mo.set_defaults(func=cmd_models)
 
     r = sub.add_parser("results", help="read the results topic")
     r.add_argument("action", choices=["tail"])

@@ -31,7 +31,7 @@ def run_demo(settings: Settings, args: argparse.Namespace) -> int:
     from tilestream import samples
     from tilestream.cli import format_result
     from tilestream.keys import KeyStore
-    from tilestream.topics import pipeline_topics
+    from tilestream.topics import ensure_topics, pipeline_topics
 
     started_kafka = None
     bootstrap = args.bootstrap or settings.kafka.bootstrap
@@ -41,6 +41,8 @@ def run_demo(settings: Settings, args: argparse.Namespace) -> int:
         lk.start(pipeline_topics(settings.kafka))
         bootstrap = lk.bootstrap
         started_kafka = None if already else lk
+    else:
+        ensure_topics(bootstrap, pipeline_topics(settings.kafka))
     video = samples.path("vtest.avi")
 
     keys_dir = Path(settings.keys_dir) if settings.keys_dir else cache_home() / "demo" / "keys"

@@ -6,6 +6,7 @@
     dead-letters   any stage -> operators  DeadLetter (JSON) with the original record
     heartbeats     agent -> dashboard      AgentHeartbeat JSON, key = camera id
     metrics        stages -> dashboard     StageMetrics JSON snapshots, key = stage/instance
+    models         `models publish` -> classifiers  the model registry (compacted), key = model name
 
 The frames topic uses ``LogAppendTime``: the broker stamps records with its own clock,
 so a camera whose clock is hours off is never rejected by Kafka 4's
@@ -26,6 +27,8 @@ RESULTS = "results"
 DEAD_LETTERS = "dead-letters"
 HEARTBEATS = "heartbeats"
 METRICS = "metrics"
+MODELS = "models"
+MAX_MODEL_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,7 @@ def pipeline_topics(kafka: KafkaSettings) -> list[TopicSpec]:
         TopicSpec(DEAD_LETTERS, 1, {"max.message.bytes": max_bytes, "retention.ms": str(7 * 24 * 3600 * 1000)}),
         TopicSpec(HEARTBEATS, 1, {"retention.ms": str(24 * 3600 * 1000)}),
         TopicSpec(METRICS, 1, {"retention.ms": str(24 * 3600 * 1000)}),
+        TopicSpec(MODELS, 1, {"cleanup.policy": "compact", "max.message.bytes": str(MAX_MODEL_BYTES)}),
     ]
 
 

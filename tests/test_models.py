@@ -1,0 +1,88 @@
+"""Model hot swap through the models topic, mid-stream, on the real broker."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from classifier import registry
+from classifier.model import ModelMismatch, TileModel
+from classifier.results import tail
+from classifier.train import train_scene_model
+from deploy.local_kafka import free_port
+from edge_agent.agent import EdgeAgent
+from tilestream.config import AgentSettings, FeatureConfig
+from tilestream.procs import Children, wait_http
+
+from conftest import child_env, wait_for
+
+N_FRAMES = 80
+
+
+@pytest.fixture(scope="module")
+def second_model(tmp_path_factory, vtest_path):
+    model = train_scene_model(str(vtest_path), FeatureConfig(), kind="logistic", max_frames=120, progress=print)
+    return model.save(tmp_path_factory.mktemp("model2") / "scene2.skops")
+
+
+def test_a_model_for_other_features_is_refused_before_publishing(kafka, scene_model):
+    with pytest.raises(ModelMismatch, match="retrain"):
+        registry.publish(kafka.bootstrap, scene_model, name="mismatch", expected_digest=FeatureConfig(tile_size=32).digest())
+    watcher = registry.ModelWatcher(kafka.bootstrap, "mismatch")
+    try:
+        assert watcher.latest() == (0, None)
+    finally:
+        watcher.close()
+
+
+@pytest.mark.kafka
+def test_publishing_a_model_switches_the_running_classifier_without_losing_or_repeating_frames(
+        kafka, keystore, scene_model, second_model, vtest_path, tmp_path):
+    bootstrap = kafka.bootstrap
+    env = child_env(bootstrap, keystore.path, tmp_path / "home")
+    first_id = TileModel.load(scene_model).model_id
+    second_id = TileModel.load(second_model).model_id
+    assert first_id != second_id
+    children = Children()
+    seen = []
+    stop = threading.Event()
+
+    def watch():
+        for r in tail(bootstrap, from_beginning=True, stop=stop):
+            seen.append(r)
+
+    try:
+        web, mport = free_port(), free_port()
+        proc = children.start("processor", ["process", "--web-port", str(web), "--datadir", str(tmp_path / "faust")], env)
+        cls = children.start("classifier", ["classify", "--model", str(scene_model), "--metrics-port", str(mport)], env)
+        wait_http(f"http://127.0.0.1:{web}/healthz", 90, proc)
+        wait_http(f"http://127.0.0.1:{mport}/healthz", 90, cls)
+        threading.Thread(target=watch, daemon=True).start()
+        agent = EdgeAgent(AgentSettings(camera_id="cam-test", source=str(vtest_path), max_frames=N_FRAMES, fps=10,
+                                        realtime=True), keystore, bootstrap, 4 * 1024 * 1024, state_dir=tmp_path / "agent")
+        sender = threading.Thread(target=agent.run, daemon=True)
+        sender.start()
+        wait_for(lambda: len(seen) >= 15, 120, "15 results from the first model")
+        out = subprocess.run([sys.executable, "-m", "tilestream", "models", "publish", str(second_model)], env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert "as version 2" in out.stdout, out.stderr[-2000:]
+        sender.join(120)
+        wait_for(lambda: len({r.seq for r in seen}) >= N_FRAMES, 120, "a result for every frame")
+        assert children.stop(cls, name="classifier") == 0
+    finally:
+        stop.set()
+        children.stop_all()
+
+    results = list(tail(bootstrap, from_beginning=True, idle_timeout_s=5))
+    assert sorted(r.seq for r in results) == list(range(N_FRAMES)), "every frame exactly once"
+    by_seq = sorted(results, key=lambda r: r.seq)
+    versions = [(r.model_id, r.model_version) for r in by_seq]
+    assert versions[0] == (first_id, 1) and versions[-1] == (second_id, 2)
+    assert set(versions) == {(first_id, 1), (second_id, 2)}
+    switch = next(i for i, v in enumerate(versions) if v[1] == 2)
+    # Frames are answered roughly in capture order; after the switch, old-model answers are at most
+    # the few frames that were already assembled.
+    assert sum(1 for v in versions[switch:] if v[1] == 1) <= 5, versions
