@@ -126,6 +126,13 @@ class ClassifierService:
                 svc._unseeded.update(tp.partition for tp in assigned)
                 log.info(json.dumps({"event": "assigned", "partitions": sorted(tp.partition for tp in assigned)}))
 
+        # Join the group only once this client has the topic's partition metadata: kafka-python
+        # joining without it is assigned nothing and (seen here) never rebalances to get partitions.
+        deadline = time.monotonic() + 60
+        while not consumer.partitions_for_topic(topics.TILE_FEATURES):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"topic {topics.TILE_FEATURES} has no partitions at {self.bootstrap}")
+            time.sleep(0.2)
         consumer.subscribe([topics.TILE_FEATURES], listener=Rebalance())
         last_commit = last_metrics = last_model_check = time.monotonic()
         try:

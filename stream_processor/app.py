@@ -1,6 +1,7 @@
 """The Faust stream processor: all wiring in one place.
 
     frames (sealed)  --process_frames-->  tile-features   (one TileFeatures per tile, key = frame id)
+                     \\--> tile-jobs  --compute_tile_jobs--> tile-features   (frames >= fanout_min_pixels)
                      \\--> dead-letters   (DeadLetter: stage, reason, original still-encrypted record)
     every 2 s        ------------------>  metrics         (StageMetrics snapshot for the dashboard)
 
@@ -38,7 +39,9 @@ from tilestream.keys import DeviceRegistry, KeyStore
 from tilestream.metrics import Metrics
 from tilestream.records import DeadLetter, StageMetrics, TileFeatures
 
-from stream_processor.pipeline import FrameProcessor
+from stream_processor import tilejobs
+from stream_processor.faust_fixes import install_rebalance_ack_guard
+from stream_processor.pipeline import FrameProcessor, StageTimes
 
 log = logging.getLogger("tilestream.processor")
 STAGES = ("verify", "open", "decode", "features")
@@ -57,6 +60,7 @@ def internal_topics(settings: Settings) -> list[topics.TopicSpec]:
 
 
 def create_app(settings: Settings, bootstrap: str, datadir: Path, web_port: int | None = None) -> faust.App:
+    install_rebalance_ack_guard()
     ps = settings.processor
     app = faust.App(
         ps.app_id,
@@ -81,6 +85,7 @@ def create_app(settings: Settings, bootstrap: str, datadir: Path, web_port: int 
     )
     frames = app.topic(topics.FRAMES, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     tile_features = app.topic(topics.TILE_FEATURES, key_type=bytes, value_type=TileFeatures, key_serializer="raw")
+    tile_jobs = app.topic(topics.TILE_JOBS, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     dead_letters = app.topic(topics.DEAD_LETTERS, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     metrics_topic = app.topic(topics.METRICS, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
 
@@ -96,18 +101,29 @@ def create_app(settings: Settings, bootstrap: str, datadir: Path, web_port: int 
         max_bytes=settings.kafka.max_frame_bytes,
         max_pixels=ps.max_image_pixels,
     )
+    tile_key_id, tile_keys = keystore.tile_keys()
+    n_bands = ps.fanout_bands or settings.kafka.tile_jobs_partitions
     executor = ThreadPoolExecutor(max_workers=ps.workers_threads, thread_name_prefix="tilestream-cpu")
     metrics = Metrics("tilestream_processor")
     instance = f"{socket.gethostname()}:{os.getpid()}"
     app.tilestream_metrics = metrics  # type: ignore[attr-defined]
 
-    async def dead_letter(rej: FrameRejected, event) -> None:
+    def open_frame(env):
+        """In the executor: open + decode, then either all tile features or the band jobs."""
+        times = StageTimes()
+        gray = processor.open_and_decode(env, times)
+        if gray.size >= ps.fanout_min_pixels:
+            return None, tilejobs.make_jobs(env.header, gray, settings.features, n_bands, tile_key_id,
+                                            tile_keys[tile_key_id]), times
+        return processor.features_of(env.header, gray, times), None, times
+
+    async def dead_letter(rej: FrameRejected, event, stage: str = "processor") -> None:
         msg = event.message
         metrics.inc("dead_letters_total", reason=rej.reason)
         fid = rej.header.frame_id if rej.header else None
-        log.warning(json.dumps({"event": "dead_letter", "reason": rej.reason, "frame_id": fid,
+        log.warning(json.dumps({"event": "dead_letter", "stage": stage, "reason": rej.reason, "frame_id": fid,
                                 "partition": msg.partition, "offset": msg.offset, "error": str(rej)}))
-        letter = DeadLetter("processor", rej.reason, str(rej), event.value, fid, msg.topic, msg.partition, msg.offset)
+        letter = DeadLetter(stage, rej.reason, str(rej), event.value, fid, msg.topic, msg.partition, msg.offset)
         await dead_letters.send(key=(fid or "").encode(), value=letter.to_json())
 
     @app.agent(frames)
@@ -123,21 +139,45 @@ def create_app(settings: Settings, bootstrap: str, datadir: Path, web_port: int 
                 if first and first != here:
                     raise FrameRejected("replay", f"frame {fid} at {here} was already seen at {first}", env.header)
                 t1 = time.perf_counter()
-                records, times = await loop.run_in_executor(executor, processor.process_verified, env)
+                records, jobs, times = await loop.run_in_executor(executor, open_frame, env)
             except FrameRejected as rej:
                 await dead_letter(rej, event)
                 continue
-            for rec in records:
-                await tile_features.send(key=rec.frame_id.encode(), value=rec)
+            if jobs is not None:
+                for key, job in jobs:
+                    await tile_jobs.send(key=key, value=job)
+                metrics.inc("tile_jobs_total", len(jobs))
+            else:
+                for rec in records:
+                    await tile_features.send(key=rec.frame_id.encode(), value=rec)
+                metrics.inc("tiles_total", len(records))
             if not first:
                 sightings[fid] = here
             metrics.inc("frames_total")
-            metrics.inc("tiles_total", len(records))
             times.verify = t1 - t0
             for stage in STAGES:
                 metrics.observe("stage_seconds", getattr(times, stage), stage=stage)
             metrics.observe("frame_seconds", time.perf_counter() - t0)
             metrics.observe("capture_to_features_seconds", max(0.0, (time.time_ns() - env.header.capture_ns) / 1e9))
+
+    def compute_job(record: bytes) -> list[TileFeatures]:
+        job, band = tilejobs.open_job(record, tile_keys)
+        return tilejobs.job_features(job, band, settings.features, processor.digest)
+
+    @app.agent(tile_jobs)
+    async def compute_tile_jobs(stream):
+        loop = asyncio.get_running_loop()
+        async for event in stream.events():
+            t0 = time.perf_counter()
+            try:
+                records = await loop.run_in_executor(executor, compute_job, event.value)
+            except FrameRejected as rej:
+                await dead_letter(rej, event, stage="tiles")
+                continue
+            for rec in records:
+                await tile_features.send(key=rec.frame_id.encode(), value=rec)
+            metrics.inc("tiles_total", len(records))
+            metrics.observe("tile_job_seconds", time.perf_counter() - t0)
 
     @app.timer(interval=0.5)
     async def event_loop_lag():
@@ -168,6 +208,7 @@ def create_app(settings: Settings, bootstrap: str, datadir: Path, web_port: int 
         dt = max(1e-6, now - last["t"])
         frames_total, tiles_total = metrics.counter("frames_total"), metrics.counter("tiles_total")
         lag = consumer_lag()
+        metrics.set("rebalance_acks_refused", float(getattr(app, "tilestream_refused_acks", 0)))
         for key, value in lag.items():
             metrics.set("consumer_lag", value, partition=key)
         counters = {"frames_total": frames_total, "tiles_total": tiles_total}

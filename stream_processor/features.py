@@ -193,29 +193,130 @@ def _wrap_lut(bins: int) -> np.ndarray:
     return (np.arange(2 * bins + 2) % bins).astype(np.intp)
 
 
-def _hog(tile: np.ndarray, cell: int, bins: int, grid: tuple[int, int]) -> np.ndarray:
-    """HOG of ``tile`` on a ``grid = (n_rows, n_cols)`` of cells anchored at the top-left.
+def _orientation_votes(img: np.ndarray, bins: int, signed: bool) -> tuple[np.ndarray, ...]:
+    """Per pixel (raveled): the two orientation bins a gradient votes for and the two votes.
 
-    Cells (partly) outside the tile just get less (or no) mass; used for shrunk edge tiles.
+    Central-difference gradients (``Sobel ksize=1``), angle by ``cartToPolar``;
+    ``t = theta * bins / span`` with ``span`` 180 (unsigned) or 360 (signed) degrees, and a
+    pixel gives ``|g| (1 - frac t)`` to bin ``floor t`` and ``|g| frac t`` to the next one
+    (mod ``bins``).
     """
-    gx = cv2.Sobel(tile, cv2.CV_32F, 1, 0, ksize=1)
-    gy = cv2.Sobel(tile, cv2.CV_32F, 0, 1, ksize=1)
+    gx = cv2.Sobel(img, cv2.CV_32F, 1, 0, ksize=1)
+    gy = cv2.Sobel(img, cv2.CV_32F, 0, 1, ksize=1)
     mag, ang = cv2.cartToPolar(gx, gy, angleInDegrees=True)
     t = ang.ravel() * np.float32(bins)  # in [0, 2*bins]: angle is in [0, 360]
-    t /= np.float32(180.0)  # (not * bins/180, which is inexact: 90 * (6/180) != 3 in float32)
+    # (not * bins/180, which is inexact: 90 * (6/180) != 3 in float32)
+    t /= np.float32(360.0 if signed else 180.0)
     k = t.astype(np.intp)  # floor, as t >= 0
     frac = t - k
     wrap = _wrap_lut(bins)  # k mod bins (unsigned: theta and theta + 180 share a bin)
-    b0, b1 = wrap[k], wrap[k + 1]
     m = mag.ravel()
-    base = _cell_index(tile.shape[0], tile.shape[1], cell, grid[1]) * bins
-    n = grid[0] * grid[1] * bins
-    hist = np.bincount(base + b0, m * (1.0 - frac), n) + np.bincount(base + b1, m * frac, n)
-    # Hellinger kernel, as digits.py: L1-normalise, sqrt, L2-normalise.
+    return wrap[k], wrap[k + 1], m * (1.0 - frac), m * frac
+
+
+def _hellinger(hist: np.ndarray) -> np.ndarray:
+    """Hellinger kernel, as digits.py: L1-normalise, sqrt, L2-normalise (float32 out)."""
+    hist = hist.astype(np.float64, copy=False)
     hist /= hist.sum() + _HELLINGER_EPS
     np.sqrt(hist, out=hist)
     hist /= np.linalg.norm(hist) + _HELLINGER_EPS
     return hist.astype(np.float32)
+
+
+def _hog(tile: np.ndarray, cell: int, bins: int, grid: tuple[int, int], signed: bool = False) -> np.ndarray:
+    """HOG of ``tile`` on a ``grid = (n_rows, n_cols)`` of cells anchored at the top-left.
+
+    Cells (partly) outside the tile just get less (or no) mass; used for shrunk edge tiles.
+    """
+    b0, b1, v0, v1 = _orientation_votes(tile, bins, signed)
+    base = _cell_index(tile.shape[0], tile.shape[1], cell, grid[1]) * bins
+    n = grid[0] * grid[1] * bins
+    return _hellinger(np.bincount(base + b0, v0, n) + np.bincount(base + b1, v1, n))
+
+
+@lru_cache(maxsize=64)
+def _tents(side: int, grid: int, length: int) -> np.ndarray:
+    """``(grid, length)`` bilinear weights: pixel ``x`` of a ``side``-long axis, ``grid`` cells.
+
+    Cell ``i`` has its centre at ``c_i = (i + 1/2) * side/grid - 1/2`` and weight
+    ``max(0, 1 - |x - c_i| / (side/grid))``: a pixel between two centres splits its vote
+    linearly between them (Dalal-Triggs spatial interpolation), so cells overlap by half.
+    Only the first ``length`` pixels are kept (shrunk edge tiles).
+    """
+    cell = side / grid
+    centres = (np.arange(grid) + 0.5) * cell - 0.5
+    x = np.arange(length)
+    w = np.clip(1.0 - np.abs(x[None, :] - centres[:, None]) / cell, 0.0, None)
+    w.setflags(write=False)
+    return w.astype(np.float32)
+
+
+def _hog_tent(img: np.ndarray, grid: int, bins: int, signed: bool, side: int) -> np.ndarray:
+    """Un-normalised ``(grid, grid, bins)`` histograms of ``img`` with bilinear cell votes."""
+    h, w = img.shape
+    b0, b1, v0, v1 = _orientation_votes(img, bins, signed)
+    votes = np.zeros((h * w, bins), np.float32)
+    rows = np.arange(h * w)
+    votes[rows, b0] = v0
+    votes[rows, b1] += v1  # (+=: b0 == b1 when bins == 1)
+    # sum_y sum_x Ty[r, y] Tx[c, x] votes[y, x, b], as two matrix products
+    per_row = (_tents(side, grid, h) @ votes.reshape(h, w * bins)).reshape(grid, w, bins)
+    return np.einsum("rxb,cx->rcb", per_row, _tents(side, grid, w))
+
+
+def hog_grid(img: np.ndarray, grids, bins: int, signed: bool = False, side: int | None = None) -> np.ndarray:
+    """HOG with overlapping cells on one or several grids (a spatial pyramid).
+
+    For each ``n`` in ``grids``: ``n x n`` cells spread evenly over a ``side x side`` square
+    anchored at the top-left (``side`` defaults to the image's larger side), each pixel's
+    orientation votes (as :func:`hog`, but over 360 degrees when ``signed``) split
+    bilinearly between the neighbouring cell centres (see :func:`_tents`).  Each grid's
+    ``n*n*bins`` histogram is Hellinger-normalised on its own; the grids are concatenated in
+    the given order, each laid out ``[cell_row, cell_col, bin]``.
+    """
+    _check_gray(img)
+    grids = tuple(int(n) for n in grids)
+    if not grids or min(grids) < 1 or int(bins) < 1:
+        raise ValueError(f"grids must be non-empty and >= 1 and bins >= 1, got grids={grids}, bins={bins}")
+    side = int(side) if side is not None else max(img.shape)
+    if max(img.shape) > side:
+        raise ValueError(f"image {img.shape[0]}x{img.shape[1]} is larger than side {side}")
+    return np.concatenate([_hellinger(_hog_tent(img, n, int(bins), bool(signed), side).ravel()) for n in grids])
+
+
+def moment_normalize(img: np.ndarray, size: int, box: float = 0.0) -> np.ndarray:
+    """Moment normalisation of a bright-on-dark glyph onto a ``size x size`` canvas.
+
+    From ``cv2.moments(img)`` (intensity-weighted): centroid ``(xc, yc)``, slant
+    ``s = mu11 / mu02`` (0 when ``mu02 < 1e-2``), and the standard deviations of the
+    deslanted glyph ``sx = sqrt((mu20 - s mu11) / m00)``, ``sy = sqrt(mu02 / m00)``
+    (each at least 0.5 px).  The 4-sigma box ``W1 = 4 sx, H1 = 4 sy`` is mapped to a box
+    whose longer side is ``box`` (default: ``size``) and whose aspect ratio is
+    ``r2 = sqrt(sin(pi/2 * r1))`` of the original ``r1 = min/max`` (Liu et al.'s aspect-ratio
+    mapping: thin glyphs are widened, but stay thinner than round ones).  One affine warp
+    (``INTER_LINEAR``, zero outside) does it all: it deslants about the centroid, as
+    :func:`deskew` does about the tile centre, scales, and puts the centroid at the canvas
+    centre ``((size - 1)/2, (size - 1)/2)``.  A blank image gives a blank canvas.
+    """
+    _check_gray(img)
+    size = int(size)
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size}")
+    m = cv2.moments(img)
+    if m["m00"] <= 0:
+        return np.zeros((size, size), np.uint8)
+    xc, yc = m["m10"] / m["m00"], m["m01"] / m["m00"]
+    slant = m["mu11"] / m["mu02"] if m["mu02"] >= 1e-2 else 0.0
+    sx = np.sqrt(max((m["mu20"] - slant * m["mu11"]) / m["m00"], 0.25))
+    sy = np.sqrt(max(m["mu02"] / m["m00"], 0.25))
+    w1, h1 = 4.0 * sx, 4.0 * sy
+    long_side = float(box) if box and box > 0 else float(size)
+    r2 = np.sqrt(np.sin(np.pi / 2 * min(w1, h1) / max(w1, h1)))
+    w2, h2 = (long_side, long_side * r2) if w1 >= h1 else (long_side * r2, long_side)
+    ax, ay = w2 / w1, h2 / h1
+    c = (size - 1) / 2.0
+    M = np.array([[ax, -ax * slant, c - ax * (xc - slant * yc)], [0.0, ay, c - ay * yc]], np.float64)
+    return cv2.warpAffine(img, M, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
 
 def hog(tile: np.ndarray, cell: int, bins: int) -> np.ndarray:
@@ -268,24 +369,69 @@ def intensity_stats(tile: np.ndarray) -> np.ndarray:
 
 
 def _hog_grid(cfg: FeatureConfig) -> int:
-    if cfg.hog_cell < 1 or cfg.hog_bins < 1:
+    """Cells per side of the classic HOG (``tile_size / hog_cell``); checks the HOG settings."""
+    if cfg.hog_bins < 1:
+        raise ValueError(f"hog_bins must be >= 1, got {cfg.hog_bins}")
+    if cfg.moment_norm and cfg.norm_size < 0:
+        raise ValueError(f"norm_size must be >= 0, got {cfg.norm_size}")
+    if cfg.hog_grids:
+        if min(int(n) for n in cfg.hog_grids) < 1:
+            raise ValueError(f"hog_grids must all be >= 1, got {tuple(cfg.hog_grids)}")
+        return 0
+    if cfg.hog_cell < 1:
         raise ValueError(f"hog_cell and hog_bins must be >= 1, got {cfg.hog_cell}, {cfg.hog_bins}")
-    if cfg.tile_size % cfg.hog_cell:
-        raise ValueError(f"tile_size {cfg.tile_size} is not a multiple of hog_cell {cfg.hog_cell}")
-    return cfg.tile_size // cfg.hog_cell
+    side = _hog_side(cfg)
+    if side % cfg.hog_cell:
+        what = f"norm_size {side}" if cfg.moment_norm else f"tile_size {side}"
+        raise ValueError(f"{what} is not a multiple of hog_cell {cfg.hog_cell}")
+    return side // cfg.hog_cell
+
+
+def _hog_side(cfg: FeatureConfig) -> int:
+    """Side of the square the HOG covers: the normalised canvas, or the tile."""
+    return (cfg.norm_size or cfg.tile_size) if cfg.moment_norm else cfg.tile_size
+
+
+def _hog_layout(cfg: FeatureConfig) -> list[tuple[str, int]]:
+    """``[(name prefix, cells per side)]`` of the HOG blocks, in vector order."""
+    n = _hog_grid(cfg)
+    if cfg.hog_grids:
+        return [(f"hog_g{int(g)}_", int(g)) for g in cfg.hog_grids]
+    return [("hog_", n)]
 
 
 def feature_length(cfg: FeatureConfig) -> int:
-    """``4 + (tile_size / hog_cell)^2 * hog_bins + 12`` (160 for the defaults)."""
-    n = _hog_grid(cfg)
-    return len(SEED_NAMES) + n * n * cfg.hog_bins + len(INTENSITY_NAMES)
+    """``4 + (tile_size / hog_cell)^2 * hog_bins + 12`` (160 for the defaults).
+
+    With ``hog_grids`` the HOG part is ``sum(n^2) * hog_bins``; without ``stats`` the seed
+    (4) and intensity (12) values are left out.
+    """
+    n_hog = sum(n * n for _, n in _hog_layout(cfg)) * cfg.hog_bins
+    return n_hog + (len(SEED_NAMES) + len(INTENSITY_NAMES) if cfg.stats else 0)
 
 
 def feature_names(cfg: FeatureConfig) -> list[str]:
-    """Names of the :func:`tile_features` values, in order (``hog_r{row}_c{col}_b{bin}``)."""
-    n = _hog_grid(cfg)
-    hog_names = [f"hog_r{r}_c{c}_b{k}" for r in range(n) for c in range(n) for k in range(cfg.hog_bins)]
+    """Names of the :func:`tile_features` values, in order.
+
+    HOG values are ``hog_r{row}_c{col}_b{bin}`` (``hog_g{n}_r{row}_c{col}_b{bin}`` for
+    each grid ``n`` of ``hog_grids``).
+    """
+    hog_names = [
+        f"{prefix}r{r}_c{c}_b{k}" for prefix, n in _hog_layout(cfg) for r in range(n) for c in range(n) for k in range(cfg.hog_bins)
+    ]
+    if not cfg.stats:
+        return hog_names
     return [*SEED_NAMES, *hog_names, *INTENSITY_NAMES]
+
+
+def hog_input(tile: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
+    """The image the HOG is computed on: moment-normalised, deskewed or the tile itself."""
+    h, w = tile.shape
+    if cfg.moment_norm:
+        return moment_normalize(tile, cfg.norm_size or cfg.tile_size, cfg.norm_box)
+    if cfg.deskew:
+        return deskew(tile, (w, h))
+    return tile
 
 
 def tile_features(tile: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
@@ -297,16 +443,32 @@ def tile_features(tile: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
     staying empty; seed and intensity values are per-pixel averages anyway.
     If ``cfg.deskew`` the tile is deskewed (:func:`deskew`) before the HOG only, as in
     digits.py; the seed chain and intensity statistics see the raw pixels.
+
+    Options (all off by default, which gives the vector above):
+
+    * ``moment_norm``: the HOG sees :func:`moment_normalize` of the tile on a
+      ``norm_size`` canvas (default ``tile_size``) instead (``deskew`` is then implied).
+    * ``hog_signed``: orientations over 360 degrees (dark-to-bright differs from
+      bright-to-dark), bins of ``360 / hog_bins`` degrees.
+    * ``hog_grids``: :func:`hog_grid` (overlapping cells, one normalised histogram per grid)
+      instead of the ``hog_cell`` cells.
+    * ``stats=False``: the vector is the HOG alone (no seed chain, no intensity values).
     """
     _check_gray(tile, "tile")
     n = _hog_grid(cfg)
     h, w = tile.shape
     if h > cfg.tile_size or w > cfg.tile_size:
         raise ValueError(f"tile {h}x{w} is larger than tile_size {cfg.tile_size}")
-    hog_in = deskew(tile, (w, h)) if cfg.deskew else tile
+    hog_in = hog_input(tile, cfg)
+    if cfg.hog_grids:
+        hog_vec = hog_grid(hog_in, cfg.hog_grids, cfg.hog_bins, cfg.hog_signed, _hog_side(cfg))
+    else:
+        hog_vec = _hog(hog_in, cfg.hog_cell, cfg.hog_bins, (n, n), cfg.hog_signed)
+    if not cfg.stats:
+        return hog_vec
     out = np.empty(feature_length(cfg), dtype=np.float32)
     k = len(SEED_NAMES)
     out[:k] = seed_features(tile, cfg)
-    out[k:k + n * n * cfg.hog_bins] = _hog(hog_in, cfg.hog_cell, cfg.hog_bins, (n, n))
-    out[k + n * n * cfg.hog_bins:] = intensity_stats(tile)
+    out[k:k + hog_vec.size] = hog_vec
+    out[k + hog_vec.size:] = intensity_stats(tile)
     return out

@@ -18,7 +18,7 @@ from tilestream import crypto
 from tilestream.config import FeatureConfig
 from tilestream.crypto import DeviceKey, FrameRejected
 from tilestream.envelope import Envelope, FrameHeader
-from tilestream.records import TileFeatures, encode_vector
+from tilestream.records import TileFeatures
 
 from stream_processor.features import tile_features
 from stream_processor.imageinfo import ImageHeaderError, probe
@@ -99,39 +99,28 @@ class FrameProcessor:
         times.verify = verify_s
         return records, times
 
-    def process_verified(self, env: Envelope) -> tuple[list[TileFeatures], StageTimes]:
-        """Open, decode, tile and compute features of a frame whose signature was verified."""
-        times = StageTimes()
+    def open_and_decode(self, env: Envelope, times: StageTimes) -> np.ndarray:
+        """Open a verified envelope and decode its image under the limits (grayscale)."""
         t1 = time.perf_counter()
         data = crypto.open_envelope(env, self.cloud_keys)
         t2 = time.perf_counter()
-        header = env.header
-        gray = decode_image(data, header, self.max_bytes, self.max_pixels)
+        gray = decode_image(data, env.header, self.max_bytes, self.max_pixels)
+        times.open, times.decode = t2 - t1, time.perf_counter() - t2
+        return gray
+
+    def process_verified(self, env: Envelope) -> tuple[list[TileFeatures], StageTimes]:
+        """Open, decode, tile and compute features of a frame whose signature was verified."""
+        times = StageTimes()
+        gray = self.open_and_decode(env, times)
+        return self.features_of(env.header, gray, times), times
+
+    def features_of(self, header: FrameHeader, gray: np.ndarray, times: StageTimes) -> list[TileFeatures]:
+        """One TileFeatures record per tile of a decoded frame."""
         t3 = time.perf_counter()
         tiles = image_tile_features(gray, self.cfg)
-        t4 = time.perf_counter()
-        times.open, times.decode, times.features = t2 - t1, t3 - t2, t4 - t3
+        times.features = time.perf_counter() - t3
         now = time.time_ns()
-        records = [
-            TileFeatures(
-                frame_id=header.frame_id,
-                camera_id=header.camera_id,
-                seq=header.seq,
-                capture_ns=header.capture_ns,
-                frame_width=header.width,
-                frame_height=header.height,
-                tile_index=tile.index,
-                n_tiles=len(tiles),
-                x=tile.x,
-                y=tile.y,
-                w=tile.w,
-                h=tile.h,
-                feature_digest=self.digest,
-                features=encode_vector(vec),
-                processed_ns=now,
-            )
-            for tile, vec in tiles
-        ]
+        records = [TileFeatures.make(header, len(tiles), tile, vec, self.digest, now) for tile, vec in tiles]
         if not records:
             raise FrameRejected("bad_image", f"frame {header.frame_id}: {header.width}x{header.height} yields no tiles", header)
-        return records, times
+        return records

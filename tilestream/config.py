@@ -43,6 +43,7 @@ class KafkaSettings:
     # Topic layout; partition counts are the unit of parallelism of each stage.
     frames_partitions: int = 6
     tile_features_partitions: int = 6
+    tile_jobs_partitions: int = 6
     results_partitions: int = 3
     max_frame_bytes: int = 4 * 1024 * 1024
 
@@ -69,6 +70,19 @@ class FeatureConfig:
     hog_bins: int = 9
     # Whether to deskew (moment-based, as in OpenCV's digits sample) before HOG.
     deskew: bool = False
+    # Moment normalisation before HOG (deskew + centre + scale the 4-sigma box of the longer
+    # axis to norm_box px, aspect ratio mapped by sqrt(sin(pi/2 * r))) onto a norm_size^2
+    # canvas (0: tile_size; norm_box 0: the canvas side). Takes precedence over `deskew`.
+    moment_norm: bool = False
+    norm_size: int = 0
+    norm_box: float = 0.0
+    # Signed gradient orientation (bins over 360 degrees) instead of unsigned (180).
+    hog_signed: bool = False
+    # Non-empty: HOG pooled on n x n grids of overlapping cells (bilinear votes between cell
+    # centres), one Hellinger-normalised histogram per grid, concatenated; hog_cell unused.
+    hog_grids: tuple[int, ...] = ()
+    # Whether the vector carries the seed-chain (4) and intensity (12) values around the HOG.
+    stats: bool = True
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -135,6 +149,10 @@ class ProcessorSettings:
     metrics_interval_s: float = 2.0
     # How fast a dead worker's partitions move to the others (Faust's default is 60 s).
     session_timeout_s: float = 10.0
+    # Frames of at least this many pixels are split into bands of tile rows that go through the
+    # tile-jobs topic (encrypted), so one large frame is computed by several workers.
+    fanout_min_pixels: int = 4_000_000
+    fanout_bands: int = 0  # 0: one band per tile-jobs partition
 
 
 @dataclass

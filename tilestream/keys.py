@@ -5,6 +5,7 @@ A key directory holds::
     cloud/<kid>.key        cloud private key, JSON {suite, raw key parts in base64}, mode 0600 (cloud only)
     cloud/<kid>.pub        cloud public key, JSON {suite, raw key parts in base64} (what agents seal to)
     cloud/current          key id agents seal to now; older keys still open older frames
+    cloud/tile-<kid>.key   AES-256 key for tile jobs between cloud workers, mode 0600 (cloud only)
     devices/<camera>/<kid>.key   device Ed25519 private key, mode 0600 (device side only)
     devices/<camera>/current
     registry.json          enrolled device public keys and their status (what the processor reads)
@@ -15,6 +16,7 @@ Private keys are never logged and never leave this directory.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import tempfile
@@ -59,6 +61,7 @@ class KeyStore:
     def init_cloud(self, suite: str = "x25519") -> str:
         """Create the cloud key pair unless one exists; returns the current key id (hex)."""
         current = self.path / "cloud" / "current"
+        self.tile_keys()  # the cloud workers' internal key for tile jobs, provisioned with the cloud key
         if current.exists():
             return current.read_text().strip()
         return self.rotate_cloud(suite)
@@ -96,7 +99,7 @@ class KeyStore:
 
     def cloud_private_keys(self) -> dict[bytes, object]:
         keys: dict[bytes, object] = {}
-        for f in sorted((self.path / "cloud").glob("*.key")):
+        for f in sorted(p for p in (self.path / "cloud").glob("*.key") if not p.name.startswith("tile-")):
             d = json.loads(f.read_text())
             x = x25519.X25519PrivateKey.from_private_bytes(base64.b64decode(d["x25519"]))
             if d["suite"] == "x25519":
@@ -107,6 +110,18 @@ class KeyStore:
         if not keys:
             raise FileNotFoundError(f"no cloud private key in {self.path / 'cloud'}: run `tilestream keys init`")
         return keys
+
+    def tile_keys(self) -> tuple[str, dict[str, bytes]]:
+        """(current id, all keys) of the internal AES-256-GCM key for tile jobs; made on first use."""
+        cdir = self.path / "cloud"
+        files = sorted(cdir.glob("tile-*.key"), key=lambda f: f.stat().st_mtime)
+        if not files:
+            key = os.urandom(32)
+            kid = hashlib.sha256(b"tilestream/tile-key/" + key).hexdigest()[:16]
+            _write(cdir / f"tile-{kid}.key", base64.b64encode(key), 0o600)
+            files = [cdir / f"tile-{kid}.key"]
+        keys = {f.stem[len("tile-"):]: base64.b64decode(f.read_bytes()) for f in files}
+        return files[-1].stem[len("tile-"):], keys
 
     # -- devices ----------------------------------------------------------------------
     def enroll(self, camera_id: str) -> str:

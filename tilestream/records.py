@@ -56,6 +56,18 @@ class TileFeatures(faust.Record, serializer="json", include_metadata=False):
         return decode_vector(self.features)
 
     @classmethod
+    def make(cls, frame: Any, n_tiles: int, tile: Any, vector: np.ndarray, digest: str, now_ns: int) -> "TileFeatures":
+        """From anything with the frame's fields (frame_id, camera_id, seq, capture_ns and
+        width/height or frame_width/frame_height) and a tile (index, x, y, w, h)."""
+        return cls(
+            frame_id=frame.frame_id, camera_id=frame.camera_id, seq=frame.seq, capture_ns=frame.capture_ns,
+            frame_width=getattr(frame, "frame_width", None) or frame.width,
+            frame_height=getattr(frame, "frame_height", None) or frame.height,
+            tile_index=tile.index, n_tiles=n_tiles, x=tile.x, y=tile.y, w=tile.w, h=tile.h,
+            feature_digest=digest, features=encode_vector(vector), processed_ns=now_ns,
+        )
+
+    @classmethod
     def from_bytes(cls, data: bytes) -> "TileFeatures":
         return cls.from_data(json.loads(data))
 

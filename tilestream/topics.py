@@ -23,6 +23,7 @@ from tilestream.config import KafkaSettings
 
 FRAMES = "frames"
 TILE_FEATURES = "tile-features"
+TILE_JOBS = "tile-jobs"
 RESULTS = "results"
 DEAD_LETTERS = "dead-letters"
 HEARTBEATS = "heartbeats"
@@ -51,6 +52,8 @@ def pipeline_topics(kafka: KafkaSettings) -> list[TopicSpec]:
                 "retention.ms": str(24 * 3600 * 1000),
             },
         ),
+        TopicSpec(TILE_JOBS, kafka.tile_jobs_partitions,
+                  {"max.message.bytes": str(16 * 1024 * 1024), "retention.ms": str(3600 * 1000)}),
         TopicSpec(TILE_FEATURES, kafka.tile_features_partitions, {"retention.ms": str(24 * 3600 * 1000)}),
         TopicSpec(RESULTS, kafka.results_partitions, {"retention.ms": str(7 * 24 * 3600 * 1000)}),
         TopicSpec(DEAD_LETTERS, 1, {"max.message.bytes": max_bytes, "retention.ms": str(7 * 24 * 3600 * 1000)}),
