@@ -10,10 +10,13 @@ tile and features in a thread pool (``run_in_executor``) so the event loop keeps
 heartbeats, commits and rebalances -> send the tile records. Agent concurrency stays 1
 (faust-streaming #606).
 
-Replays: the windowed table ``frame-sightings`` remembers where each verified frame id was
-first seen (partition:offset). The same id at the same offset again is a redelivery after a
-crash and is processed again (the classifier drops what it already answered); the same id at
-another offset is a replay and goes to dead-letters. The window is ``replay_window_s``.
+Replays: :class:`ReplayGuard` remembers where each verified frame id was first seen
+(partition:offset) for ``replay_window_s``. The same id at the same offset again is a
+redelivery and is processed again; the same id at another offset is a replay and goes to
+dead-letters. The memory is per worker (a Faust table would survive rebalances, but its
+recovery is one more rebalance path; frames are keyed by frame id, so copies of a frame meet
+in one partition). A replay a worker cannot know about still yields no second result: the
+classifier reads back what it already answered.
 
 Delivery: at least once. Faust commits a frame's offset after its tile records were handed
 to the producer; a worker killed before that commit has its frames re-read by the next owner.
@@ -41,22 +44,10 @@ from tilestream.records import DeadLetter, StageMetrics, TileFeatures
 
 from stream_processor import tilejobs
 from stream_processor.faust_fixes import install_rebalance_ack_guard
-from stream_processor.pipeline import FrameProcessor, StageTimes
+from stream_processor.pipeline import FrameProcessor, ReplayGuard, StageTimes
 
 log = logging.getLogger("tilestream.processor")
 STAGES = ("verify", "open", "decode", "features")
-SIGHTINGS = "frame-sightings"
-
-
-def internal_topics(settings: Settings) -> list[topics.TopicSpec]:
-    """Faust's changelog of the sightings table, created before the worker starts.
-
-    Faust creates it too, but on a busy machine its metadata check can run before the new
-    topic is visible and the worker dies with PartitionsMismatch; creating it first avoids that.
-    """
-    retention_ms = str(int(2 * max(60.0, settings.processor.replay_window_s) * 1000))
-    return [topics.TopicSpec(f"{settings.processor.app_id}-{SIGHTINGS}-changelog", settings.kafka.frames_partitions,
-                             {"cleanup.policy": "compact,delete", "retention.ms": retention_ms})]
 
 
 def create_app(settings: Settings, bootstrap: str, datadir: Path, web_port: int | None = None) -> faust.App:
@@ -78,7 +69,6 @@ def create_app(settings: Settings, bootstrap: str, datadir: Path, web_port: int 
         consumer_auto_offset_reset="earliest",
         broker_commit_every=100,
         broker_commit_interval=1.0,
-        table_cleanup_interval=60.0,
         broker_session_timeout=ps.session_timeout_s,
         broker_heartbeat_interval=max(1.0, ps.session_timeout_s / 4),
         web_enabled=True,
@@ -89,9 +79,7 @@ def create_app(settings: Settings, bootstrap: str, datadir: Path, web_port: int 
     dead_letters = app.topic(topics.DEAD_LETTERS, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     metrics_topic = app.topic(topics.METRICS, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
 
-    window = max(60.0, float(ps.replay_window_s))
-    sightings = app.Table(SIGHTINGS, default=str, partitions=settings.kafka.frames_partitions).tumbling(
-        window, expires=2 * window)
+    replays = ReplayGuard(ps.replay_window_s)
 
     keystore = KeyStore(settings.keys_path())
     processor = FrameProcessor(
@@ -134,10 +122,10 @@ def create_app(settings: Settings, bootstrap: str, datadir: Path, web_port: int 
             t0 = time.perf_counter()
             try:
                 env = processor.verify(event.value)
-                fid, here = env.header.frame_id, f"{msg.partition}:{msg.offset}"
-                first = sightings[fid].current() or sightings[fid].delta(window)
-                if first and first != here:
-                    raise FrameRejected("replay", f"frame {fid} at {here} was already seen at {first}", env.header)
+                first = replays.check(env.header.frame_id, msg.partition, msg.offset, time.monotonic())
+                if first is not None:
+                    raise FrameRejected("replay", f"frame {env.header.frame_id} at {msg.partition}:{msg.offset} "
+                                                  f"was already seen at {first[0]}:{first[1]}", env.header)
                 t1 = time.perf_counter()
                 records, jobs, times = await loop.run_in_executor(executor, open_frame, env)
             except FrameRejected as rej:
@@ -151,8 +139,6 @@ def create_app(settings: Settings, bootstrap: str, datadir: Path, web_port: int 
                 for rec in records:
                     await tile_features.send(key=rec.frame_id.encode(), value=rec)
                 metrics.inc("tiles_total", len(records))
-            if not first:
-                sightings[fid] = here
             metrics.inc("frames_total")
             times.verify = t1 - t0
             for stage in STAGES:
@@ -247,7 +233,7 @@ def run_worker(settings: Settings, bootstrap: str, datadir: Path, web_port: int 
     from faust.worker import Worker
 
     datadir.mkdir(parents=True, exist_ok=True)
-    topics.ensure_topics(bootstrap, internal_topics(settings))
+    topics.ensure_topics(bootstrap, topics.pipeline_topics(settings.kafka))
     app = create_app(settings, bootstrap, datadir, web_port)
     worker = Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
     worker.spinner = None  # a terminal spinner has no place in service logs

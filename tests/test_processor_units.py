@@ -1,0 +1,72 @@
+"""Pure parts of the processor: image-header limits (decompression bombs) and replay memory."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import cv2
+import numpy as np
+import pytest
+
+from stream_processor.imageinfo import ImageHeaderError, probe
+from stream_processor.pipeline import ReplayGuard, decode_image
+from tilestream.crypto import FrameRejected
+from tilestream.envelope import FrameHeader
+
+
+def header(w: int, h: int, enc: str = "png") -> FrameHeader:
+    return FrameHeader("cam", 1, 1, w, h, enc, b"c" * 8, b"d" * 8)
+
+
+@pytest.mark.parametrize("ext, fmt", [(".jpg", "jpeg"), (".png", "png"), (".webp", "webp")])
+def test_probe_reads_the_size_from_the_header(ext, fmt):
+    ok, buf = cv2.imencode(ext, np.zeros((37, 53, 3), np.uint8))
+    assert probe(buf.tobytes()) == (fmt, 53, 37)
+
+
+def test_probe_refuses_what_is_not_an_image():
+    for data in (b"", b"GIF89a....", b"\xff\xd8\xff\xda\x00\x02"):
+        with pytest.raises(ImageHeaderError):
+            probe(data)
+
+
+def test_a_decompression_bomb_is_refused_before_decoding():
+    """A 30 KB PNG that declares 20000 x 20000 pixels (400 MB) is refused from its header."""
+    raw = zlib.compress(b"\x00" * (20001 * 200), 9)  # real zlib data; the image itself is never decoded
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)) \
+        + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
+    assert len(bomb) < 64 * 1024
+    with pytest.raises(FrameRejected) as exc:
+        decode_image(bomb, header(20000, 20000), max_bytes=4 << 20, max_pixels=40_000_000)
+    assert exc.value.reason == "too_large" and "20000x20000" in str(exc.value)
+
+
+def test_an_image_that_lies_about_its_size_or_kind_is_bad():
+    ok, buf = cv2.imencode(".png", np.zeros((10, 10), np.uint8))
+    with pytest.raises(FrameRejected) as exc:
+        decode_image(buf.tobytes(), header(640, 480), 4 << 20, 40_000_000)
+    assert exc.value.reason == "bad_image"
+    with pytest.raises(FrameRejected) as exc:
+        decode_image(buf.tobytes(), header(10, 10, "jpeg"), 4 << 20, 40_000_000)
+    assert exc.value.reason == "bad_image"
+    truncated = buf.tobytes()[:-30]
+    with pytest.raises(FrameRejected) as exc:
+        decode_image(truncated, header(10, 10), 4 << 20, 40_000_000)
+    assert exc.value.reason == "bad_image"
+    assert decode_image(buf.tobytes(), header(10, 10), 4 << 20, 40_000_000).shape == (10, 10)
+
+
+def test_replay_guard_tells_redelivery_from_replay():
+    g = ReplayGuard(window_s=60, capacity=3)
+    assert g.check("c/1", 0, 10, now=0.0) is None
+    assert g.check("c/1", 0, 10, now=1.0) is None  # redelivery of the same record
+    assert g.check("c/1", 0, 11, now=2.0) == (0, 10)  # the same frame again, elsewhere: replay
+    assert g.check("c/1", 0, 12, now=61.0) is None  # outside the window: remembered anew
+    for i in range(2, 6):
+        g.check(f"c/{i}", 0, i, now=62.0)
+    assert len(g._seen) <= 3
