@@ -74,6 +74,7 @@ class ClassifierService:
         self.instance = f"{socket.gethostname()}:{os.getpid()}"
         self._stop = threading.Event()
         self._unseeded: set[int] = set()
+        self._revoked: set[int] = set()
         self._last_results = 0.0
         self._answered: AnsweredFrames | None = None
 
@@ -115,16 +116,22 @@ class ClassifierService:
                 consumer.commit(offsets)
 
         class Rebalance(ConsumerRebalanceListener):
+            # kafka-python 3 listeners may not block on the network, so offsets are committed after
+            # every emitted batch rather than here. Pending frames are forgotten only for partitions
+            # that really went to another member (the eager protocol revokes everything, then often
+            # hands the same partitions back — and kafka-python then keeps reading where it was, so
+            # forgetting them would lose the tiles already read).
             def on_partitions_revoked(self, revoked):
-                # Offsets are committed after every emitted batch (kafka-python 3 listeners may not block
-                # on the network); frames still pending here are re-read by the partitions' next owner.
-                svc.assembler.forget_partitions({tp.partition for tp in revoked})
+                svc._revoked = {tp.partition for tp in revoked}
 
             def on_partitions_assigned(self, assigned):
+                now_mine = {tp.partition for tp in assigned}
+                svc.assembler.forget_partitions(svc._revoked - now_mine)
+                svc._revoked = set()
                 # Before the first tile of a newly assigned partition is used, the main loop reads
                 # back the results written since then (see _seed_dedup).
-                svc._unseeded.update(tp.partition for tp in assigned)
-                log.info(json.dumps({"event": "assigned", "partitions": sorted(tp.partition for tp in assigned)}))
+                svc._unseeded.update(now_mine)
+                log.info(json.dumps({"event": "assigned", "partitions": sorted(now_mine)}))
 
         # Join the group only once this client has the topic's partition metadata: kafka-python
         # joining without it is assigned nothing and (seen here) never rebalances to get partitions.
