@@ -36,14 +36,101 @@ class ModelMismatch(ValueError):
     pass
 
 
-def make_estimator(kind: str, C: float = 10.0, gamma: str | float = "scale") -> Pipeline:
+def make_estimator(
+    kind: str,
+    C: float = 10.0,
+    gamma: str | float = "scale",
+    scale: bool = True,
+    calibration_folds: int = 5,
+    n_jobs: int | None = None,
+) -> Pipeline:
+    """The estimator of a :class:`TileModel`: ``[StandardScaler] -> classifier``.
+
+    * ``"svm"``: RBF ``SVC(C, gamma)`` with Platt-calibrated probabilities
+      (``CalibratedClassifierCV(method="sigmoid", ensemble=False)``: sigmoids fitted on
+      ``calibration_folds``-fold out-of-fold decision values, then one SVC refitted on all
+      the data; ``SVC(probability=True)`` is deprecated in scikit-learn 1.9).
+    * ``"logistic"``: multinomial ``LogisticRegression(C)``.
+
+    ``scale=False`` leaves out the ``StandardScaler`` (for already normalised vectors such
+    as Hellinger HOG blocks, whose relative scale carries information).  ``n_jobs`` runs the
+    calibration folds in parallel.
+    """
+    steps: list[Any] = [StandardScaler()] if scale else []
     if kind == "svm":
-        # Platt-calibrated probabilities (SVC(probability=True) is deprecated in scikit-learn 1.9).
         svc = SVC(kernel="rbf", C=C, gamma=gamma, random_state=0)
-        return make_pipeline(StandardScaler(), CalibratedClassifierCV(svc, method="sigmoid", ensemble=False))
+        cal = CalibratedClassifierCV(svc, method="sigmoid", ensemble=False, cv=int(calibration_folds), n_jobs=n_jobs)
+        return make_pipeline(*steps, cal)
     if kind == "logistic":
-        return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))
+        return make_pipeline(*steps, LogisticRegression(C=C, max_iter=2000))
     raise ValueError(f"unknown model kind {kind!r} ({', '.join(KINDS)})")
+
+
+def confusion_text(matrix, labels) -> str:
+    """A confusion matrix as a fixed-width table: rows are true classes, columns predictions."""
+    m = np.asarray(matrix, dtype=np.int64)
+    labels = [str(x) for x in labels]
+    if m.shape != (len(labels), len(labels)):
+        raise ValueError(f"matrix of shape {m.shape} does not match {len(labels)} labels")
+    w = max([len("true\\pred"), *(len(x) for x in labels), *(len(str(v)) for v in m.ravel()), 3])
+    head = "true\\pred".rjust(w) + " " + " ".join(x.rjust(w) for x in labels) + " | " + "errors".rjust(6)
+    lines = [head, "-" * len(head)]
+    for i, x in enumerate(labels):
+        errors = int(m[i].sum() - m[i, i])
+        lines.append(x.rjust(w) + " " + " ".join(str(int(v)).rjust(w) for v in m[i]) + " | " + str(errors).rjust(6))
+    return "\n".join(lines)
+
+
+def _cell_colour(v: float) -> tuple[int, int, int]:
+    """BGR shade for a row fraction ``v`` in [0, 1]: white (0) to dark blue (1), strictly monotone.
+
+    The ramp follows ``sqrt(v)`` so that a few errors in a row of hundreds still show.
+    """
+    v = float(np.sqrt(min(max(v, 0.0), 1.0)))
+    return (int(round(255 - 115 * v)), int(round(255 - 225 * v)), int(round(255 - 245 * v)))
+
+
+def confusion_png(matrix, labels, cell: int = 40) -> np.ndarray:
+    """Draw a confusion matrix with OpenCV: a BGR ``uint8`` image, ready for ``cv2.imwrite``.
+
+    The image is ``(n + 1) * cell`` pixels square for ``n`` labels: the first row and column
+    hold the labels (predicted across, true down), every other cell its count, shaded by
+    the square root of the count's fraction of its row (white = none, dark blue = the whole row; see
+    :func:`_cell_colour`), with 1-pixel grey grid lines.  Pure: no file is written.
+    """
+    import cv2
+
+    m = np.asarray(matrix, dtype=np.float64)
+    labels = [str(x) for x in labels]
+    n = len(labels)
+    if n == 0 or m.shape != (n, n):
+        raise ValueError(f"matrix of shape {m.shape} does not match {n} labels")
+    if cell < 12:
+        raise ValueError(f"cell must be at least 12 pixels, got {cell}")
+    side = (n + 1) * cell
+    img = np.full((side, side, 3), 255, np.uint8)
+    rows = m.sum(axis=1, keepdims=True)
+    frac = np.divide(m, rows, out=np.zeros_like(m), where=rows > 0)
+    font, scale = cv2.FONT_HERSHEY_SIMPLEX, cell / 90.0
+
+    def text(s: str, r: int, c: int, colour: tuple[int, int, int]) -> None:
+        (tw, th), _ = cv2.getTextSize(s, font, scale, 1)
+        x = c * cell + (cell - tw) // 2
+        y = r * cell + (cell + th) // 2
+        cv2.putText(img, s, (x, y), font, scale, colour, 1, cv2.LINE_AA)
+
+    img[:cell, :] = img[:, :cell] = (235, 235, 235)
+    text("t\\p", 0, 0, (90, 90, 90))  # true classes down, predictions across
+    for i in range(n):
+        text(labels[i], i + 1, 0, (0, 0, 0))
+        text(labels[i], 0, i + 1, (0, 0, 0))
+        for j in range(n):
+            y0, x0 = (i + 1) * cell, (j + 1) * cell
+            img[y0:y0 + cell, x0:x0 + cell] = _cell_colour(frac[i, j])
+            text(str(int(m[i, j])), i + 1, j + 1, (255, 255, 255) if frac[i, j] > 0.5 else (0, 0, 0))
+    for k in range(1, n + 1):
+        img[k * cell, :] = img[:, k * cell] = (160, 160, 160)
+    return img
 
 
 @dataclass
@@ -96,13 +183,24 @@ class TileModel:
         }
 
     def save(self, path: str | Path) -> Path:
-        """Write ``<path>`` (skops estimator) and ``<path>.json`` (metadata)."""
+        """Write ``<path>`` (skops estimator) and ``<path>.json`` (metadata).
+
+        When the metrics hold a ``confusion_matrix`` (``{"labels", "matrix"}``), its
+        :func:`confusion_png` is written next to them as ``<path>.confusion.png``.
+        """
         import skops.io as sio
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         sio.dump(self.estimator, path)
         Path(str(path) + ".json").write_text(json.dumps(self.meta(), indent=2))
+        cm = self.metrics.get("confusion_matrix")
+        if isinstance(cm, dict) and "matrix" in cm and "labels" in cm:
+            import cv2
+
+            png = Path(str(path) + ".confusion.png")
+            if not cv2.imwrite(str(png), confusion_png(cm["matrix"], cm["labels"])):
+                raise OSError(f"cannot write {png}")
         return path
 
     @classmethod

@@ -142,10 +142,11 @@ class ClassifierService:
             time.sleep(0.2)
         consumer.subscribe([topics.TILE_FEATURES], listener=Rebalance())
         last_commit = last_metrics = last_model_check = time.monotonic()
+        self.last_loop = time.monotonic()
         try:
             while not self._stop.is_set():
                 batch = consumer.poll(timeout_ms=200)
-                now = time.monotonic()
+                now = self.last_loop = time.monotonic()
                 emitted = 0
                 fresh = [ms[0].timestamp for tp, ms in batch.items() if tp.partition in self._unseeded and ms]
                 if fresh:
@@ -190,6 +191,24 @@ class ClassifierService:
                 self._answered.close()
             if self.models is not None:
                 self.models.close()
+
+    def start_watchdog(self, stall_s: float, on_stall) -> None:
+        """Call ``on_stall`` if the poll loop makes no progress for ``stall_s`` seconds.
+
+        kafka-python 3.0.12 was seen (rarely, at start-up) to block forever inside
+        ``KafkaConsumer.poll`` while looking for the group coordinator. Restarting is safe by
+        design — offsets and the read-back of answered frames make a restart lose and repeat
+        nothing — so a stalled classifier restarts itself rather than sit silent.
+        """
+        self.last_loop = time.monotonic()
+
+        def watch():
+            while not self._stop.wait(1.0):
+                if time.monotonic() - self.last_loop > stall_s:
+                    on_stall()
+                    return
+
+        threading.Thread(target=watch, name="classifier-watchdog", daemon=True).start()
 
     def _maybe_swap_model(self) -> None:
         """Between two batches: switch to a newer published model (same features only)."""

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import cv2
 import numpy as np
 import pytest
 
@@ -376,3 +377,115 @@ def test_rejects_non_uint8_or_colour():
         tile_features(np.zeros((64, 64), np.float32), FeatureConfig())
     with pytest.raises(ValueError):
         hog(np.zeros((8, 8, 3), np.uint8), 4, 9)
+
+
+# --- moment normalisation, signed / pyramid HOG, stats option ---------------------------
+
+from stream_processor.features import hog_grid, moment_normalize  # noqa: E402
+
+
+def _centroid_and_sigmas(img):
+    m = cv2.moments(img)
+    xc, yc = m["m10"] / m["m00"], m["m01"] / m["m00"]
+    return xc, yc, np.sqrt(m["mu20"] / m["m00"]), np.sqrt(m["mu02"] / m["m00"]), m["mu11"] / m["m00"]
+
+
+def test_moment_normalize_centres_and_scales_a_bar():
+    img = np.zeros((20, 20), np.uint8)
+    img[2:14, 1:4] = 255  # a 3x12 bar near the top-left corner
+    out = moment_normalize(img, 24, 20.0)
+    assert out.shape == (24, 24) and out.dtype == np.uint8
+    xc, yc, sx, sy, _ = _centroid_and_sigmas(out)
+    assert abs(xc - 11.5) < 0.3 and abs(yc - 11.5) < 0.3  # centroid at the canvas centre
+    # the longer (vertical) 4-sigma side becomes 20 px; the thin side widens, as sqrt(sin(pi/2 r))
+    assert 4 * sy == pytest.approx(20.0, rel=0.06)
+    r1 = np.sqrt((3 ** 2 - 1) / 12) / np.sqrt((12 ** 2 - 1) / 12)
+    assert sx / sy == pytest.approx(np.sqrt(np.sin(np.pi / 2 * r1)), rel=0.15)  # (+ interpolation blur)
+    assert sx / sy > r1 * 1.5
+
+
+def test_moment_normalize_removes_slant():
+    img = np.zeros((20, 20), np.uint8)
+    for y in range(3, 17):  # a bar leaning right: x = 6 + (y - 3) / 2
+        x = 6 + (y - 3) // 2
+        img[y, x:x + 3] = 255
+    assert abs(_centroid_and_sigmas(img)[4]) > 1
+    out = moment_normalize(img, 20)
+    assert abs(_centroid_and_sigmas(out)[4]) < 0.15 * abs(_centroid_and_sigmas(img)[4])
+
+
+def test_moment_normalize_blank_and_errors():
+    np.testing.assert_array_equal(moment_normalize(np.zeros((20, 20), np.uint8), 24), np.zeros((24, 24), np.uint8))
+    with pytest.raises(ValueError):
+        moment_normalize(np.zeros((20, 20), np.float32), 24)
+
+
+def test_signed_orientation_tells_rising_from_falling_edges():
+    rising = np.zeros((8, 8), np.uint8)
+    rising[:, 4:] = 255
+    falling = 255 - rising
+    cfg = FeatureConfig(tile_size=8, hog_cell=4, hog_bins=16, hog_signed=True, stats=False)
+    up, down = tile_features(rising, cfg).reshape(2, 2, 16), tile_features(falling, cfg).reshape(2, 2, 16)
+    # 0 degrees -> bin 0; 180 degrees -> t = 180 * 16 / 360 = 8 -> bin 8
+    np.testing.assert_allclose(up[:, :, 0], 0.5, atol=1e-6)
+    np.testing.assert_allclose(down[:, :, 8], 0.5, atol=1e-6)
+    assert up[:, :, 8].sum() == 0 and down[:, :, 0].sum() == 0
+    unsigned = dataclasses.replace(cfg, hog_signed=False, hog_bins=8)
+    np.testing.assert_array_equal(tile_features(rising, unsigned), tile_features(falling, unsigned))
+
+
+def test_hog_grid_votes_bilinearly_between_cell_centres():
+    img = np.zeros((8, 8), np.uint8)
+    img[:, 2:] = 255  # gx = 255 on columns 1 and 2, every row
+    # 2x2 grid over 8 px: centres 1.5 and 5.5, weight 1 - |x - c| / 4.  Columns 1, 2 give cell 0
+    # 0.875 + 0.875 and cell 1 0 + 0.125; every row weighs 3.5 in each row of cells.
+    out = hog_grid(img, (2,), 9).reshape(2, 2, 9)
+    np.testing.assert_allclose(out[:, 0, 0], np.sqrt(1.75 / 3.75), atol=1e-6)
+    np.testing.assert_allclose(out[:, 1, 0], np.sqrt(0.125 / 3.75), atol=1e-6)
+    assert out[:, :, 1:].sum() == 0
+    # box cells of 4 px would give the right column nothing
+    np.testing.assert_allclose(hog(img, 4, 9).reshape(2, 2, 9)[:, 1, 0], 0.0)
+
+
+def test_hog_grid_pyramid_blocks_are_normalised_separately():
+    rng = np.random.default_rng(3)
+    img = rng.integers(0, 256, (24, 24), dtype=np.uint8)
+    v = hog_grid(img, (4, 6), 16, signed=True)
+    assert v.shape == ((16 + 36) * 16,) and v.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(v[:256]), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(v[256:]), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(v[:256], hog_grid(img, (4,), 16, signed=True))
+    with pytest.raises(ValueError):
+        hog_grid(img, (), 16)
+
+
+def test_new_options_lengths_names_and_layout():
+    cfg = FeatureConfig(tile_size=20, hog_bins=16, hog_signed=True, moment_norm=True, norm_size=24, norm_box=20.0,
+                        hog_grids=(4, 6), stats=False)
+    assert feature_length(cfg) == (16 + 36) * 16 == 832
+    names = feature_names(cfg)
+    assert len(names) == 832 and len(set(names)) == 832
+    assert names[0] == "hog_g4_r0_c0_b0" and names[256] == "hog_g6_r0_c0_b0"
+    with_stats = dataclasses.replace(cfg, stats=True)
+    assert feature_length(with_stats) == 4 + 832 + 12
+    rng = np.random.default_rng(4)
+    tile = rng.integers(0, 256, (20, 20), dtype=np.uint8)
+    a, b = tile_features(tile, cfg), tile_features(tile, with_stats)
+    np.testing.assert_array_equal(b[4:-12], a)
+    np.testing.assert_array_equal(b[:4], seed_features(tile, with_stats))
+    # the HOG sees the moment-normalised tile
+    np.testing.assert_array_equal(a, hog_grid(moment_normalize(tile, 24, 20.0), (4, 6), 16, True, 24))
+    # moment_norm takes precedence over deskew; a canvas must be a multiple of hog_cell for box cells
+    np.testing.assert_array_equal(tile_features(tile, dataclasses.replace(cfg, deskew=True)), a)
+    with pytest.raises(ValueError):
+        feature_length(dataclasses.replace(cfg, hog_grids=(), hog_cell=10))
+
+
+@pytest.mark.parametrize("moment_norm", [False, True])
+def test_new_options_on_shrunk_edge_tiles(moment_norm):
+    cfg = FeatureConfig(edge_policy="shrink", hog_grids=(2, 4), hog_signed=True, moment_norm=moment_norm)
+    rng = np.random.default_rng(5)
+    frame = rng.integers(0, 256, (100, 130), dtype=np.uint8)
+    for _, p in split(frame, cfg):
+        v = tile_features(p, cfg)
+        assert v.shape == (feature_length(cfg),) and np.isfinite(v).all()

@@ -151,14 +151,27 @@ def _default_model_path(settings: Settings) -> Path:
 
 
 def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
-    from classifier.train import train_scene_model
+    from classifier import train
     from tilestream import samples
 
-    video = args.video or str(samples.path("vtest.avi"))
-    model = train_scene_model(video, settings.features, kind=args.kind, max_frames=args.frames,
-                              progress=lambda m: print(m, file=sys.stderr))
-    out = model.save(args.out or _default_model_path(settings))
-    print(json.dumps({"model": str(out), **model.meta()["metrics"]}))
+    say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731 - progress goes to stderr
+    if args.dataset == "digits":
+        # OpenCV's digits.png with its own split; the feature preset is part of the model (its digest).
+        model = train.train_digits(train.DIGITS_FEATURES, kind=args.kind, progress=say)
+        out = args.out or cache_home() / "models" / f"digits-{train.DIGITS_FEATURES.digest()}.skops"
+    elif args.dataset == "folder":
+        if not args.folder:
+            print("error: --dataset folder needs --folder ROOT (one sub-folder per class)", file=sys.stderr)
+            return 2
+        model = train.train_folder(args.folder, settings.features, kind=args.kind, progress=say)
+        out = args.out or cache_home() / "models" / f"folder-{settings.features.digest()}.skops"
+    else:
+        video = args.video or str(samples.path("vtest.avi"))
+        model = train.train_scene_model(video, settings.features, kind=args.kind, max_frames=args.frames, progress=say)
+        out = args.out or _default_model_path(settings)
+    out = model.save(out)
+    metrics = {k: v for k, v in model.meta()["metrics"].items() if isinstance(v, (int, float, str))}
+    print(json.dumps({"model": str(out), **metrics}))
     return 0
 
 
@@ -189,6 +202,16 @@ def cmd_classify(args: argparse.Namespace, settings: Settings) -> int:
                             models=watcher)
     if args.metrics_port:
         serve_http(svc.metrics, args.metrics_port, svc.health)
+
+    def restart() -> None:
+        import faulthandler
+
+        logging.getLogger("tilestream.classifier").error(json.dumps(
+            {"event": "stalled_restarting", "stalled_s": cs.stall_restart_s}))
+        faulthandler.dump_traceback(all_threads=True)
+        os.execv(sys.executable, [sys.executable, "-m", "tilestream", *sys.argv[1:]])
+
+    svc.start_watchdog(cs.stall_restart_s, restart)
     signal.signal(signal.SIGTERM, lambda *_: svc.stop())
     try:
         svc.run()
@@ -310,7 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=cmd_process)
 
     t = sub.add_parser("train", help="train a tile model")
-    t.add_argument("--dataset", choices=["scene"], default="scene")
+    t.add_argument("--dataset", choices=["scene", "digits", "folder"], default="scene",
+                   help="scene: person/background tiles of a camera video; digits: OpenCV's digits.png; "
+                        "folder: an image folder with one sub-folder per class")
+    t.add_argument("--folder", help="root of the image-folder dataset")
     t.add_argument("--video", help="video of the camera for the scene model (default vtest.avi)")
     t.add_argument("--kind", choices=["svm", "logistic"], default="svm")
     t.add_argument("--frames", type=int, default=400)

@@ -164,6 +164,8 @@ class ClassifierSettings:
     # read back so frames answered before a crash or rebalance are not answered twice.
     dedup_margin_s: float = 120.0
     metrics_interval_s: float = 2.0
+    # Restart (re-exec) the classifier when its poll loop makes no progress this long.
+    stall_restart_s: float = 45.0
 
 
 @dataclass
