@@ -24,11 +24,10 @@ from benchmarks.common import local_broker, machine, progress, table
 from classifier.model import confusion_text
 from classifier.results import tail
 from classifier.train import DIGITS_FEATURES, digits_split, train_digits
-from deploy.local_kafka import free_port
 from edge_agent.agent import EdgeAgent
 from tilestream.config import AgentSettings
 from tilestream.keys import KeyStore
-from tilestream.procs import Children, wait_http
+from tilestream.procs import Children, start_cloud_stages
 from tilestream.samples import load_digits
 
 SHEET = 10  # digits per side
@@ -73,11 +72,7 @@ def main() -> None:
                    TILESTREAM_HOME=str(tmp / "home"), TILESTREAM_CONFIG=str(config))
         children = Children()
         try:
-            web, mport = free_port(), free_port()
-            proc = children.start("processor", ["process", "--web-port", str(web), "--datadir", str(tmp / "faust")], env)
-            cls = children.start("classifier", ["classify", "--model", str(model_path), "--metrics-port", str(mport)], env)
-            wait_http(f"http://127.0.0.1:{web}/healthz", 120, proc)
-            wait_http(f"http://127.0.0.1:{mport}/healthz", 120, cls)
+            start_cloud_stages(children, env, tmp, model_path, timeout_s=120)
             progress("streaming 5 sheets (500 held-out digits) as PNG through agent -> Kafka -> processor -> classifier")
             agent = EdgeAgent(AgentSettings(camera_id="digits-cam", source=str(sheets), encoding="png"), store,
                               broker.bootstrap, 4 * 1024 * 1024, state_dir=tmp / "agent")

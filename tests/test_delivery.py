@@ -19,7 +19,7 @@ from edge_agent.agent import EdgeAgent
 from stream_processor.tiling import tile_grid
 from tilestream import topics
 from tilestream.config import AgentSettings
-from tilestream.procs import Children, wait_http
+from tilestream.procs import Children, start_cloud_stages
 from tilestream.records import TileFeatures
 
 from conftest import child_env, read_topic, wait_for
@@ -54,16 +54,8 @@ def test_sigkill_of_a_processor_and_of_the_classifier_loses_and_repeats_nothing(
 
     watcher = threading.Thread(target=watch, daemon=True)
     try:
-        ports = [free_port(), free_port()]
-        workers = [
-            children.start(f"processor-{i}", ["process", "--web-port", str(p), "--datadir", str(tmp_path / f"faust-{i}")], env)
-            for i, p in enumerate(ports)
-        ]
-        metrics_port = free_port()
-        cls = children.start("classifier", ["classify", "--model", str(scene_model), "--metrics-port", str(metrics_port)], env)
-        for p, w in zip(ports, workers):
-            wait_http(f"http://127.0.0.1:{p}/healthz", 90, w)
-        wait_http(f"http://127.0.0.1:{metrics_port}/healthz", 90, cls)
+        stages = start_cloud_stages(children, env, tmp_path, scene_model, workers=2)
+        ports, workers, cls = stages.worker_ports, stages.workers, stages.classifier
         watcher.start()
 
         agent = EdgeAgent(

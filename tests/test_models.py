@@ -12,10 +12,9 @@ from classifier import registry
 from classifier.model import ModelMismatch, TileModel
 from classifier.results import tail
 from classifier.train import train_scene_model
-from deploy.local_kafka import free_port
 from edge_agent.agent import EdgeAgent
 from tilestream.config import AgentSettings, FeatureConfig
-from tilestream.procs import Children, wait_http
+from tilestream.procs import Children, start_cloud_stages
 
 from conftest import child_env, wait_for
 
@@ -55,11 +54,7 @@ def test_publishing_a_model_switches_the_running_classifier_without_losing_or_re
             seen.append(r)
 
     try:
-        web, mport = free_port(), free_port()
-        proc = children.start("processor", ["process", "--web-port", str(web), "--datadir", str(tmp_path / "faust")], env)
-        cls = children.start("classifier", ["classify", "--model", str(scene_model), "--metrics-port", str(mport)], env)
-        wait_http(f"http://127.0.0.1:{web}/healthz", 90, proc)
-        wait_http(f"http://127.0.0.1:{mport}/healthz", 90, cls)
+        cls = start_cloud_stages(children, env, tmp_path, scene_model).classifier
         threading.Thread(target=watch, daemon=True).start()
         agent = EdgeAgent(AgentSettings(camera_id="cam-test", source=str(vtest_path), max_frames=N_FRAMES, fps=10,
                                         realtime=True), keystore, bootstrap, 4 * 1024 * 1024, state_dir=tmp_path / "agent")

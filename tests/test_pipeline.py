@@ -13,13 +13,12 @@ import numpy as np
 import pytest
 
 from classifier.results import tail
-from deploy.local_kafka import free_port
 from edge_agent.agent import EdgeAgent
 from edge_agent.encode import encode_image
 from stream_processor.tiling import tile_grid
 from tilestream import topics
 from tilestream.config import AgentSettings
-from tilestream.procs import Children, wait_http
+from tilestream.procs import Children, start_cloud_stages
 from tilestream.records import DeadLetter, TileFeatures
 from tilestream.samples import iter_video_frames
 
@@ -37,11 +36,8 @@ def test_encrypted_frames_become_exactly_one_result_each(version, kafka_any, key
     env = child_env(bootstrap, keystore.path, tmp_path / "home")
     children = Children()
     try:
-        web_port, metrics_port = free_port(), free_port()
-        proc = children.start("processor", ["process", "--web-port", str(web_port), "--datadir", str(tmp_path / "faust")], env)
-        cls = children.start("classifier", ["classify", "--model", str(scene_model), "--metrics-port", str(metrics_port)], env)
-        wait_http(f"http://127.0.0.1:{web_port}/healthz", 90, proc)
-        wait_http(f"http://127.0.0.1:{metrics_port}/healthz", 90, cls)
+        stages = start_cloud_stages(children, env, tmp_path, scene_model)
+        web_port, proc, cls = stages.worker_ports[0], stages.workers[0], stages.classifier
 
         agent = EdgeAgent(
             AgentSettings(camera_id="cam-test", source=str(vtest_path), max_frames=N_FRAMES, jpeg_quality=80),

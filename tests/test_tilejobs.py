@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from classifier.results import tail
-from deploy.local_kafka import free_port
 from edge_agent.agent import EdgeAgent
 from stream_processor import tilejobs
 from stream_processor.pipeline import image_tile_features
@@ -18,7 +17,7 @@ from tilestream import topics
 from tilestream.config import AgentSettings, FeatureConfig
 from tilestream.crypto import FrameRejected
 from tilestream.envelope import FrameHeader
-from tilestream.procs import Children, wait_http
+from tilestream.procs import Children, start_cloud_stages
 from tilestream.records import TileFeatures
 from tilestream.samples import iter_video_frames
 
@@ -98,14 +97,7 @@ def test_a_frame_is_computed_by_several_workers(kafka, keystore, scene_model, vt
     env["TILESTREAM_PROCESSOR_FANOUT_MIN_PIXELS"] = "1"
     children = Children()
     try:
-        ports = [free_port(), free_port()]
-        workers = [children.start(f"p{i}", ["process", "--web-port", str(p), "--datadir", str(tmp_path / f"f{i}")], env)
-                   for i, p in enumerate(ports)]
-        mport = free_port()
-        cls = children.start("classifier", ["classify", "--model", str(scene_model), "--metrics-port", str(mport)], env)
-        for p, w in zip(ports, workers):
-            wait_http(f"http://127.0.0.1:{p}/healthz", 90, w)
-        wait_http(f"http://127.0.0.1:{mport}/healthz", 90, cls)
+        ports = start_cloud_stages(children, env, tmp_path, scene_model, workers=2).worker_ports
         wait_for(lambda: group_members(bootstrap, "tilestream-processor") == 2, 90, "both workers in the group")
         agent = EdgeAgent(AgentSettings(camera_id="cam-test", source=str(vtest_path), max_frames=n), keystore,
                           bootstrap, 4 * 1024 * 1024, state_dir=tmp_path / "agent")

@@ -62,3 +62,31 @@ def wait_http(url: str, deadline_s: float, proc: subprocess.Popen | None = None)
         except OSError:
             time.sleep(0.3)
     raise TimeoutError(f"{url} did not answer within {deadline_s:.0f}s")
+
+
+class CloudStages:
+    """Processor workers and one classifier started as child processes, answering /healthz."""
+
+    def __init__(self, worker_ports: list[int], metrics_port: int, workers: list[subprocess.Popen],
+                 classifier: subprocess.Popen):
+        self.worker_ports = worker_ports
+        self.metrics_port = metrics_port
+        self.workers = workers
+        self.classifier = classifier
+
+
+def start_cloud_stages(children: Children, env: dict[str, str], workdir, model_path, workers: int = 1,
+                       timeout_s: float = 90) -> CloudStages:
+    """Start ``workers`` processor workers (own web port and data dir each) and a classifier on
+    ``model_path``; return once every one of them answers its health check."""
+    from deploy.local_kafka import free_port
+
+    ports = [free_port() for _ in range(workers)]
+    procs = [children.start(f"processor-{i}", ["process", "--web-port", str(p), "--datadir", f"{workdir}/faust-{i}"], env)
+             for i, p in enumerate(ports)]
+    mport = free_port()
+    cls = children.start("classifier", ["classify", "--model", str(model_path), "--metrics-port", str(mport)], env)
+    for p, proc in zip(ports, procs):
+        wait_http(f"http://127.0.0.1:{p}/healthz", timeout_s, proc)
+    wait_http(f"http://127.0.0.1:{mport}/healthz", timeout_s, cls)
+    return CloudStages(ports, mport, procs, cls)
