@@ -163,3 +163,53 @@ def test_bad_images_in_the_source_are_counted_and_the_agent_goes_on(kafka, keyst
     assert counters.source_errors == 4
     assert counters.sent == good == 16
     assert len(frames_on_topic(kafka.bootstrap, "cam-folder")) == 16
+
+
+@pytest.fixture
+def flaky_mjpeg_camera():
+    """A real HTTP MJPEG camera that drops the connection after every 5 frames."""
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    frames = [cv2.imencode(".jpg", np.full((120, 160, 3), 20 * i, np.uint8))[1].tobytes() for i in range(5)]
+
+    class Camera(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server API
+            self.send_response(200)
+            self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+            self.end_headers()
+            for f in frames:
+                self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(f) + f + b"\r\n")
+                self.wfile.flush()
+                time.sleep(0.02)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Camera)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/stream.mjpg"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.kafka
+def test_a_stream_that_drops_every_5_frames_is_reopened_counted_and_heartbeats_flow(kafka, keystore, flaky_mjpeg_camera,
+                                                                                    tmp_path):
+    keystore.enroll("cam-mjpeg")
+    agent = EdgeAgent(AgentSettings(camera_id="cam-mjpeg", source=flaky_mjpeg_camera, max_frames=12, backoff_max_s=0.5,
+                                    heartbeat_interval_s=0.2), keystore, kafka.bootstrap,
+                      max_frame_bytes=4 * 1024 * 1024, state_dir=tmp_path / "agent")
+    counters = agent.run()
+    assert counters.captured == 12 and counters.sent == 12
+    assert counters.source_errors >= 2  # the stream ended twice before 12 frames were read
+    metrics = agent.render_metrics()
+    assert "tilestream_agent_source_errors_total" in metrics and "tilestream_agent_sent_total 12" in metrics
+    from tilestream.records import AgentHeartbeat
+
+    beats = [AgentHeartbeat.from_json(m.value) for m in read_topic(kafka.bootstrap, topics.HEARTBEATS)
+             if m.key == b"cam-mjpeg"]
+    assert beats and beats[-1].status == "stopped" and beats[-1].counters["sent"] == 12
+    assert beats[-1].counters["source_errors"] == counters.source_errors
