@@ -45,7 +45,7 @@ def run_demo(settings: Settings, args: argparse.Namespace) -> int:
         ensure_topics(bootstrap, pipeline_topics(settings.kafka))
     video = samples.path("vtest.avi")
 
-    keys_dir = Path(settings.keys_dir) if settings.keys_dir else cache_home() / "demo" / "keys"
+    keys_dir = Path(settings.keys_dir) if settings.keys_dir else cache_home() / "demo" / "keys-v2"
     store = KeyStore(keys_dir)
     store.init_cloud()
     camera = settings.agent.camera_id

@@ -29,6 +29,17 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, mlkem, x25519
 from tilestream.crypto import SUITE_NAMES, DeviceKey, key_id, key_id_of, raw_public
 
 
+def _load_key_file(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text())
+        if "suite" not in d:
+            raise ValueError("no suite")
+        return d
+    except ValueError:
+        raise ValueError(f"{path} is not a tilestream key file (made by an older version?); "
+                         "create the cloud key again with `tilestream keys init` in an empty keys directory") from None
+
+
 def _b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode("ascii")
 
@@ -90,7 +101,7 @@ class KeyStore:
     def cloud_public_key(self) -> tuple[bytes, int, object]:
         """(key id, envelope suite id, public key object) of the current cloud key."""
         kid = self._current(self.path / "cloud", "no cloud key: run `tilestream keys init`")
-        d = json.loads((self.path / "cloud" / f"{kid}.pub").read_text())
+        d = _load_key_file(self.path / "cloud" / f"{kid}.pub")
         xpub = x25519.X25519PublicKey.from_public_bytes(base64.b64decode(d["x25519"]))
         if d["suite"] == "x25519":
             return bytes.fromhex(kid), SUITE_NAMES["x25519"], xpub
@@ -100,7 +111,7 @@ class KeyStore:
     def cloud_private_keys(self) -> dict[bytes, object]:
         keys: dict[bytes, object] = {}
         for f in sorted(p for p in (self.path / "cloud").glob("*.key") if not p.name.startswith("tile-")):
-            d = json.loads(f.read_text())
+            d = _load_key_file(f)
             x = x25519.X25519PrivateKey.from_private_bytes(base64.b64decode(d["x25519"]))
             if d["suite"] == "x25519":
                 keys[bytes.fromhex(f.stem)] = x
