@@ -29,6 +29,17 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest
 
+BENCH_STAMP := $(VENV)/.bench-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	rm -f $(VENV)/.bench-*
+	touch $@
+
+# `make bench BENCH_ARGS=--quick` for a smoke run, `BENCH_ARGS=--soak` adds the 10-minute soak.
+bench: $(BENCH_STAMP) setup
+	$(BIN)/python -m benchmarks.run_all $(BENCH_ARGS)
+
 kafka-start: setup
 	$(BIN)/tilestream kafka start
 

@@ -72,3 +72,303 @@ class CpuTimer:
     def __exit__(self, *exc):
         self.wall = time.perf_counter() - self.w0
         self.cpu = time.process_time() - self.c0
+
+
+# --------------------------------------------------------------------------- added for issue 7
+# Everything below is shared by compute_limit, pipeline_bench, tile_sweep, peers, transport and run_all.
+
+VTEST_JPEG_QUALITY = 80
+MAX_FRAME_BYTES = 4 * 1024 * 1024
+MAX_PIXELS = 40_000_000
+
+
+def machine_load(sample_s: float = 1.0) -> str:
+    """Load average and the other processes that used CPU during ``sample_s`` (the machine is shared)."""
+
+    def ticks() -> dict[int, tuple[str, int]]:
+        out = {}
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                stat = (d / "stat").read_text()
+                name = stat[stat.index("(") + 1:stat.rindex(")")]
+                fields = stat[stat.rindex(")") + 2:].split()
+                out[int(d.name)] = (name, int(fields[11]) + int(fields[12]))
+            except (OSError, ValueError, IndexError):
+                continue
+        return out
+
+    a = ticks()
+    time.sleep(sample_s)
+    b = ticks()
+    hz = os.sysconf("SC_CLK_TCK")
+    me = os.getpid()
+    busy = sorted(((b[p][1] - a[p][1]) / hz / sample_s, b[p][0], p) for p in b if p in a and p != me)
+    top = [f"{name} (pid {pid}) {share * 100:.0f}% of a core" for share, name, pid in reversed(busy) if share >= 0.05]
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return f"load average {load}; other processes busy now: {', '.join(top) if top else 'none'}"
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of ``values``; NaN when empty."""
+    if not len(values):
+        return float("nan")
+    import math
+
+    data = sorted(values)
+    k = max(0, min(len(data) - 1, math.ceil(q / 100 * len(data)) - 1))
+    return float(data[k])
+
+
+def proc_status_kib(pid: int, field: str = "VmHWM") -> int:
+    """A ``/proc/<pid>/status`` memory field in KiB (VmHWM = peak RSS); 0 if the process is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads) so far; NaN if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2:].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+def self_peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_keys(path: Path, cameras: Sequence[str] = ("bench-cam",)):
+    """A fresh key directory: the cloud key pair and the given cameras enrolled."""
+    from tilestream.keys import KeyStore
+
+    store = KeyStore(path)
+    store.init_cloud()
+    for cam in cameras:
+        store.enroll(cam)
+    return store
+
+
+class Sealer:
+    """Seals encoded images exactly as the edge agent does (crypto.seal_frame), for one camera."""
+
+    def __init__(self, store, camera_id: str):
+        self.camera_id = camera_id
+        self.cloud_kid, self.suite, self.cloud_public = store.cloud_public_key()
+        self.device_kid, self.device_key = store.device_private_key(camera_id)
+
+    def header(self, seq: int, capture_ns: int, width: int, height: int, encoding: str):
+        from tilestream.envelope import FrameHeader
+
+        return FrameHeader(camera_id=self.camera_id, seq=seq, capture_ns=capture_ns, width=width, height=height,
+                           encoding=encoding, cloud_key_id=self.cloud_kid, device_key_id=self.device_kid, suite=self.suite)
+
+    def seal(self, encoded: "EncodedFrame", seq: int, capture_ns: int | None = None) -> tuple[bytes, bytes]:
+        """(key, sealed envelope) of one frame, key = frame id as the agent publishes it."""
+        from tilestream import crypto
+
+        h = self.header(seq, time.time_ns() if capture_ns is None else capture_ns, encoded.width, encoded.height,
+                        encoded.encoding)
+        return h.frame_id.encode(), crypto.seal_frame(encoded.data, h, self.cloud_public, self.device_key)
+
+
+class EncodedFrame:
+    __slots__ = ("data", "width", "height", "encoding")
+
+    def __init__(self, data: bytes, width: int, height: int, encoding: str):
+        self.data, self.width, self.height, self.encoding = data, width, height, encoding
+
+
+def vtest_encoded(n: int, quality: int = VTEST_JPEG_QUALITY) -> list[EncodedFrame]:
+    """The first ``n`` frames of vtest.avi (looping) encoded as the agent does (JPEG, BGR)."""
+    from edge_agent.encode import encode_image
+    from tilestream import samples
+
+    out: list[EncodedFrame] = []
+    video = samples.path("vtest.avi")
+    while len(out) < n:
+        before = len(out)
+        for frame in samples.iter_video_frames(video, max_frames=n - len(out)):
+            out.append(EncodedFrame(encode_image(frame, "jpeg", quality), frame.shape[1], frame.shape[0], "jpeg"))
+        if len(out) == before:
+            raise RuntimeError(f"{video} gave no frames")
+    return out
+
+
+def digit_sheets(n: int, seed: int = 0, digits=None) -> list[tuple["object", "object"]]:
+    """``n`` 2000x1000 grayscale sheets of 100x50 digits (20 px) drawn from OpenCV's digits.png,
+    each a different random arrangement; returns [(sheet uint8 (1000, 2000), labels int (50, 100))]."""
+    import numpy as np
+
+    from tilestream import samples
+
+    images, labels = digits if digits is not None else samples.load_digits()
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        idx = rng.permutation(len(images))[:5000]
+        cells = images[idx].reshape(50, 100, 20, 20)
+        sheet = np.ascontiguousarray(cells.swapaxes(1, 2).reshape(1000, 2000))
+        out.append((sheet, labels[idx].reshape(50, 100)))
+    return out
+
+
+def make_processor(store, cfg):
+    """The processor's FrameProcessor with the worker's default limits and the store's keys."""
+    from stream_processor.pipeline import FrameProcessor
+    from tilestream.keys import DeviceRegistry
+
+    return FrameProcessor(store.cloud_private_keys(), DeviceRegistry(store.registry_path), cfg,
+                          max_bytes=MAX_FRAME_BYTES, max_pixels=MAX_PIXELS)
+
+
+def frames_producer(bootstrap: str):
+    """A kafka-python producer configured like the edge agent's (acks=all, idempotent, 1 MB batches)."""
+    from kafka import KafkaProducer
+
+    return KafkaProducer(bootstrap_servers=bootstrap, client_id="tilestream-bench-sender", acks="all",
+                         enable_idempotence=True, linger_ms=5, batch_size=1024 * 1024,
+                         max_request_size=MAX_FRAME_BYTES + 64 * 1024, request_timeout_ms=30000)
+
+
+def commit_group_to_end(bootstrap: str, group_id: str, topic: str) -> dict[int, int]:
+    """Commit the topic's current end offsets for a (new, empty) consumer group, so it starts there."""
+    from kafka import KafkaConsumer, TopicPartition
+    from kafka.structs import OffsetAndMetadata
+
+    c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group_id, enable_auto_commit=False)
+    try:
+        parts = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or ())]
+        end = c.end_offsets(parts)
+        c.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in end.items()})
+        return {tp.partition: o for tp, o in end.items()}
+    finally:
+        c.close()
+
+
+def topic_disk_bytes(broker, topic: str) -> int:
+    """Bytes of the topic's log segments on the local broker's disk (records + batch headers)."""
+    data = Path(broker.state_dir) / "data"
+    return sum(f.stat().st_size for d in data.glob(f"{topic}-*") if d.name.rsplit("-", 1)[0] == topic
+               for f in d.glob("*.log"))
+
+
+def child_env(bootstrap: str, keys_dir: Path, home: Path, **settings: str) -> dict[str, str]:
+    """Environment for `tilestream` child processes; ``settings`` are TILESTREAM_* overrides."""
+    env = dict(os.environ, TILESTREAM_KAFKA_BOOTSTRAP=bootstrap, TILESTREAM_KEYS_DIR=str(keys_dir),
+                TILESTREAM_HOME=str(home), TILESTREAM_LOG_LEVEL="WARNING")
+    env.update(settings)
+    return env
+
+
+class ResultsWatcher:
+    """A thread reading ``results`` from its end now on: frame id -> (arrival ns, FrameResult)."""
+
+    def __init__(self, bootstrap: str):
+        import threading
+
+        self.bootstrap = bootstrap
+        self.arrived: dict[str, tuple[int, object]] = {}
+        self.duplicates = 0
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-results", daemon=True)
+        self.error: BaseException | None = None
+
+    def __enter__(self) -> "ResultsWatcher":
+        self._thread.start()
+        if not self._ready.wait(60):
+            raise TimeoutError("could not start reading the results topic")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        from classifier.results import tail
+
+        try:
+            for r in tail(self.bootstrap, stop=self._stop, ready=self._ready):
+                now = time.time_ns()
+                if r.frame_id in self.arrived:
+                    self.duplicates += 1
+                else:
+                    self.arrived[r.frame_id] = (now, r)
+        except BaseException as exc:  # noqa: BLE001 - reported by wait()
+            self.error = exc
+            self._ready.set()
+
+    def count(self, camera_id: str) -> int:
+        prefix = camera_id + "/"
+        return sum(1 for k in list(self.arrived) if k.startswith(prefix))
+
+    def of(self, camera_id: str) -> list[tuple[int, object]]:
+        prefix = camera_id + "/"
+        return [v for k, v in list(self.arrived.items()) if k.startswith(prefix)]
+
+    def wait(self, camera_id: str, n: int, timeout_s: float, procs: Sequence = (), what: str = "") -> None:
+        deadline = time.monotonic() + timeout_s
+        last_report = time.monotonic()
+        while self.count(camera_id) < n:
+            if self.error is not None:
+                raise RuntimeError(f"results reader failed: {self.error}")
+            for name, p in procs:
+                if p.poll() is not None:
+                    raise RuntimeError(f"{name} exited with code {p.returncode} while waiting for {what or camera_id}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{what or camera_id}: {self.count(camera_id)}/{n} results after {timeout_s:.0f}s")
+            if time.monotonic() - last_report > 10:
+                progress(f"  {what or camera_id}: {self.count(camera_id)}/{n} results")
+                last_report = time.monotonic()
+            time.sleep(0.05)
+
+
+def fmt_ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f}"
+
+
+def write_json(path: str | os.PathLike[str] | None, data: dict) -> None:
+    if path:
+        import json
+
+        Path(path).write_text(json.dumps(data, indent=2, default=str))
+
+
+def warm_broker(bootstrap: str, seconds: float = 6.0, frame_bytes: int = 77_000, tile_bytes: int = 1_120) -> None:
+    """Produce and read frame- and tile-sized records for a few seconds, so the broker's JIT is warm
+    before anything is measured (a cold JVM costs several times the CPU per record)."""
+    from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+    from tilestream.topics import TopicSpec, ensure_topics
+
+    topic = "bench-warmup"
+    ensure_topics(bootstrap, [TopicSpec(topic, 6, {"retention.ms": str(600_000)})])
+    big, small = os.urandom(frame_bytes), os.urandom(tile_bytes)
+    p = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, batch_size=1024 * 1024)
+    c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
+    try:
+        parts = [TopicPartition(topic, i) for i in range(6)]
+        c.assign(parts)
+        c.seek_to_end(*parts)
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            for _ in range(20):
+                p.send(topic, big)
+            for _ in range(500):
+                p.send(topic, small)
+            p.flush(30)
+            c.poll(timeout_ms=100, max_records=5000)
+    finally:
+        p.close()
+        c.close()

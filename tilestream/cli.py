@@ -188,7 +188,7 @@ def cmd_classify(args: argparse.Namespace, settings: Settings) -> int:
         # The models topic is the registry: a model given as a file is published unless it is the newest.
         file_model = TileModel.load(path, expected_digest=digest)
         _, newest = watcher.latest()
-        if newest is None or registry.unpack(newest, digest).model_id != file_model.model_id:
+        if newest is None or registry.meta_of(newest)["model_id"] != file_model.model_id:
             print(f"publishing {path} as version {registry.publish(bootstrap, path, args.model_name, digest)} "
                   f"of model {args.model_name!r}", file=sys.stderr)
         watcher.close()

@@ -1,0 +1,655 @@
+"""End to end over a real broker: sealed frames -> processor worker(s) -> classifier -> results.
+
+    python -m benchmarks.pipeline_bench [--frames 800] [--workers 1 2] [--seconds 25] [--loads 0.5 0.9]
+                                        [--profile] [--quick] [--json out.json]
+
+Everything runs on this machine's cores: a local Apache Kafka 4.1.1 (KRaft), `tilestream
+process` workers and one `tilestream classify`, started as child processes exactly as
+operators start them (``tilestream.procs.Children``), plus this process, which plays the
+cameras (frames sealed as the agent seals them, published with the agent's producer settings)
+and reads `results`.
+
+For each worker count:
+
+1. **Closed loop (highest sustained rate).** N sealed vtest frames are put on `frames` first;
+   then the classifier and the workers start (fresh consumer groups, committed at the
+   topics' ends so earlier phases are not re-read) and the clock runs until all N results
+   arrived. The sustained rate is taken between the 10th and 90th percentile result
+   (start-up and the tail excluded); the cold figure (from process start) is shown too.
+   CPU seconds per frame of every process are read from /proc over the same window.
+2. **Open loop (latency).** With the same warm processes, a sender publishes frames on a fixed
+   schedule at 50% and 90% of that rate for ``--seconds``, whatever the responses (no
+   coordinated omission): each frame's capture time *is* its scheduled send time, so a
+   sender that falls behind shows up as latency too. Capture-to-result latency = when this
+   process read the result from `results` minus the capture time (the classifier's own
+   stamp, result produced minus capture, is shown too).
+
+Peak RSS of each process is its VmHWM, read just before it is stopped. The compute limit
+(benchmarks/compute_limit.py) is measured in the same run, unless given.
+With ``--profile``, py-spy samples the (1-worker) processor and the classifier during an
+extra closed-loop burst and the CPU samples are grouped by what the code was doing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import (ResultsWatcher, Sealer, bench_keys, child_env, commit_group_to_end, frames_producer,
+                               local_broker, machine, machine_load, percentile, proc_cpu_s, proc_status_kib,
+                               progress, self_peak_rss_mib, table, topic_disk_bytes, vtest_encoded, warm_broker,
+                               write_json)
+
+POOL_FRAMES = 200  # distinct vtest frames, reused with fresh sequence numbers
+
+
+# --------------------------------------------------------------------------- processes
+
+
+@dataclass
+class Stage:
+    """Processor worker(s) and a classifier started as `tilestream` child processes."""
+
+    env: dict
+    logs: Path
+    children: object = None
+    procs: list = field(default_factory=list)  # (name, Popen)
+    web_ports: list = field(default_factory=list)
+
+    def start(self, workers: int, model_path: Path | None, classifier: bool = True, tag: str = "") -> None:
+        from deploy.local_kafka import free_port
+        from tilestream.procs import Children, wait_http
+
+        self.children = Children()
+        self.logs.mkdir(parents=True, exist_ok=True)
+        waits = []
+        if classifier:
+            port = free_port()
+            with open(self.logs / f"classifier{tag}.log", "ab") as log:
+                # Its own model name: the shared `models` registry may hold models of other feature configs
+                # (a classifier given --model exits when the newest model of its name has other features).
+                p = self.children.start("classifier", ["classify", "--model", str(model_path), "--metrics-port", str(port),
+                                                       "--model-name", f"bench-{tag or 'x'}-{uuid.uuid4().hex[:6]}"],
+                                        self.env, stdout=log, stderr=subprocess.STDOUT)
+            self.procs.append(("classifier", p))
+            waits.append((port, p))
+        for i in range(workers):
+            port = free_port()
+            with open(self.logs / f"processor-{i}{tag}.log", "ab") as log:
+                p = self.children.start(f"processor-{i}", ["process", "--web-port", str(port), "--datadir",
+                                                           str(self.logs / f"faust-{i}{tag}-{uuid.uuid4().hex[:6]}")],
+                                        self.env, stdout=log, stderr=subprocess.STDOUT)
+            self.procs.append((f"processor-{i}", p))
+            self.web_ports.append(port)
+            waits.append((port, p))
+        self._waits = waits
+        self._wait_http = wait_http
+
+    def wait_healthy(self, timeout_s: float = 120) -> None:
+        for port, p in self._waits:
+            self._wait_http(f"http://127.0.0.1:{port}/healthz", timeout_s, p)
+
+    def pids(self) -> dict[str, int]:
+        return {name: p.pid for name, p in self.procs}
+
+    def peak_rss_mib(self) -> dict[str, float]:
+        return {name: proc_status_kib(p.pid, "VmHWM") / 1024 for name, p in self.procs}
+
+    def processor_frames(self) -> list[float]:
+        """frames_total of each worker from its /metrics page."""
+        import urllib.request
+
+        out = []
+        for port in self.web_ports:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                    text = r.read().decode()
+                out.append(next((float(l.split()[1]) for l in text.splitlines()
+                                 if l.startswith("tilestream_processor_frames_total ")), 0.0))
+            except OSError:
+                out.append(float("nan"))
+        return out
+
+    def processor_means_ms(self) -> dict[str, float]:
+        """Mean ms per frame of the workers' own stage timers (/metrics): verify, open, decode, features,
+        and the whole frame on the event loop (frame = verify + executor + sending the tile records)."""
+        import urllib.request
+
+        sums: dict[str, float] = collections.defaultdict(float)
+        for port in self.web_ports:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                    text = r.read().decode()
+            except OSError:
+                continue
+            for line in text.splitlines():
+                name, _, value = line.rpartition(" ")
+                for stage in ("verify", "open", "decode", "features"):
+                    if name == f'tilestream_processor_stage_seconds_sum{{stage="{stage}"}}':
+                        sums[f"{stage}_sum"] += float(value)
+                    elif name == f'tilestream_processor_stage_seconds_count{{stage="{stage}"}}':
+                        sums[f"{stage}_count"] += float(value)
+                if name == "tilestream_processor_frame_seconds_sum":
+                    sums["frame_sum"] += float(value)
+                elif name == "tilestream_processor_frame_seconds_count":
+                    sums["frame_count"] += float(value)
+        out = {k: 1e3 * sums[f"{k}_sum"] / sums[f"{k}_count"]
+               for k in ("verify", "open", "decode", "features", "frame") if sums.get(f"{k}_count")}
+        if "frame" in out:
+            out["send_and_loop"] = out["frame"] - sum(out.get(k, 0.0) for k in ("verify", "open", "decode", "features"))
+        return out
+
+    def tail_logs(self, n: int = 15) -> str:
+        parts = []
+        for f in sorted(self.logs.glob("*.log")):
+            lines = f.read_text(errors="replace").splitlines()[-n:]
+            parts.append(f"--- {f.name}\n" + "\n".join(lines))
+        return "\n".join(parts)
+
+    def stop(self) -> None:
+        if self.children is not None:
+            self.children.stop_all()
+
+
+class CpuSampler:
+    """Every 0.2 s in a thread: (wall ns, results so far, frames processed so far, CPU seconds per pid)."""
+
+    def __init__(self, pids: dict[str, int], counter, processed=lambda: 0.0):
+        self.pids, self.counter, self.processed = pids, counter, processed
+        self.samples: list[tuple[int, int, float, dict[str, float]]] = []
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join(5)
+        self._sample()
+
+    def _sample(self):
+        try:
+            done = float(self.processed())
+        except Exception:  # noqa: BLE001 - a worker busy starting up
+            done = float("nan")
+        self.samples.append((time.time_ns(), self.counter(), done,
+                             {n: proc_cpu_s(p) for n, p in self.pids.items()}))
+
+    def _run(self):
+        while not self._stop.wait(0.2):
+            self._sample()
+
+    def first(self, processed_at_least: float):
+        return next((s for s in self.samples if s[2] >= processed_at_least), None)
+
+
+# --------------------------------------------------------------------------- context
+
+
+class Bench:
+    """Broker, keys, model, encoded frames and the results reader shared by the phases of a run."""
+
+    def __init__(self, broker, tmp: Path, model_path: Path, encoded, cameras: list[str], store):
+        self.broker, self.tmp, self.model_path, self.encoded, self.store = broker, tmp, model_path, encoded, store
+        self.bootstrap = broker.bootstrap
+        self.sealers = {c: Sealer(store, c) for c in cameras}
+        self.watcher: ResultsWatcher | None = None
+        self.frames_sent = 0
+
+    def env(self, tag: str, **settings: str) -> tuple[dict, str, str]:
+        from tilestream import topics
+
+        app_id, group = f"bench-proc-{tag}-{uuid.uuid4().hex[:6]}", f"bench-cls-{tag}-{uuid.uuid4().hex[:6]}"
+        commit_group_to_end(self.bootstrap, app_id, topics.FRAMES)
+        commit_group_to_end(self.bootstrap, group, topics.TILE_FEATURES)
+        env = child_env(self.bootstrap, self.store.path, self.tmp / "home", TILESTREAM_PROCESSOR_APP_ID=app_id,
+                        TILESTREAM_CLASSIFIER_GROUP_ID=group, **settings)
+        return env, app_id, group
+
+    def seal(self, camera: str, n: int, capture_ns=None) -> list[tuple[bytes, bytes]]:
+        s = self.sealers[camera]
+        return [s.seal(self.encoded[i % len(self.encoded)], i, None if capture_ns is None else capture_ns[i])
+                for i in range(n)]
+
+    def publish(self, records) -> None:
+        from tilestream import topics
+
+        producer = frames_producer(self.bootstrap)
+        try:
+            for key, value in records:
+                producer.send(topics.FRAMES, key=key, value=value)
+            producer.flush(120)
+        finally:
+            producer.close()
+        self.frames_sent += len(records)
+
+
+# --------------------------------------------------------------------------- phases
+
+
+def closed_loop(b: Bench, workers: int, n: int, camera: str, tag: str, keep_running: bool = False, **settings):
+    """Pre-fill n frames, then start the stage and time until n results. Returns (stats, stage)."""
+    env, app_id, group = b.env(tag, **settings)
+    progress(f"[{tag}] pre-filling `frames` with {n} sealed frames")
+    b.publish(b.seal(camera, n))
+    stage = Stage(env, b.tmp / "logs" / tag)
+    try:
+        t_start = time.monotonic()
+        t_start_ns = time.time_ns()
+        stage.start(workers, b.model_path, tag=tag)
+        pids = dict(stage.pids(), broker=b.broker.status().pid, bench=os.getpid())
+        progress(f"[{tag}] started {workers} processor worker(s) and the classifier; waiting for {n} results")
+        with CpuSampler(pids, lambda: b.watcher.count(camera),
+                        lambda: sum(x for x in stage.processor_frames() if x == x)) as sampler:
+            b.watcher.wait(camera, n, timeout_s=120 + n / 2.0, procs=stage.procs, what=tag)
+        t_end = time.monotonic()
+        arrivals = np.sort(np.array([a for a, _ in b.watcher.of(camera)], dtype=np.float64))
+        rel = (arrivals - t_start_ns) / 1e9
+        lo, hi = int(0.1 * n), int(0.9 * n) - 1
+        # Sustained: from when the workers had processed 10% of the frames (start-up and group join behind
+        # them) until the last result arrived. The classifier polls up to 1000 tiles at a time, so results
+        # come in bursts; a window ending at the last result is not fooled by them.
+        s10, last = sampler.first(0.1 * n), sampler.samples[-1]
+        if s10 is not None and arrivals[-1] > s10[0]:
+            steady = (n - s10[2]) / ((arrivals[-1] - s10[0]) / 1e9)
+            frames_win = n - s10[2]
+            cpu_ms = {k: (last[3][k] - s10[3][k]) / frames_win * 1e3 for k in pids}
+        else:  # no /metrics samples: fall back to the results
+            steady = (hi - lo) / (rel[hi] - rel[lo])
+            cpu_ms = {}
+        stats = {
+            "workers": workers, "frames": n, "cold_s": t_end - t_start, "first_result_s": float(rel[0]),
+            "fps_cold": n / (t_end - t_start), "fps_first_last": (n - 1) / (rel[-1] - rel[0]),
+            "fps_results_10_90": (hi - lo) / (rel[hi] - rel[lo]),
+            "fps_steady": steady, "cpu_ms_per_frame": cpu_ms, "longest_gap_s": float(np.diff(rel).max()) if n > 1 else 0.0,
+            "per_worker_frames": stage.processor_frames(), "arrivals_s": rel.tolist(),
+            "processor_ms": stage.processor_means_ms(),
+        }
+        progress(f"[{tag}] {n} results: steady {steady:.1f} frames/s, cold {stats['fps_cold']:.1f} frames/s; "
+                 f"CPU ms/frame {', '.join(f'{k} {v:.1f}' for k, v in cpu_ms.items())}")
+        if not keep_running:
+            stats["peak_rss_mib"] = dict(stage.peak_rss_mib(), broker=proc_status_kib(pids["broker"]) / 1024)
+            stage.stop()
+            return stats, None
+        return stats, stage
+    except BaseException:
+        progress(f"[{tag}] failed; last log lines:\n{stage.tail_logs()}")
+        stage.stop()
+        raise
+
+
+def open_loop(b: Bench, stage: Stage, rate: float, seconds: float, camera: str, tag: str) -> dict:
+    """Publish frames on a fixed schedule at ``rate`` for ``seconds``; latency from the scheduled time."""
+    from tilestream import topics
+
+    n = max(20, int(rate * seconds))
+    period_ns = 1e9 / rate
+    lead_s = 1.0 + n * 0.0015  # time to seal everything in advance
+    t0_ns = time.time_ns() + int(lead_s * 1e9)
+    schedule = [t0_ns + int(i * period_ns) for i in range(n)]
+    records = b.seal(camera, n, schedule)
+    producer = frames_producer(b.bootstrap)
+    producer.partitions_for(topics.FRAMES)  # metadata before the first scheduled send
+    lag = np.zeros(n)
+    progress(f"[{tag}] open loop: {n} frames at {rate:.1f} frames/s ({seconds:.0f} s)")
+    try:
+        for i, (key, value) in enumerate(records):
+            delay = (schedule[i] - time.time_ns()) / 1e9
+            if delay > 0:
+                time.sleep(delay)
+            lag[i] = (time.time_ns() - schedule[i]) / 1e6
+            producer.send(topics.FRAMES, key=key, value=value)
+        producer.flush(60)
+    finally:
+        producer.close()
+    b.frames_sent += n
+    b.watcher.wait(camera, n, timeout_s=120 + seconds, procs=stage.procs, what=tag)
+    got = b.watcher.of(camera)
+    observed = np.array([(a - r.capture_ns) / 1e6 for a, r in got])
+    stamped = np.array([r.latency_ms for _, r in got])
+    out = {"rate": rate, "frames": n, "seconds": seconds,
+           "send_lag_p99_ms": percentile(lag, 99), "latency_ms": observed.tolist(),
+           "incomplete": sum(1 for _, r in got if not r.complete)}
+    for q in (50, 95, 99):
+        out[f"p{q}"] = percentile(observed, q)
+        out[f"stamped_p{q}"] = percentile(stamped, q)
+    out["max"] = float(observed.max())
+    progress(f"[{tag}] latency p50 {out['p50']:.0f} ms, p95 {out['p95']:.0f} ms, p99 {out['p99']:.0f} ms "
+             f"(sender lag p99 {out['send_lag_p99_ms']:.1f} ms)")
+    return out
+
+
+def soak(b: Bench, stage: Stage, rate: float, minutes: float, camera: str, tag: str = "soak") -> dict:
+    """Open loop at ``rate`` for ``minutes``: frames sealed on the fly (capture time = scheduled time);
+    RSS of every process every 5 s (slope by least squares) and latency per minute (drift)."""
+    from tilestream import topics
+
+    period_ns = 1e9 / rate
+    n = int(rate * minutes * 60)
+    sealer = b.sealers[camera]
+    pids = dict(stage.pids(), broker=b.broker.status().pid)
+    rss: dict[str, list[tuple[float, float]]] = {k: [] for k in pids}
+    producer = frames_producer(b.bootstrap)
+    producer.partitions_for(topics.FRAMES)
+    progress(f"[{tag}] soak: {n} frames at {rate:.1f} frames/s for {minutes:.0f} min")
+    t0_ns = time.time_ns() + 500_000_000
+    t0 = time.monotonic()
+    next_rss = 0.0
+    try:
+        for i in range(n):
+            due = t0_ns + int(i * period_ns)
+            delay = (due - time.time_ns()) / 1e9
+            if delay > 0:
+                time.sleep(delay)
+            key, value = sealer.seal(b.encoded[i % len(b.encoded)], i, due)
+            producer.send(topics.FRAMES, key=key, value=value)
+            now = time.monotonic() - t0
+            if now >= next_rss:
+                for k, pid in pids.items():
+                    rss[k].append((now, proc_status_kib(pid, "VmRSS") / 1024))
+                next_rss = now + 5.0
+            if i % max(1, int(rate * 60)) == 0 and i:
+                progress(f"[{tag}] {i}/{n} frames sent, {b.watcher.count(camera)} results")
+            for name, p in stage.procs:
+                if p.poll() is not None:
+                    raise RuntimeError(f"{name} exited with code {p.returncode} during the soak")
+        producer.flush(60)
+    finally:
+        producer.close()
+    b.frames_sent += n
+    b.watcher.wait(camera, n, timeout_s=300, procs=stage.procs, what=tag)
+    got = b.watcher.of(camera)
+    by_minute: dict[int, list[float]] = collections.defaultdict(list)
+    for a, r in got:
+        by_minute[int((r.capture_ns - t0_ns) // 60_000_000_000)].append((a - r.capture_ns) / 1e6)
+    minutes_rows = [(m, percentile(v, 50), percentile(v, 99), len(v)) for m, v in sorted(by_minute.items())]
+    slopes = {}
+    for k, pts in rss.items():
+        if len(pts) >= 3:
+            t, m = np.array(pts).T
+            slopes[k] = float(np.polyfit(t / 60.0, m, 1)[0])  # MiB per minute
+    out = {"rate": rate, "minutes": minutes, "frames": n, "per_minute": minutes_rows, "rss_slope_mib_per_min": slopes,
+           "rss_first_last_mib": {k: (v[0][1], v[-1][1]) for k, v in rss.items() if v}}
+    first, last = minutes_rows[0], minutes_rows[-1]
+    out["p99_drift_ms"] = last[2] - first[2]
+    progress(f"[{tag}] p99 first minute {first[2]:.0f} ms, last minute {last[2]:.0f} ms; RSS slopes "
+             + ", ".join(f"{k} {v:+.2f} MiB/min" for k, v in slopes.items()))
+    return out
+
+
+# --------------------------------------------------------------------------- profile (py-spy)
+
+CATEGORIES = [  # (category, substrings of a frame "function (file:line)"), matched leaf first
+    ("features (numpy/OpenCV)", ("stream_processor/features.py",)),
+    ("tiling", ("stream_processor/tiling.py",)),
+    ("decode", ("decode_image", "stream_processor/imageinfo.py")),
+    ("crypto (verify/open)", ("tilestream/crypto.py", "tilestream/envelope.py", "cryptography/")),
+    ("records: build + JSON/base64", ("json/", "tilestream/records.py", "faust/models/", "faust/serializers/",
+                                      "mode/utils/", "base64.py")),
+    ("model (scikit-learn)", ("sklearn/", "classifier/model.py")),
+    ("assemble/classify glue", ("classifier/",)),
+    ("Kafka client (aiokafka/kafka-python)", ("aiokafka/", "kafka/")),
+    ("Faust/mode framework", ("faust/", "mode/")),
+    ("asyncio event loop (socket writes, wake-ups, callbacks)", ("asyncio/", "uvloop", "selectors.py")),
+    ("threads/executor plumbing", ("threading.py", "concurrent/futures/", "queue.py")),
+]
+
+
+WAITS = ("Selector.select (", "Condition.wait (", "Event.wait (", "time.sleep", "KqueueSelector")
+
+
+def pyspy_start(pid: int, out: Path) -> subprocess.Popen | None:
+    import shutil
+    import sys
+
+    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(exe).exists():
+        progress("py-spy not installed (pip install py-spy): no profile")
+        return None
+    return subprocess.Popen([exe, "record", "-p", str(pid), "-f", "raw", "-o", str(out), "--nonblocking", "-r", "200"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def pyspy_stop(p: subprocess.Popen | None) -> None:
+    if p is None:
+        return
+    p.send_signal(signal.SIGINT)
+    try:
+        p.wait(30)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+
+
+def summarize_profile(path: Path, top: int = 12) -> dict:
+    """On-CPU samples of a py-spy raw (collapsed) file grouped by category, and the hottest leaf functions."""
+    cats: collections.Counter = collections.Counter()
+    leaves: collections.Counter = collections.Counter()
+    total = 0
+    if not path.exists():
+        return {"total": 0, "categories": {}, "leaves": {}}
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        try:
+            c = int(count)
+        except ValueError:
+            continue
+        frames = stack.split(";")
+        total += c
+        leaf = frames[-1]
+        leaves[leaf.split(" (")[0] + " (" + leaf.split(" (")[-1].split("/")[-1]] += c
+        if any(w in leaf for w in WAITS):
+            cats["waiting in select/epoll/Condition.wait (sampled as running)"] += c
+            continue
+        for fr in reversed(frames):
+            cat = next((name for name, keys in CATEGORIES if any(k in fr for k in keys)), None)
+            if cat:
+                cats[cat] += c
+                break
+        else:
+            cats["other"] += c
+    return {"total": total, "categories": dict(cats.most_common()), "leaves": dict(leaves.most_common(top))}
+
+
+def profile_burst(b: Bench, stage: Stage, n: int, camera: str, tag: str) -> dict:
+    outs = {}
+    spies = {}
+    for name, p in stage.procs:
+        outs[name] = b.tmp / f"pyspy-{tag}-{name}.txt"
+        spies[name] = pyspy_start(p.pid, outs[name])
+    time.sleep(1.0)
+    try:
+        progress(f"[{tag}] profiling with py-spy: {n} frames in a burst")
+        b.publish(b.seal(camera, n))
+        b.watcher.wait(camera, n, timeout_s=120 + n / 2.0, procs=stage.procs, what=tag)
+    finally:
+        for s in spies.values():
+            pyspy_stop(s)
+    return {name: summarize_profile(path) for name, path in outs.items()}
+
+
+# --------------------------------------------------------------------------- run
+
+
+def prepare_model(tmp: Path, cfg=None, progress_fn=progress) -> tuple[Path, object]:
+    from classifier.train import train_scene_model
+    from tilestream import samples
+    from tilestream.config import FeatureConfig
+
+    cfg = cfg or FeatureConfig()
+    progress_fn("training the scene model (logistic, 150 frames, MOG2 labels), as the tests do ...")
+    model = train_scene_model(str(samples.path("vtest.avi")), cfg, kind="logistic", max_frames=150,
+                              progress=lambda m: None)
+    return model.save(tmp / "models" / "scene.skops"), model
+
+
+def run(frames: int = 800, workers=(1, 2), seconds: float = 25.0, loads=(0.5, 0.9), profile: bool = False,
+        compute_limit_fps: float | None = None, quick: bool = False, broker=None, soak_minutes: float = 0.0) -> dict:
+    if quick:
+        frames, workers, seconds, loads = min(frames, 150), tuple(workers)[:1], min(seconds, 8.0), tuple(loads)
+    res: dict = {"frames": frames, "workers": list(workers), "seconds": seconds, "loads": list(loads), "runs": []}
+    with tempfile.TemporaryDirectory(prefix="tilestream-bench-") as tmp_s, \
+            (local_broker() if broker is None else _nullctx(broker)) as lk:
+        tmp = Path(tmp_s)
+        cameras = [f"w{w}-{p}" for w in workers for p in ("closed", *[f"load{int(l * 100)}" for l in loads])]
+        cameras += ["profile", "limit", "soak"]
+        store = bench_keys(tmp / "keys", cameras)
+        model_path, model = prepare_model(tmp)
+        encoded = vtest_encoded(POOL_FRAMES)
+        if compute_limit_fps is None:
+            from benchmarks.compute_limit import measure
+            from tilestream import samples
+            from tilestream.config import FeatureConfig
+
+            progress("compute limit in this run (60 vtest frames, one thread)")
+            imgs = list(samples.iter_video_frames(samples.path("vtest.avi"), max_frames=60))
+            cl = measure("vtest", imgs, "jpeg", 80, FeatureConfig(), model, store, Sealer(store, "limit"))
+            compute_limit_fps = cl["fps_limit"]
+        res["compute_limit_fps"] = compute_limit_fps
+        b = Bench(lk, tmp, model_path, encoded, cameras, store)
+        progress("warming the broker up (JIT) with frame- and tile-sized records")
+        warm_broker(lk.bootstrap)
+        with ResultsWatcher(lk.bootstrap) as watcher:
+            b.watcher = watcher
+            for w in workers:
+                stats, stage = closed_loop(b, w, frames, f"w{w}-closed", f"{w}w", keep_running=True)
+                try:
+                    stats["ratio_to_limit"] = stats["fps_steady"] / compute_limit_fps
+                    stats["latency"] = []
+                    for load in loads:
+                        lat = open_loop(b, stage, load * stats["fps_steady"], seconds, f"w{w}-load{int(load * 100)}",
+                                        f"{w}w-{int(load * 100)}%")
+                        lat["load"] = load
+                        stats["latency"].append(lat)
+                    if profile and w == min(workers):
+                        stats["profile"] = profile_burst(b, stage, max(150, frames // 2), "profile", f"{w}w-profile")
+                    if soak_minutes and w == min(workers):
+                        res["soak"] = soak(b, stage, 0.5 * stats["fps_steady"], soak_minutes, "soak")
+                        res["soak"]["workers"] = w
+                    stats["peak_rss_mib"] = dict(stage.peak_rss_mib(), broker=proc_status_kib(lk.status().pid) / 1024)
+                finally:
+                    stage.stop()
+                res["runs"].append(stats)
+            res["duplicates"] = watcher.duplicates
+        from tilestream import topics
+
+        res["topic_bytes_per_frame"] = {t: topic_disk_bytes(lk, t) / max(1, b.frames_sent)
+                                        for t in (topics.FRAMES, topics.TILE_FEATURES, topics.RESULTS)}
+        res["bench_peak_rss_mib"] = self_peak_rss_mib()
+    res["tables"] = tables(res)
+    return res
+
+
+class _nullctx:
+    def __init__(self, v):
+        self.v = v
+
+    def __enter__(self):
+        return self.v
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _cell(v, fmt: str) -> str:
+    return "-" if v is None or v != v else format(v, fmt)
+
+
+def tables(res: dict) -> dict[str, str]:
+    lim = res["compute_limit_fps"]
+    thr = table(
+        ["processor workers", "frames", "sustained frames/s", "results 10-90% frames/s", "cold frames/s (incl. start)",
+         "end-to-end / compute limit", "frames per worker", "longest gap between results s"],
+        [[r["workers"], r["frames"], f"{r['fps_steady']:.1f}", f"{r.get('fps_results_10_90', float('nan')):.1f}",
+          f"{r['fps_cold']:.1f}",
+          f"{r['ratio_to_limit']:.2f}x", "/".join(f"{x:.0f}" for x in r["per_worker_frames"]),
+          f"{r.get('longest_gap_s', float('nan')):.2f}"] for r in res["runs"]]
+        + [["compute limit (1 thread, no Kafka)", "", f"{lim:.1f}", "", "", "1.00x", "", ""]])
+    lat = table(
+        ["workers", "load", "offered frames/s", "frames", "p50 ms", "p95 ms", "p99 ms", "max ms",
+         "classifier-stamped p99 ms", "sender lag p99 ms"],
+        [[r["workers"], f"{int(l['load'] * 100)}%", f"{l['rate']:.1f}", l["frames"], f"{l['p50']:.0f}", f"{l['p95']:.0f}",
+          f"{l['p99']:.0f}", f"{l['max']:.0f}", f"{l['stamped_p99']:.0f}", f"{l['send_lag_p99_ms']:.1f}"]
+         for r in res["runs"] for l in r["latency"]])
+    names = sorted({k for r in res["runs"] for k in r["cpu_ms_per_frame"]})
+    cpu = table(
+        ["workers", *[f"{n} CPU ms/frame" for n in names], "total CPU ms/frame", "cores busy at that rate"],
+        [[r["workers"], *[_cell(r["cpu_ms_per_frame"].get(n), ".1f") for n in names],
+          f"{sum(r['cpu_ms_per_frame'].values()):.1f}",
+          f"{sum(r['cpu_ms_per_frame'].values()) * r['fps_steady'] / 1e3:.2f}"] for r in res["runs"]]
+        + [["compute limit", *["" for _ in names], f"{1e3 / lim:.1f}", "1.00"]])
+    rss_names = sorted({k for r in res["runs"] for k in r.get("peak_rss_mib", {})})
+    rss = table(["workers", *[f"{n} MiB" for n in rss_names]],
+                [[r["workers"], *[_cell(r["peak_rss_mib"].get(n), ".0f") for n in rss_names]]
+                 for r in res["runs"]])
+    if res.get("soak"):
+        sk = res["soak"]
+        rows = [[f"minute {m + 1}", n, f"{p50:.0f}", f"{p99:.0f}"] for m, p50, p99, n in sk["per_minute"]]
+        soak_t = table(["soak at 50% load", "frames", "p50 ms", "p99 ms"], rows) + "\n\n" + table(
+            ["process", "RSS first MiB", "RSS last MiB", "slope MiB/min"],
+            [[k, f"{a:.0f}", f"{z:.0f}", f"{sk['rss_slope_mib_per_min'].get(k, float('nan')):+.2f}"]
+             for k, (a, z) in sk["rss_first_last_mib"].items()])
+    pm = table(["workers", "verify", "open", "decode", "features (+ tiling)", "frame on the event loop",
+                "of which sending the tile records + loop"],
+               [[r["workers"], *[f"{r.get('processor_ms', {}).get(k, float('nan')):.1f}" for k in
+                                 ("verify", "open", "decode", "features", "frame", "send_and_loop")]]
+                for r in res["runs"]])
+    out = {"pipeline_throughput": thr, "pipeline_processor_ms": pm, "pipeline_latency": lat, "pipeline_cpu": cpu, "pipeline_rss": rss,
+           "pipeline_bytes": table(["topic", "bytes on the broker's disk per frame"],
+                                   [[t, f"{v:.0f}"] for t, v in res["topic_bytes_per_frame"].items()])}
+    if res.get("soak"):
+        out["pipeline_soak"] = soak_t
+    for r in res["runs"]:
+        prof = r.get("profile")
+        if not prof:
+            continue
+        rows = []
+        for proc, p in prof.items():
+            tot = max(1, p["total"])
+            for cat, c in p["categories"].items():
+                rows.append([proc, cat, f"{100 * c / tot:.1f}%"])
+        out["pipeline_profile"] = table(["process", "on-CPU samples spent in", "share"], rows)
+        leaves = []
+        for proc, p in prof.items():
+            tot = max(1, p["total"])
+            for leaf, c in list(p["leaves"].items())[:8]:
+                leaves.append([proc, leaf, f"{100 * c / tot:.1f}%"])
+        out["pipeline_profile_leaves"] = table(["process", "hottest function (self)", "share"], leaves)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--frames", type=int, default=800, help="closed-loop frames per worker count (default 800)")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--seconds", type=float, default=25.0, help="open-loop duration per load (default 25)")
+    ap.add_argument("--loads", type=float, nargs="+", default=[0.5, 0.9])
+    ap.add_argument("--profile", action="store_true", help="py-spy the 1-worker processor and classifier")
+    ap.add_argument("--compute-limit", type=float, help="frames/s of the compute limit (default: measured here)")
+    ap.add_argument("--soak-minutes", type=float, default=0.0, help="also soak the 1-worker stage at 50%% load")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 150 frames, 1 worker, 8 s per load")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    print(f"machine: {machine()}\n{machine_load()}\n")
+    res = run(args.frames, args.workers, args.seconds, args.loads, args.profile, args.compute_limit, args.quick,
+              soak_minutes=args.soak_minutes)
+    for name, t in res["tables"].items():
+        print(f"\n{name}\n{t}")
+    write_json(args.json, {k: v for k, v in res.items() if k != "tables"})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,451 @@
+"""All of tilestream's benchmarks in one run, and benchmarks/REPORT.md with tables and charts.
+
+    python -m benchmarks.run_all [--quick] [--soak] [--skip compute transport pipeline sweep peers]
+                                 [--profile/--no-profile] [--out benchmarks/REPORT.md]
+
+`make bench` runs this. Steps (each can be skipped):
+
+1. compute    benchmarks/compute_limit.py   single-process compute limit, stages, crypto share
+2. transport  benchmarks/transport.py       Kafka's own perf tools with our record sizes
+3. pipeline   benchmarks/pipeline_bench.py  end to end, 1 and 2 workers, closed + open loop, py-spy profile
+4. sweep      benchmarks/tile_sweep.py      tile sizes 32..192 and whole frame
+5. peers      benchmarks/peers.py           seed Pool design, Quix Streams processor
+
+One local Apache Kafka serves steps 2-5 (warmed up first). Every ratio in the report is
+between two numbers measured in this one run on this machine. ``--quick`` is a smoke run
+(minutes, numbers not representative); the default run takes about 12-15 minutes on
+2 cores; ``--soak`` adds 10 minutes at 50% load (RSS slope, latency drift).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+from benchmarks.common import local_broker, machine, machine_load, progress, table, warm_broker
+
+HERE = Path(__file__).resolve().parent
+STEPS = ("compute", "transport", "pipeline", "sweep", "peers")
+
+GOALS = {
+    "e2e": 0.8,  # end-to-end throughput >= 0.8x the single-process compute limit
+    "p99_ms": 100.0,  # capture-to-result p99 <= 100 ms at 50% load
+    "seed": 1.0,  # >= 1.0x the seed Pool design's throughput
+    "crypto": 0.02,  # crypto <= 2% of frame cost
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smoke run")
+    ap.add_argument("--soak", action="store_true", help="also 10 min at 50%% load (1 worker)")
+    ap.add_argument("--soak-minutes", type=float, default=10.0)
+    ap.add_argument("--skip", nargs="*", default=[], choices=STEPS)
+    ap.add_argument("--no-profile", action="store_true", help="no py-spy profile of the pipeline")
+    ap.add_argument("--out", default=str(HERE / "REPORT.md"))
+    ap.add_argument("--charts-dir", default=str(HERE))
+    ap.add_argument("--render-only", metavar="FULL_JSON",
+                    help="only write the report and charts from a previous run's full results")
+    args = ap.parse_args()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.charts_dir).mkdir(parents=True, exist_ok=True)
+    if args.render_only:
+        res = json.loads(Path(args.render_only).read_text())
+        from benchmarks import compute_limit, peers, pipeline_bench, tile_sweep
+
+        for name, mod in (("compute", compute_limit), ("pipeline", pipeline_bench), ("sweep", tile_sweep),
+                          ("peers", peers)):
+            if res.get(name):
+                res[name]["tables"] = mod.tables(res[name])
+        finish(res, args, time.time())
+        return
+
+    t_start = time.time()
+    m, load = machine(), machine_load()
+    print(f"machine: {m}\n{load}\n", flush=True)
+    res: dict = {"machine": m, "load_at_start": load, "quick": args.quick, "errors": {}}
+    q = args.quick
+
+    def step(name, fn):
+        if name in args.skip:
+            progress(f"== {name}: skipped")
+            return None
+        progress(f"== {name}")
+        t0 = time.time()
+        try:
+            out = fn()
+            out["seconds"] = time.time() - t0
+            res[name] = out
+            for tname, t in out.get("tables", {}).items():
+                print(f"\n{tname}\n{t}\n", flush=True)
+            return out
+        except Exception as exc:  # noqa: BLE001 - one failed step must not lose the others
+            traceback.print_exc()
+            res["errors"][name] = f"{type(exc).__name__}: {exc}"
+            return None
+
+    from benchmarks import compute_limit, peers, pipeline_bench, tile_sweep, transport
+
+    cl = step("compute", lambda: compute_limit.run(quick=q))
+    limit = cl["vtest"]["fps_limit"] if cl else None
+    need_broker = any(s not in args.skip for s in ("transport", "pipeline", "sweep", "peers"))
+    if need_broker:
+        with local_broker() as lk:
+            progress("warming the broker up (JIT)")
+            warm_broker(lk.bootstrap)
+            step("transport", lambda: transport.run(quick=q, broker=lk))
+            pl = step("pipeline", lambda: pipeline_bench.run(
+                frames=1000, workers=(1, 2), seconds=30.0, loads=(0.5, 0.9), profile=not args.no_profile,
+                compute_limit_fps=limit, quick=q, broker=lk, soak_minutes=args.soak_minutes if args.soak else 0.0))
+            e2e = max((r["fps_steady"] for r in pl["runs"]), default=None) if pl else None
+            step("sweep", lambda: tile_sweep.run(frames=40, pipeline_frames=0 if q else 100, quick=q, broker=lk))
+            step("peers", lambda: peers.run(frames=160, quix_frames=300, e2e_fps=e2e, compute_limit_fps=limit,
+                                            quick=q, broker=lk))
+    res["seconds"] = time.time() - t_start
+    full = Path(tempfile.gettempdir()) / "tilestream-bench-last.json"
+    full.write_text(json.dumps(res, default=str))
+    progress(f"full results (with per-frame data) in {full}; re-render with --render-only {full}")
+    finish(res, args, t_start)
+
+
+def finish(res: dict, args, t_start: float) -> None:
+    charts = make_charts(res, Path(args.charts_dir))
+    report = render(res, charts, Path(args.out).parent)
+    Path(args.out).write_text(report)
+    raw = Path(args.out).with_suffix(".json")
+    raw.write_text(json.dumps(strip(res), indent=1, default=str))
+    print("\n" + headline(res)[0])
+    print(f"\nwrote {args.out}, {raw.name} and {len(charts)} chart(s) in {time.time() - t_start:.0f} s")
+    if res["errors"]:
+        print("steps that failed: " + ", ".join(res["errors"]), file=sys.stderr)
+        sys.exit(1)
+
+
+def strip(res: dict) -> dict:
+    """The raw numbers without per-frame lists (kept small enough to diff)."""
+    def clean(x):
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items() if k not in ("arrivals_s", "latency_ms", "labels", "tables")}
+        if isinstance(x, list):
+            return [clean(v) for v in x]
+        return x
+    return clean(res)
+
+
+# --------------------------------------------------------------------------- headline
+
+
+def _verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("met" if ok else "**MISSED**")
+
+
+def headline(res: dict) -> tuple[str, str]:
+    cl, pl, pe = res.get("compute"), res.get("pipeline"), res.get("peers")
+    ratios, goals = [], []
+    limit = cl["vtest"]["fps_limit"] if cl else (pl or {}).get("compute_limit_fps")
+    best = max(pl["runs"], key=lambda r: r["fps_steady"]) if pl else None
+    if best and limit:
+        r = best["fps_steady"] / limit
+        per = ", ".join(f"{x['workers']} worker{'s' if x['workers'] > 1 else ''} {x['fps_steady'] / limit:.2f}x"
+                        for x in pl["runs"])
+        ratios.append(["end-to-end throughput / single-process compute limit",
+                       f"**{r:.2f}x**", f"{best['fps_steady']:.1f} / {limit:.1f} frames/s ({per})"])
+        goals.append(["end-to-end throughput >= 0.8x the compute limit (2 cores, broker included)",
+                      f"{r:.2f}x ({best['workers']} workers)", _verdict(r >= GOALS["e2e"])])
+    if pe:
+        pr = peers.ratios(pe) if (peers := _peers()) else {}
+        seed = pr.get("seed_pool_fps")
+        if "e2e_over_seed" in pr:
+            ratios.append(["tilestream end to end / seed Pool design", f"**{pr['e2e_over_seed']:.2f}x**",
+                           f"{pe['e2e_fps']:.1f} / {seed:.1f} frames/s (in-process, 1 thread: "
+                           f"{pr['in_process_over_seed']:.2f}x)"])
+            goals.append([">= 1.0x the seed Pool design's throughput", f"{pr['e2e_over_seed']:.2f}x",
+                          _verdict(pr["e2e_over_seed"] >= GOALS["seed"])])
+        else:
+            ratios.append(["tilestream in-process / seed Pool design", f"**{pr['in_process_over_seed']:.2f}x**",
+                           f"{pe['compute_limit_fps']:.1f} / {seed:.1f} frames/s"])
+        if "faust_over_quix" in pr:
+            ok = {p["kind"]: p for p in pe["processor"]}
+            ratios.append(["tilestream processor (Faust) / Quix Streams processor",
+                           f"**{pr['faust_over_quix']:.2f}x**",
+                           f"{ok['faust']['fps']:.1f} / {ok['quix']['fps']:.1f} frames/s, one process each"])
+    if cl:
+        v = cl["vtest"]
+        ratios.append(["crypto share of frame cost (seal+sign+verify+open / whole frame, vtest)",
+                       f"**{100 * v['crypto_share_total']:.2f}%**",
+                       f"{sum(v['ms'][s] for s in ('seal', 'sign', 'verify', 'open')):.2f} of {v['ms_total']:.1f} ms; "
+                       f"cloud side verify+open {100 * v['crypto_share_cloud']:.2f}%; "
+                       f"digit sheets {100 * cl['digits']['crypto_share_total']:.2f}%"])
+        goals.append(["crypto <= 2% of frame cost", f"{100 * v['crypto_share_total']:.2f}% (vtest)",
+                      _verdict(v["crypto_share_total"] <= GOALS["crypto"])])
+    if pl:
+        for r in pl["runs"]:
+            for lat in r["latency"]:
+                if abs(lat["load"] - 0.5) < 1e-9:
+                    goals.append([f"capture-to-result p99 <= 100 ms at 50% load, vtest ({r['workers']} worker"
+                                  f"{'s' if r['workers'] > 1 else ''}, {lat['rate']:.1f} frames/s)",
+                                  f"p99 {lat['p99']:.0f} ms (p50 {lat['p50']:.0f})",
+                                  _verdict(lat["p99"] <= GOALS["p99_ms"])])
+    return (table(["ratio (same run, same machine)", "value", "numbers"], ratios) if ratios else "(no ratios)",
+            table(["goal", "measured", "verdict"], goals) if goals else "(no goals measured)")
+
+
+def _peers():
+    from benchmarks import peers
+
+    return peers
+
+
+def explain(res: dict) -> list[str]:
+    """Why the misses, from the measured CPU split and the py-spy profile of this run."""
+    out = []
+    pl, cl, pe, tr = res.get("pipeline"), res.get("compute"), res.get("peers"), res.get("transport")
+    if pl and pl["runs"]:
+        limit = pl["compute_limit_fps"]
+        for r in pl["runs"]:
+            cpu = r["cpu_ms_per_frame"]
+            if not cpu:
+                continue
+            tot = sum(cpu.values())
+            parts = ", ".join(f"{k} {v:.1f}" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]))
+            out.append(f"With {r['workers']} worker(s) the pipeline spends **{tot:.1f} CPU ms per frame** ({parts}) "
+                       f"against {1e3 / limit:.1f} ms in one process without Kafka: {tot * limit / 1e3:.1f}x the work. "
+                       f"At {r['fps_steady']:.1f} frames/s that keeps {tot * r['fps_steady'] / 1e3:.2f} of the 2 cores "
+                       f"busy; the rest of the cores were {'taken by other processes on this shared machine' if tot * r['fps_steady'] / 1e3 < 1.6 else 'all used'}.")
+            pm = r.get("processor_ms") or {}
+            if "send_and_loop" in pm:
+                out.append(f"{r['workers']} worker(s), the workers' own timers: a frame takes {pm['frame']:.1f} ms on "
+                           f"the event loop, of which verify+open+decode+features {pm['frame'] - pm['send_and_loop']:.1f}"
+                           f" ms and sending its 108 tile records (one awaited Faust send each) "
+                           f"{pm['send_and_loop']:.1f} ms; the agent handles one frame at a time (concurrency 1).")
+        prof = next((r.get("profile") for r in pl["runs"] if r.get("profile")), None)
+        if prof:
+            for proc, p in prof.items():
+                tot = max(1, p["total"])
+                top = ", ".join(f"{k} {100 * v / tot:.0f}%" for k, v in list(p["categories"].items())[:5])
+                out.append(f"py-spy, {proc}: {top}.")
+    if tr:
+        rows = {(r["client"].split(" (")[0], r["what"], r["direction"]): r for r in tr["rows"]}
+        cons = rows.get(("kafka-python consumer", "tile record", "consume"))
+        if cons:
+            out.append(f"kafka-python alone reads {cons['records_per_s']:.0f} tile records/s here "
+                       f"({cons['frames_per_s']:.0f} frames' worth of 108 tiles) with nothing else to do: the "
+                       f"classifier's transport, before it parses or classifies anything.")
+    if cl:
+        v = cl["vtest"]
+        out.append(f"In one process, features are {100 * v['ms']['features'] / v['ms_total']:.0f}% of the whole "
+                   f"frame cost; record JSON+base64 (build {v['ms']['records']:.1f} ms, serialise "
+                   f"{v['ms']['serialize']:.1f} ms, parse {v['ms']['parse']:.1f} ms per frame) exists only because tiles "
+                   f"travel as 108 separate Kafka records.")
+        if v["crypto_share_total"] > GOALS["crypto"]:
+            out.append(f"Crypto is {v['crypto_share_total'] * 100:.1f}% of the whole vtest frame: Ed25519 sign and "
+                       f"verify hash the whole ~{v['sealed_bytes'] / 1e3:.0f} KB frame (SHA-512) and HPKE seal/open run "
+                       f"AES-GCM over it, {sum(v['ms'][s] for s in ('seal', 'sign', 'verify', 'open')):.2f} ms together; "
+                       f"on the cloud side alone (verify+open) it is {v['crypto_share_cloud'] * 100:.1f}%.")
+    if pe and pe.get("seed"):
+        s = max(pe["seed"], key=lambda x: x["processes"])
+        out.append(f"The seed Pool design does only decode + features with {s['processes']} processes and no "
+                   f"transport: {s['fps']:.1f} frames/s; tilestream's end-to-end path adds the broker, records and "
+                   f"two more Python processes on the same 2 cores.")
+    return out
+
+
+# --------------------------------------------------------------------------- charts
+
+
+def make_charts(res: dict, where: Path) -> dict[str, str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        progress("matplotlib is not installed (pip install matplotlib): no charts")
+        return {}
+    import numpy as np
+
+    charts = {}
+    pl, sw, pe, cl = res.get("pipeline"), res.get("sweep"), res.get("peers"), res.get("compute")
+    if pl and any(r["latency"] for r in pl["runs"]):
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for r in pl["runs"]:
+            for lat in r["latency"]:
+                v = np.sort(np.array(lat["latency_ms"]))
+                ax.plot(v, np.arange(1, len(v) + 1) / len(v),
+                        label=f"{r['workers']} worker(s), {int(lat['load'] * 100)}% load ({lat['rate']:.1f} fps): "
+                              f"p99 {lat['p99']:.0f} ms")
+        ax.axvline(GOALS["p99_ms"], color="red", ls="--", lw=1, label="goal: p99 <= 100 ms at 50% load")
+        ax.axhline(0.99, color="grey", ls=":", lw=1)
+        ax.set_xscale("log")
+        ax.set_xlabel("capture-to-result latency, ms (log)")
+        ax.set_ylabel("fraction of frames")
+        ax.set_title("Capture-to-result latency, open loop (vtest, real broker)")
+        ax.legend(fontsize=8, loc="lower right")
+        ax.grid(alpha=0.3)
+        charts["latency"] = _save(fig, where / "latency.png")
+    if pl and pl["runs"]:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        names = [f"{r['workers']} worker{'s' if r['workers'] > 1 else ''}\nend to end" for r in pl["runs"]]
+        vals = [r["fps_steady"] for r in pl["runs"]]
+        colors = ["tab:blue"] * len(vals)
+        if pe and pe.get("seed"):
+            for s in pe["seed"]:
+                names.append(f"seed Pool({s['processes']})\nno crypto/Kafka")
+                vals.append(s["fps"])
+                colors.append("tab:grey")
+        for p in (pe or {}).get("processor", []):
+            if "fps" in p:
+                names.append({"faust": "Faust processor\nalone", "quix": "Quix processor\nalone"}[p["kind"]])
+                vals.append(p["fps"])
+                colors.append("tab:orange" if p["kind"] == "faust" else "tab:green")
+        ax.bar(names, vals, color=colors)
+        for i, v in enumerate(vals):
+            ax.text(i, v, f"{v:.1f}", ha="center", va="bottom", fontsize=9)
+        lim = pl["compute_limit_fps"]
+        ax.axhline(lim, color="black", ls="--", lw=1, label=f"single-process compute limit {lim:.1f} fps")
+        ax.axhline(GOALS["e2e"] * lim, color="red", ls=":", lw=1, label=f"goal 0.8x limit = {GOALS['e2e'] * lim:.1f} fps")
+        ax.set_ylabel("frames/s (vtest 768x576, 64 px tiles)")
+        ax.set_title("Throughput vs processor workers and peers (2 cores, same run)")
+        ax.legend(fontsize=8)
+        ax.tick_params(axis="x", labelsize=8)
+        charts["throughput"] = _save(fig, where / "throughput.png")
+    if sw and sw.get("rows"):
+        rows = sw["rows"]
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        x = np.arange(len(rows))
+        labels = [r["label"].replace(" (768x576)", "") for r in rows]
+        ax.plot(x, [r["fps_process"] for r in rows], "o-", label="processor, in-process frames/s")
+        ax.plot(x, [r["fps_with_classify"] for r in rows], "s-", label="+ classify, in-process frames/s")
+        if any("e2e_fps" in r for r in rows):
+            ax.plot(x, [r.get("e2e_fps", np.nan) for r in rows], "^-", label="end to end, 1 worker, frames/s")
+        ax.set_xticks(x, labels)
+        ax.set_xlabel("tile size")
+        ax.set_ylabel("frames/s")
+        ax.grid(alpha=0.3)
+        ax2 = ax.twinx()
+        ax2.bar(x, [r["bytes_tile_features"] / 1e3 for r in rows], alpha=0.25, color="tab:purple",
+                label="tile-features KB/frame")
+        ax2.axhline(rows[0]["bytes_frames"] / 1e3, color="tab:purple", ls=":", lw=1, label="frames KB/frame (sealed)")
+        ax2.set_ylabel("KB per frame on Kafka")
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = ax2.get_legend_handles_labels()
+        ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3)
+        ax.set_title("Tile-size sweep (vtest 768x576, HOG cell 16)")
+        fig.set_size_inches(8, 5.2)
+        charts["tile_sweep"] = _save(fig, where / "tile_sweep.png")
+    if cl:
+        v = cl["vtest"]
+        from benchmarks.compute_limit import STAGES
+
+        fig, ax = plt.subplots(figsize=(8, 3.8))
+        left = 0.0
+        cmap = plt.get_cmap("tab20")
+        for i, s in enumerate(STAGES):
+            w = v["ms"][s]
+            ax.barh([0], [w], left=left, color=cmap(i), label=f"{s} {w:.2f} ms")
+            left += w
+        ax.set_yticks([])
+        ax.set_xlabel("ms per vtest frame, one thread")
+        ax.set_title(f"Where one frame's cost goes (crypto = seal+sign+verify+open: "
+                     f"{100 * v['crypto_share_total']:.1f}%)")
+        ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.3))
+        charts["stages"] = _save(fig, where / "stages.png")
+    return charts
+
+
+def _save(fig, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path.name
+
+
+# --------------------------------------------------------------------------- report
+
+
+def render(res: dict, charts: dict[str, str], where: Path) -> str:
+    ratios, goals = headline(res)
+    lines = [
+        "# tilestream benchmarks",
+        "",
+        f"Generated by `python -m benchmarks.run_all{' --quick' if res['quick'] else ''}` on "
+        f"{time.strftime('%Y-%m-%d %H:%M %Z')} in {res['seconds'] / 60:.1f} min.",
+        "",
+        f"**Machine:** {res['machine']}",
+        "",
+        f"**Load when the run started:** {res['load_at_start']}. The machine is shared: every ratio below "
+        "compares two numbers measured in this one run, not across runs or machines.",
+        "",
+    ]
+    if res["quick"]:
+        lines += ["> **Smoke run (`--quick`)**: small samples, one worker count; the numbers show that everything "
+                  "runs, they are not representative.", ""]
+    lines += ["## Headline ratios", "", ratios, "", "## Goals", "", goals, ""]
+    why = explain(res)
+    if why:
+        lines += ["### Why (measured in this run)", ""] + [f"- {w}" for w in why] + [""]
+    if res["errors"]:
+        lines += ["## Steps that failed", ""] + [f"- `{k}`: {v}" for k, v in res["errors"].items()] + [""]
+    sections = [
+        ("compute", "Single-process compute limit (benchmarks/compute_limit.py)",
+         ["compute_summary", "compute_stages", "compute_crypto", "compute_sizes"], ["stages"]),
+        ("pipeline", "End to end over the real broker (benchmarks/pipeline_bench.py)",
+         ["pipeline_throughput", "pipeline_processor_ms", "pipeline_latency", "pipeline_cpu", "pipeline_rss", "pipeline_bytes",
+          "pipeline_profile", "pipeline_profile_leaves", "pipeline_soak"], ["throughput", "latency"]),
+        ("sweep", "Choosing the tile size (benchmarks/tile_sweep.py)", ["tile_sweep"], ["tile_sweep"]),
+        ("peers", "Peers: the seed Pool design and Quix Streams (benchmarks/peers.py)",
+         ["peers_seed", "peers_processor"], []),
+        ("transport", "Kafka alone with our record sizes (benchmarks/transport.py)", ["transport"], []),
+    ]
+    captions = {
+        "compute_summary": "Frames/s and tiles/s of one thread, no Kafka.",
+        "compute_stages": "Mean ms per frame by stage (agent = on the camera; transport = only because tiles travel "
+                          "as Kafka records).",
+        "compute_crypto": "Crypto share of frame cost.",
+        "pipeline_throughput": "Closed loop: N frames pre-filled, then the workers start; sustained = frames from "
+                               "the moment the workers had processed 10% of them until the last result arrived.",
+        "pipeline_processor_ms": "The processor workers' own timers (/metrics), mean ms per frame: the executor's "
+                                 "stages and the whole frame on the event loop.",
+        "pipeline_latency": "Open loop at a fixed rate (capture time = scheduled send time, so no coordinated "
+                            "omission); latency = result read from `results` minus capture.",
+        "pipeline_cpu": "CPU ms per frame of each process over the closed loop's sustained window (/proc).",
+        "pipeline_rss": "Peak RSS (VmHWM) of each process, read before it was stopped.",
+        "pipeline_bytes": "Bytes on the broker's disk per frame sent (records and batch headers).",
+        "pipeline_profile": "py-spy samples of the 1-worker processor and the classifier during a closed-loop burst.",
+        "pipeline_profile_leaves": "Hottest functions (self samples).",
+        "tile_sweep": "One fresh process per size; bytes computed exactly as the processor serialises them.",
+    }
+    for key, title, tabs, chs in sections:
+        sec = res.get(key)
+        if not sec:
+            continue
+        lines += [f"## {title}", ""]
+        for t in tabs:
+            if t in sec.get("tables", {}):
+                if t in captions:
+                    lines += [captions[t], ""]
+                lines += [sec["tables"][t], ""]
+        for c in chs:
+            if c in charts:
+                lines += [f"![{c}]({charts[c]})", ""]
+        if key == "compute":
+            lines += [f"Digit sheets: held-out tile (digit) accuracy of the on-the-fly model "
+                      f"{sec['digits'].get('digit_accuracy', float('nan')):.3f}.", ""]
+    lines += ["## How to run", "", "```sh",
+              "make bench                                   # this report (python -m benchmarks.run_all)",
+              "python -m benchmarks.run_all --quick         # smoke run, a few minutes",
+              "python -m benchmarks.run_all --soak          # + 10 min at 50% load: RSS slope, latency drift",
+              "python -m benchmarks.compute_limit | pipeline_bench | tile_sweep | peers | transport   # one step",
+              "```", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
