@@ -9,7 +9,7 @@ Two workloads, each sealed exactly as the edge agent seals (HPKE X25519 + Ed2551
   20 px tiles (5000 per sheet, one digit each), FeatureConfig(tile_size=20, hog_cell=10).
 
 Per frame, on the processor's real code path (``FrameProcessor.process``: verify, HPKE open,
-decode under limits, tile, features, TileFeatures records) and then the classifier's
+decode under limits, tile, features, the TileBatch record) and then the classifier's
 (``classify_frame`` with a small logistic model trained here on the fly: the scene model on
 MOG2 labels for vtest, digit labels for the sheets). Serialisation of the tile records
 (what Faust sends) and their parsing (what the classifier reads) are timed too, but are
@@ -66,7 +66,7 @@ def measure(name: str, images, encoding: str, quality: int, cfg, model, store, s
     from stream_processor.pipeline import decode_image
     from stream_processor.tiling import split
     from tilestream import crypto
-    from tilestream.records import TileFeatures
+    from tilestream.records import TileBatch
 
     fp = make_processor(store, cfg)
     times = {s: [] for s in STAGES}
@@ -98,7 +98,7 @@ def measure(name: str, images, encoding: str, quality: int, cfg, model, store, s
             t_ser = time.perf_counter() - t0
             # The classifier: parse, assemble, classify (model + FrameResult), result JSON.
             t0 = time.perf_counter()
-            parsed = [TileFeatures.from_bytes(v) for v in values]
+            parsed = [t for v in values for t in TileBatch.from_bytes(v).split()]
             t_parse = time.perf_counter() - t0
             t0 = time.perf_counter()
             asm = FrameAssembler()
@@ -110,7 +110,7 @@ def measure(name: str, images, encoding: str, quality: int, cfg, model, store, s
             t_cls = time.perf_counter() - t0
             if not keep:
                 continue
-            n_tiles += len(records)
+            n_tiles += sum(len(r.tiles) for r in records)
             rec_bytes += sum(len(v) for v in values)
             blob_bytes += len(blob)
             rest = t_proc - st.verify - st.open - st.decode - st.features

@@ -3,7 +3,7 @@
     python -m benchmarks.quix_processor --bootstrap HOST:PORT --keys DIR --group G
 
 The same per-frame work as `tilestream process` — ``FrameProcessor.process`` (verify, HPKE
-open, decode under limits, tile, features, TileFeatures records) and the records' own JSON
+open, decode under limits, tile, features, the TileBatch record) and the records' own JSON
 serialisation — from `frames` to `tile-features`, key = frame id. What it leaves out, and
 the Faust worker does: the replay table, dead letters, metrics and the web page. Runs until
 SIGTERM (Quix stops cleanly on it).

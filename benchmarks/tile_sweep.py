@@ -62,7 +62,7 @@ def _one_size(args) -> dict:
     from classifier.service import classify_frame
     from tilestream.config import FeatureConfig
     from tilestream.keys import KeyStore
-    from tilestream.records import TileFeatures
+    from tilestream.records import TileBatch
 
     from benchmarks.common import make_processor, proc_status_kib
     import os
@@ -73,10 +73,10 @@ def _one_size(args) -> dict:
     # Train a logistic model on synthetic labels (tile brighter than the frame's median tile or not).
     X, y = [], []
     for key, blob in blobs[:8]:
-        recs, _ = fp.process(blob)
+        recs = [t for r in fp.process(blob)[0] for t in r.split()]
         v = np.stack([r.vector() for r in recs])
         X.append(v)
-        means = np.array([r.x * 0 + r.vector().mean() for r in recs])
+        means = np.array([r.vector().mean() for r in recs])
         y.extend(np.where(means >= np.median(means), "bright", "dark"))
     X = np.concatenate(X)
     y = np.asarray(y)
@@ -96,7 +96,8 @@ def _one_size(args) -> dict:
         asm = FrameAssembler()
         frame = None
         for k, (_, v) in enumerate(values):
-            frame = asm.add(TileFeatures.from_bytes(v), 0, k, 0.0) or frame
+            for t in TileBatch.from_bytes(v).split():
+                frame = asm.add(t, 0, k, 0.0) or frame
         classify_frame(model, frame, time.time_ns()).to_json()
         t3 = time.perf_counter()
         if i < 2:
@@ -104,7 +105,7 @@ def _one_size(args) -> dict:
         proc_t.append(t1 - t0)
         ser_t.append(t2 - t1)
         cls_t.append(t3 - t2)
-        tiles += len(records)
+        tiles += sum(len(r.tiles) for r in records)
         n_rec += len(records)
         fr_bytes += len(key) + len(blob)
         tf_bytes += sum(len(k) + len(v) for k, v in values)

@@ -20,7 +20,7 @@ import numpy as np
 
 from tilestream import topics
 from tilestream.metrics import Metrics
-from tilestream.records import DeadLetter, FrameResult, StageMetrics, TileFeatures, TileLabel
+from tilestream.records import DeadLetter, FrameResult, StageMetrics, TileBatch, TileLabel
 
 from classifier.assembler import FrameAssembler, PendingFrame
 from classifier.model import TileModel
@@ -155,18 +155,23 @@ class ClassifierService:
                 for tp, messages in batch.items():
                     for m in messages:
                         try:
-                            tile = TileFeatures.from_bytes(m.value)
+                            rec = TileBatch.from_bytes(m.value)
+                            tiles = rec.split()
                         except Exception as exc:  # noqa: BLE001 - anything unparsable is a dead letter
                             self._dead(producer, "malformed", f"tile record does not parse: {exc}", m)
                             continue
-                        if tile.feature_digest != self.digest:
+                        if rec.feature_digest != self.digest:
                             self._dead(producer, "feature_mismatch",
-                                       f"tile features {tile.feature_digest} != model features {self.digest}", m, tile.frame_id)
+                                       f"tile features {rec.feature_digest} != model features {self.digest}", m,
+                                       rec.frame_id)
                             continue
-                        frame = self.assembler.add(tile, tp.partition, m.offset, now)
-                        if frame is not None:
-                            self._emit(producer, frame, on_result)
-                            emitted += 1
+                        if not tiles:
+                            self.assembler.seen(tp.partition, m.offset)
+                        for tile in tiles:
+                            frame = self.assembler.add(tile, tp.partition, m.offset, now)
+                            if frame is not None:
+                                self._emit(producer, frame, on_result)
+                                emitted += 1
                 for frame in self.assembler.expired(now):
                     self.metrics.inc("frames_incomplete_total")
                     log.warning(json.dumps({"event": "frame_incomplete", "frame_id": frame.frame_id,

@@ -1,6 +1,6 @@
 """The Faust stream processor: all wiring in one place.
 
-    frames (sealed)  --process_frames-->  tile-features   (one TileFeatures per tile, key = frame id)
+    frames (sealed)  --process_frames-->  tile-features   (one TileBatch per frame, key = frame id)
                      \\--> tile-jobs  --compute_tile_jobs--> tile-features   (frames >= fanout_min_pixels)
                      \\--> dead-letters   (DeadLetter: stage, reason, original still-encrypted record)
     every 2 s        ------------------>  metrics         (StageMetrics snapshot for the dashboard)
@@ -40,7 +40,7 @@ from tilestream.config import Settings
 from tilestream.crypto import FrameRejected
 from tilestream.keys import DeviceRegistry, KeyStore
 from tilestream.metrics import Metrics
-from tilestream.records import DeadLetter, StageMetrics, TileFeatures
+from tilestream.records import DeadLetter, StageMetrics, TileBatch
 
 from stream_processor import tilejobs
 from stream_processor.faust_fixes import install_rebalance_ack_guard
@@ -74,7 +74,7 @@ def create_app(settings: Settings, bootstrap: str, datadir: Path, web_port: int 
         web_enabled=True,
     )
     frames = app.topic(topics.FRAMES, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
-    tile_features = app.topic(topics.TILE_FEATURES, key_type=bytes, value_type=TileFeatures, key_serializer="raw")
+    tile_features = app.topic(topics.TILE_FEATURES, key_type=bytes, value_type=TileBatch, key_serializer="raw")
     tile_jobs = app.topic(topics.TILE_JOBS, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     dead_letters = app.topic(topics.DEAD_LETTERS, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     metrics_topic = app.topic(topics.METRICS, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
@@ -138,7 +138,7 @@ def create_app(settings: Settings, bootstrap: str, datadir: Path, web_port: int 
             else:
                 for rec in records:
                     await tile_features.send(key=rec.frame_id.encode(), value=rec)
-                metrics.inc("tiles_total", len(records))
+                metrics.inc("tiles_total", sum(len(r.tiles) for r in records))
             metrics.inc("frames_total")
             times.verify = t1 - t0
             for stage in STAGES:
@@ -146,7 +146,7 @@ def create_app(settings: Settings, bootstrap: str, datadir: Path, web_port: int 
             metrics.observe("frame_seconds", time.perf_counter() - t0)
             metrics.observe("capture_to_features_seconds", max(0.0, (time.time_ns() - env.header.capture_ns) / 1e9))
 
-    def compute_job(record: bytes) -> list[TileFeatures]:
+    def compute_job(record: bytes) -> TileBatch:
         job, band = tilejobs.open_job(record, tile_keys)
         return tilejobs.job_features(job, band, settings.features, processor.digest)
 
@@ -156,13 +156,12 @@ def create_app(settings: Settings, bootstrap: str, datadir: Path, web_port: int 
         async for event in stream.events():
             t0 = time.perf_counter()
             try:
-                records = await loop.run_in_executor(executor, compute_job, event.value)
+                batch = await loop.run_in_executor(executor, compute_job, event.value)
             except FrameRejected as rej:
                 await dead_letter(rej, event, stage="tiles")
                 continue
-            for rec in records:
-                await tile_features.send(key=rec.frame_id.encode(), value=rec)
-            metrics.inc("tiles_total", len(records))
+            await tile_features.send(key=batch.frame_id.encode(), value=batch)
+            metrics.inc("tiles_total", len(batch.tiles))
             metrics.observe("tile_job_seconds", time.perf_counter() - t0)
 
     @app.timer(interval=0.5)

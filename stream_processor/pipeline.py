@@ -19,7 +19,7 @@ from tilestream import crypto
 from tilestream.config import FeatureConfig
 from tilestream.crypto import DeviceKey, FrameRejected
 from tilestream.envelope import Envelope, FrameHeader
-from tilestream.records import TileFeatures
+from tilestream.records import TileBatch
 
 from stream_processor.features import tile_features
 from stream_processor.imageinfo import ImageHeaderError, probe
@@ -91,8 +91,8 @@ class FrameProcessor:
         """Parse and check the device signature (cheap: ~0.1 ms). Raises FrameRejected."""
         return crypto.verify_frame(blob, self.devices)
 
-    def process(self, blob: bytes) -> tuple[list[TileFeatures], StageTimes]:
-        """Sealed frame bytes -> one TileFeatures record per tile. Raises FrameRejected."""
+    def process(self, blob: bytes) -> tuple[list[TileBatch], StageTimes]:
+        """Sealed frame bytes -> the frame's TileBatch record(s). Raises FrameRejected."""
         t0 = time.perf_counter()
         env = self.verify(blob)
         verify_s = time.perf_counter() - t0
@@ -109,22 +109,21 @@ class FrameProcessor:
         times.open, times.decode = t2 - t1, time.perf_counter() - t2
         return gray
 
-    def process_verified(self, env: Envelope) -> tuple[list[TileFeatures], StageTimes]:
+    def process_verified(self, env: Envelope) -> tuple[list[TileBatch], StageTimes]:
         """Open, decode, tile and compute features of a frame whose signature was verified."""
         times = StageTimes()
         gray = self.open_and_decode(env, times)
         return self.features_of(env.header, gray, times), times
 
-    def features_of(self, header: FrameHeader, gray: np.ndarray, times: StageTimes) -> list[TileFeatures]:
-        """One TileFeatures record per tile of a decoded frame."""
+    def features_of(self, header: FrameHeader, gray: np.ndarray, times: StageTimes) -> list[TileBatch]:
+        """The features of every tile of a decoded frame, as one TileBatch record."""
         t3 = time.perf_counter()
         tiles = image_tile_features(gray, self.cfg)
         times.features = time.perf_counter() - t3
         now = time.time_ns()
-        records = [TileFeatures.make(header, len(tiles), tile, vec, self.digest, now) for tile, vec in tiles]
-        if not records:
+        if not tiles:
             raise FrameRejected("bad_image", f"frame {header.frame_id}: {header.width}x{header.height} yields no tiles", header)
-        return records
+        return [TileBatch.make(header, len(tiles), tiles, self.digest, now)]
 
 
 class ReplayGuard:

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from tilestream.config import FeatureConfig
 from tilestream.crypto import FrameRejected
 from tilestream.envelope import FrameHeader
-from tilestream.records import TileFeatures
+from tilestream.records import TileBatch
 
 from stream_processor.features import tile_features
 from stream_processor.tiling import Tile, extract_tile, tile_grid
@@ -121,13 +121,11 @@ def open_job(record: bytes, keys: dict[str, bytes]) -> tuple[TileJob, np.ndarray
     return job, np.frombuffer(data, np.uint8).reshape(job.band_height, job.frame_width)
 
 
-def job_features(job: TileJob, band: np.ndarray, cfg: FeatureConfig, digest: str) -> list[TileFeatures]:
-    """The TileFeatures of a band's tiles — equal to the whole frame's for those tiles."""
+def job_features(job: TileJob, band: np.ndarray, cfg: FeatureConfig, digest: str) -> TileBatch:
+    """The features of a band's tiles, one TileBatch — equal to the whole frame's for those tiles."""
     tiles = tile_grid(job.frame_height, job.frame_width, cfg.tile_size, cfg.overlap, cfg.edge_policy)
-    now = time.time_ns()
-    out = []
+    pairs = []
     for t in tiles[job.first_tile:job.last_tile]:
         local = Tile(t.index, t.x, t.y - job.y0, t.w, t.h)
-        vec = tile_features(extract_tile(band, local, cfg.tile_size, cfg.edge_policy), cfg)
-        out.append(TileFeatures.make(job, job.n_tiles, t, vec, digest, now))
-    return out
+        pairs.append((t, tile_features(extract_tile(band, local, cfg.tile_size, cfg.edge_policy), cfg)))
+    return TileBatch.make(job, job.n_tiles, pairs, digest, time.time_ns())

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import numpy as np
+
 from classifier.assembler import FrameAssembler
 from tilestream.records import TileFeatures
 
@@ -7,7 +9,7 @@ from tilestream.records import TileFeatures
 def tile(frame: str, index: int, n: int = 3) -> TileFeatures:
     return TileFeatures(frame_id=frame, camera_id="c", seq=int(frame.split("/")[1]), capture_ns=1, frame_width=8,
                         frame_height=8, tile_index=index, n_tiles=n, x=0, y=0, w=8, h=8, feature_digest="d",
-                        features="", processed_ns=2)
+                        processed_ns=2, vec=np.zeros(4, np.float32))
 
 
 def test_frame_completes_once_and_redelivery_is_ignored():
@@ -50,3 +52,24 @@ def test_revoked_partitions_drop_their_frames():
     a.forget_partitions({0})
     assert list(a.pending) == ["c/2"]
     assert a.committable() == {1: 0}
+
+
+def test_a_tile_batch_carries_every_tile_exactly():
+    from tilestream.records import TileBatch
+    from stream_processor.tiling import Tile
+
+    class Frame:
+        frame_id, camera_id, seq, capture_ns, width, height = "c/7", "c", 7, 5, 100, 50
+
+    vecs = [np.arange(3, dtype=np.float32) + i for i in range(4)]
+    tiles = [(Tile(i, 10 * i, 0, 10, 10), v) for i, v in enumerate(vecs)]
+    wire = TileBatch.make(Frame, 9, tiles, "dig", 123).dumps()
+    back = TileBatch.from_bytes(wire).split()
+    assert [(t.tile_index, t.x, t.n_tiles, t.frame_width) for t in back] == [(i, 10 * i, 9, 100) for i in range(4)]
+    for t, v in zip(back, vecs):
+        np.testing.assert_array_equal(t.vector(), v)
+    a = FrameAssembler()
+    frame = None
+    for t in back:  # one record (one offset) holds several tiles of the frame
+        frame = a.add(t, 0, 42, 0.0) or frame
+    assert frame is None and a.committable() == {0: 42}

@@ -20,7 +20,7 @@ from stream_processor.tiling import tile_grid
 from tilestream import topics
 from tilestream.config import AgentSettings
 from tilestream.procs import Children, start_cloud_stages
-from tilestream.records import TileFeatures
+from tilestream.records import TileBatch
 
 from conftest import child_env, read_topic, wait_for
 
@@ -102,7 +102,7 @@ def test_sigkill_of_a_processor_and_of_the_classifier_loses_and_repeats_nothing(
     n_tiles = len(tile_grid(576, 768, 64, 0, "pad"))
     assert all(r.complete and len(r.tiles) == n_tiles for r in results)
 
-    records = [TileFeatures.from_bytes(m.value) for m in read_topic(bootstrap, topics.TILE_FEATURES)]
+    records = [t for m in read_topic(bootstrap, topics.TILE_FEATURES) for t in TileBatch.from_bytes(m.value).split()]
     tiles = {(t.frame_id, t.tile_index) for t in records if t.camera_id == CAMERA}
     print(f"tile records {len(records)}, distinct {len(tiles)} (the difference was redelivered after the SIGKILL)")
     assert tiles == {(f"{CAMERA}/{s}", i) for s in range(N_FRAMES) for i in range(n_tiles)}

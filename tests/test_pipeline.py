@@ -19,7 +19,7 @@ from stream_processor.tiling import tile_grid
 from tilestream import topics
 from tilestream.config import AgentSettings
 from tilestream.procs import Children, start_cloud_stages
-from tilestream.records import DeadLetter, TileFeatures
+from tilestream.records import DeadLetter, TileBatch
 from tilestream.samples import iter_video_frames
 
 from conftest import SUPPORTED_VERSIONS, child_env, read_topic
@@ -108,7 +108,8 @@ def test_encrypted_frames_become_exactly_one_result_each(version, kafka_any, key
             assert r.latency_ms > 0
 
         # Tile features: every tile of every frame is on the topic (at least once).
-        tiles = {(t.frame_id, t.tile_index) for t in map(TileFeatures.from_bytes, (m.value for m in read_topic(bootstrap, topics.TILE_FEATURES)))}
+        tiles = {(t.frame_id, t.tile_index) for m in read_topic(bootstrap, topics.TILE_FEATURES)
+                 for t in TileBatch.from_bytes(m.value).split()}
         assert tiles == {(f"cam-test/{s}", i) for s in range(N_FRAMES + 1) for i in range(len(expected_tiles))}
 
         # No frame travels in plaintext: raw records on `frames` do not decode as images and

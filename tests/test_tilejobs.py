@@ -18,7 +18,7 @@ from tilestream.config import AgentSettings, FeatureConfig
 from tilestream.crypto import FrameRejected
 from tilestream.envelope import FrameHeader
 from tilestream.procs import Children, start_cloud_stages
-from tilestream.records import TileFeatures
+from tilestream.records import TileBatch
 from tilestream.samples import iter_video_frames
 
 from conftest import child_env, read_topic, wait_for
@@ -63,7 +63,7 @@ def test_bands_give_exactly_the_whole_frame_features(cfg, vtest_path):
     for _key, record in jobs:
         assert gray[100:101].tobytes() not in record  # pixels are not in plaintext
         job, band = tilejobs.open_job(record, {"k1": KEY})
-        for rec in tilejobs.job_features(job, band, cfg, "digest"):
+        for rec in tilejobs.job_features(job, band, cfg, "digest").split():
             got[rec.tile_index] = rec
     assert sorted(got) == sorted(whole)
     for i, rec in got.items():
@@ -110,7 +110,8 @@ def test_a_frame_is_computed_by_several_workers(kafka, keystore, scene_model, vt
         if sorted(results) != list(range(n)):
             missing = sorted(set(range(n)) - set(results))
             jobs = [m.key.decode() for m in read_topic(bootstrap, topics.TILE_JOBS)]
-            feats = [TileFeatures.from_bytes(m.value).frame_id for m in read_topic(bootstrap, topics.TILE_FEATURES)]
+            feats = [t.frame_id for m in read_topic(bootstrap, topics.TILE_FEATURES)
+                     for t in TileBatch.from_bytes(m.value).split()]
             dead = [m.value[:300] for m in read_topic(bootstrap, topics.DEAD_LETTERS)]
             frames = [m.key.decode() for m in read_topic(bootstrap, topics.FRAMES)]
             detail = {s: (frames.count(f"cam-test/{s}"), sum(1 for k in jobs if k.startswith(f"cam-test/{s}#")),
@@ -131,5 +132,5 @@ def test_a_frame_is_computed_by_several_workers(kafka, keystore, scene_model, vt
     for m in jobs:
         by_frame.setdefault(m.key.decode().split("#")[0], set()).add(m.partition)
     assert all(len(parts) >= 2 for parts in by_frame.values()), "each frame's bands spread over partitions"
-    tiles = [TileFeatures.from_bytes(m.value) for m in read_topic(bootstrap, topics.TILE_FEATURES)]
+    tiles = [t for m in read_topic(bootstrap, topics.TILE_FEATURES) for t in TileBatch.from_bytes(m.value).split()]
     assert {(t.frame_id, t.tile_index) for t in tiles} == {(f"cam-test/{s}", i) for s in range(n) for i in range(108)}

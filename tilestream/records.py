@@ -1,8 +1,9 @@
 """Record schemas between stages (after the envelope): tile features, results, dead letters.
 
-* :class:`TileFeatures` — processor -> classifier, a ``faust.Record`` (JSON, no Faust
-  metadata, so any client can read it). The feature vector travels as base64 of
-  little-endian float32: compact and exact.
+* :class:`TileBatch` — processor -> classifier, a ``faust.Record`` (JSON, no Faust
+  metadata, so any client can read it) with every tile of a frame (or of a band): one record
+  per frame, the feature matrix as base64 of little-endian float32 (compact and exact).
+  :class:`TileFeatures` is one tile of it in memory.
 * :class:`FrameResult` — classifier -> everyone, plain JSON that follows the committed
   JSON Schema ``tilestream/schemas/result.v1.json``.
 * :class:`DeadLetter` — any stage -> ``dead-letters``, with the original record (still
@@ -19,7 +20,7 @@ import base64
 import json
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, List
 
 import faust
 import numpy as np
@@ -35,7 +36,11 @@ def decode_vector(s: str) -> np.ndarray:
     return np.frombuffer(base64.b64decode(s), dtype="<f4")
 
 
-class TileFeatures(faust.Record, serializer="json", include_metadata=False):
+@dataclass
+class TileFeatures:
+    """One tile's features in memory (what the classifier assembles); on the wire they travel
+    in a :class:`TileBatch`."""
+
     frame_id: str
     camera_id: str
     seq: int
@@ -49,26 +54,61 @@ class TileFeatures(faust.Record, serializer="json", include_metadata=False):
     w: int
     h: int
     feature_digest: str
-    features: str  # base64 little-endian float32, see encode_vector
     processed_ns: int
+    vec: np.ndarray
 
     def vector(self) -> np.ndarray:
-        return decode_vector(self.features)
+        return self.vec
+
+
+class TileBatch(faust.Record, serializer="json", include_metadata=False):
+    """processor -> classifier: the features of all tiles of one frame (or of one band of a
+    fanned-out frame) in one record — one Kafka record per frame instead of one per tile.
+
+    ``tiles`` lists ``[index, x, y, w, h]`` per tile; ``features`` is base64 of a little-endian
+    float32 matrix of ``len(tiles)`` rows and ``dim`` columns, row i belonging to ``tiles[i]``.
+    ``n_tiles`` is the number of tiles of the whole frame.
+    """
+
+    frame_id: str
+    camera_id: str
+    seq: int
+    capture_ns: int
+    frame_width: int
+    frame_height: int
+    n_tiles: int
+    feature_digest: str
+    processed_ns: int
+    tiles: List[List[int]]
+    dim: int
+    features: str
 
     @classmethod
-    def make(cls, frame: Any, n_tiles: int, tile: Any, vector: np.ndarray, digest: str, now_ns: int) -> "TileFeatures":
+    def make(cls, frame: Any, n_tiles: int, tiles: list, digest: str, now_ns: int) -> "TileBatch":
         """From anything with the frame's fields (frame_id, camera_id, seq, capture_ns and
-        width/height or frame_width/frame_height) and a tile (index, x, y, w, h)."""
+        width/height or frame_width/frame_height) and ``[(tile, vector), ...]`` (tile: index, x, y, w, h)."""
+        matrix = np.stack([v for _, v in tiles]).astype("<f4") if tiles else np.zeros((0, 0), "<f4")
         return cls(
             frame_id=frame.frame_id, camera_id=frame.camera_id, seq=frame.seq, capture_ns=frame.capture_ns,
             frame_width=getattr(frame, "frame_width", None) or frame.width,
             frame_height=getattr(frame, "frame_height", None) or frame.height,
-            tile_index=tile.index, n_tiles=n_tiles, x=tile.x, y=tile.y, w=tile.w, h=tile.h,
-            feature_digest=digest, features=encode_vector(vector), processed_ns=now_ns,
+            n_tiles=n_tiles, feature_digest=digest, processed_ns=now_ns,
+            tiles=[[t.index, t.x, t.y, t.w, t.h] for t, _ in tiles], dim=int(matrix.shape[1]) if tiles else 0,
+            features=encode_vector(matrix.ravel()),
         )
 
+    def matrix(self) -> np.ndarray:
+        return decode_vector(self.features).reshape(len(self.tiles), self.dim)
+
+    def split(self) -> list[TileFeatures]:
+        m = self.matrix()
+        return [TileFeatures(self.frame_id, self.camera_id, self.seq, self.capture_ns, self.frame_width,
+                             self.frame_height, index, self.n_tiles, x, y, w, h, self.feature_digest,
+                             self.processed_ns, m[i])
+                for i, (index, x, y, w, h) in enumerate(self.tiles)]
+
     @classmethod
-    def from_bytes(cls, data: bytes) -> "TileFeatures":
+    def from_bytes(cls, data: bytes) -> "TileBatch":
         return cls.from_data(json.loads(data))
 
 
