@@ -1,7 +1,7 @@
 """Topic names and layouts: the one place that says which topics the pipeline uses.
 
     frames         agent -> processor     sealed frames (tilestream.envelope), key = frame id
-    tile-features  processor -> classifier  one TileFeatures record per tile, key = frame id
+    tile-features  processor -> classifier  one TileBatch per frame (or band of tiles), key = frame id
     results        classifier -> anyone   one FrameResult (JSON) per frame, key = camera id
     dead-letters   any stage -> operators  DeadLetter (JSON) with the original record
     heartbeats     agent -> dashboard      AgentHeartbeat JSON, key = camera id
