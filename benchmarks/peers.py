@@ -15,7 +15,7 @@ end-to-end rate (from benchmarks/pipeline_bench.py in the same run, when given).
 (b) **The processor stage written with Quix Streams** (benchmarks/quix_processor.py: the same
 ``FrameProcessor`` and record serialisation, confluent-kafka underneath) against tilestream's
 Faust worker, one process each, each fed the same pre-filled `frames` on the same broker with
-nothing else running; rate = tile records appearing on `tile-features` (10%-90% window).
+nothing else running; rate = TileBatch records (one per frame) appearing on `tile-features` (10%-90% window).
 """
 
 from __future__ import annotations
@@ -206,7 +206,7 @@ def run(frames: int = 160, quix_frames: int = 300, quix: bool = True, e2e_fps: f
                 res["processor"] = []
                 for kind in ("faust", "quix"):
                     try:
-                        res["processor"].append(processor_only(lk, store, tmp, kind, quix_frames, encoded, 108,
+                        res["processor"].append(processor_only(lk, store, tmp, kind, quix_frames, encoded, 1,
                                                                f"peer-{kind}"))
                         progress(f"[{kind}] {res['processor'][-1]['fps']:.1f} frames/s")
                     except Exception as exc:  # noqa: BLE001 - an optional peer must not sink the run

@@ -221,7 +221,7 @@ def explain(res: dict) -> list[str]:
             if "send_and_loop" in pm:
                 out.append(f"{r['workers']} worker(s), the workers' own timers: a frame takes {pm['frame']:.1f} ms on "
                            f"the event loop, of which verify+open+decode+features {pm['frame'] - pm['send_and_loop']:.1f}"
-                           f" ms and sending its 108 tile records (one awaited Faust send each) "
+                           f" ms and sending its tile records (one TileBatch per frame) "
                            f"{pm['send_and_loop']:.1f} ms; the agent handles one frame at a time (concurrency 1).")
         prof = next((r.get("profile") for r in pl["runs"] if r.get("profile")), None)
         if prof:
@@ -233,15 +233,15 @@ def explain(res: dict) -> list[str]:
         rows = {(r["client"].split(" (")[0], r["what"], r["direction"]): r for r in tr["rows"]}
         cons = rows.get(("kafka-python consumer", "tile record", "consume"))
         if cons:
-            out.append(f"kafka-python alone reads {cons['records_per_s']:.0f} tile records/s here "
-                       f"({cons['frames_per_s']:.0f} frames' worth of 108 tiles) with nothing else to do: the "
-                       f"classifier's transport, before it parses or classifies anything.")
+            out.append(f"kafka-python alone reads {cons['records_per_s']:.0f} records/s of one tile's size here "
+                       f"({cons['frames_per_s']:.0f} frames' worth at 108 such records per frame, the layout before "
+                       f"TileBatch) with nothing else to do.")
     if cl:
         v = cl["vtest"]
         out.append(f"In one process, features are {100 * v['ms']['features'] / v['ms_total']:.0f}% of the whole "
                    f"frame cost; record JSON+base64 (build {v['ms']['records']:.1f} ms, serialise "
-                   f"{v['ms']['serialize']:.1f} ms, parse {v['ms']['parse']:.1f} ms per frame) exists only because tiles "
-                   f"travel as 108 separate Kafka records.")
+                   f"{v['ms']['serialize']:.1f} ms, parse {v['ms']['parse']:.1f} ms per frame) is the price of "
+                   f"sending features between processes (one TileBatch record per frame).")
         if v["crypto_share_total"] > GOALS["crypto"]:
             out.append(f"Crypto is {v['crypto_share_total'] * 100:.1f}% of the whole vtest frame: Ed25519 sign and "
                        f"verify hash the whole ~{v['sealed_bytes'] / 1e3:.0f} KB frame (SHA-512) and HPKE seal/open run "
