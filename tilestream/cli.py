@@ -146,7 +146,7 @@ def cmd_process(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _default_model_path(settings: Settings) -> Path:
+def default_model_path(settings: Settings) -> Path:
     return cache_home() / "models" / f"scene-{settings.features.digest()}.skops"
 
 
@@ -168,7 +168,7 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     else:
         video = args.video or str(samples.path("vtest.avi"))
         model = train.train_scene_model(video, settings.features, kind=args.kind, max_frames=args.frames, progress=say)
-        out = args.out or _default_model_path(settings)
+        out = args.out or default_model_path(settings)
     out = model.save(out)
     metrics = {k: v for k, v in model.meta()["metrics"].items() if isinstance(v, (int, float, str))}
     print(json.dumps({"model": str(out), **metrics}))

@@ -29,7 +29,7 @@ def run_demo(settings: Settings, args: argparse.Namespace) -> int:
     from classifier.results import tail
     from deploy.local_kafka import LocalKafka, free_port
     from tilestream import samples
-    from tilestream.cli import format_result
+    from tilestream.cli import default_model_path, format_result
     from tilestream.keys import KeyStore
     from tilestream.topics import ensure_topics, pipeline_topics
 
@@ -53,7 +53,7 @@ def run_demo(settings: Settings, args: argparse.Namespace) -> int:
         store.enroll(camera)
 
     env = dict(os.environ, TILESTREAM_KAFKA_BOOTSTRAP=bootstrap, TILESTREAM_KEYS_DIR=str(keys_dir))
-    model_path = cache_home() / "models" / f"scene-{settings.features.digest()}.skops"
+    model_path = default_model_path(settings)
     children = Children()
     done, tail_ready = threading.Event(), threading.Event()
     interrupted = False

@@ -103,10 +103,6 @@ class Envelope:
     sealed: bytes
     signature: bytes
 
-    @property
-    def signed_bytes_len(self) -> int:
-        return len(self.header_bytes) + _LEN.size + len(self.sealed)
-
 
 def frame_id(camera_id: str, seq: int) -> str:
     """The identity of a frame everywhere in the pipeline."""

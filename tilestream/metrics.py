@@ -28,7 +28,6 @@ class Metrics:
         self.counters: dict[tuple[str, tuple], float] = collections.defaultdict(float)
         self.gauges: dict[tuple[str, tuple], float] = {}
         self.samples: dict[tuple[str, tuple], collections.deque] = {}
-        self.help: dict[str, str] = {}
         self.started = time.time()
 
     def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
