@@ -53,7 +53,7 @@ def _seal_timed(sealer: Sealer, enc: EncodedFrame, seq: int) -> tuple[bytes, flo
     t0 = time.perf_counter()
     sealed = crypto.SUITES[h.suite].encrypt(enc.data, sealer.cloud_public, info=crypto.INFO_PREFIX + hb)
     t1 = time.perf_counter()
-    sig = sealer.device_key.sign(envelope.signed_part(hb, sealed))
+    sig = sealer.device_key.sign(envelope.signed_message(h.version, hb, sealed))
     t2 = time.perf_counter()
     return envelope.assemble(hb, sealed, sig), t1 - t0, t2 - t1
 

@@ -40,6 +40,42 @@ def test_round_trip_keeps_header_and_image(keystore):
     assert IMAGE[:64] not in blob  # the image is not in the record in plaintext
 
 
+def test_v2_signs_a_sha256_digest_and_v1_frames_still_open(keystore):
+    """Agents write v2 (Ed25519 over a domain-separated SHA-256 digest); v1 frames of agents not yet
+    upgraded (Ed25519 over the bytes themselves) still verify and open."""
+    import hashlib
+
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    blob = seal(keystore)
+    env = envelope.parse(blob)
+    assert env.header.version == envelope.VERSION == 2
+    digest = hashlib.sha256(blob[: -envelope.SIGNATURE_LEN - len(env.sealed)] + env.sealed).digest()
+    dev_pub = DeviceRegistry(keystore.registry_path)(env.header.device_key_id).public_key
+    dev_pub.verify(env.signature, envelope.SIGNATURE_DOMAIN + digest)  # raises if it signs anything else
+    assert isinstance(dev_pub, ed25519.Ed25519PublicKey)
+
+    _, _, cloud_pub = keystore.cloud_public_key()
+    _, dev = keystore.device_private_key("cam-test")
+    v1 = FrameHeader(**{**{f: getattr(header(keystore), f) for f in FrameHeader.__slots__}, "version": 1})
+    old = crypto.seal_frame(IMAGE, v1, cloud_pub, dev)
+    h, data = open_(keystore, old)
+    assert (h.version, data) == (1, IMAGE)
+
+
+def test_a_signature_does_not_carry_over_between_envelope_versions(keystore):
+    """Relabelling a v2 frame as v1 (or the reverse) with its signature kept is refused."""
+    _, _, cloud_pub = keystore.cloud_public_key()
+    _, dev = keystore.device_private_key("cam-test")
+    for version, other in ((2, 1), (1, 2)):
+        h = FrameHeader(**{**{f: getattr(header(keystore), f) for f in FrameHeader.__slots__}, "version": version})
+        blob = bytearray(crypto.seal_frame(IMAGE, h, cloud_pub, dev))
+        blob[4] = other
+        with pytest.raises(FrameRejected) as exc:
+            open_(keystore, bytes(blob))
+        assert exc.value.reason == "bad_signature"
+
+
 def test_every_single_flipped_byte_is_refused(keystore):
     blob = seal(keystore)
     reasons = set()
@@ -59,7 +95,7 @@ def test_header_is_bound_into_the_seal_even_with_a_valid_signature(keystore):
     env = envelope.parse(blob)
     forged_header = header(keystore, seq=8).pack()
     _, dev = keystore.device_private_key("cam-test")
-    sig = dev.sign(envelope.signed_part(forged_header, env.sealed))
+    sig = dev.sign(envelope.signed_message(envelope.VERSION, forged_header, env.sealed))
     with pytest.raises(FrameRejected) as exc:
         open_(keystore, envelope.assemble(forged_header, env.sealed, sig))
     assert exc.value.reason == "decrypt_failed"
@@ -126,7 +162,7 @@ def test_private_keys_are_0600(keystore):
     [
         (b"", "malformed"),
         (b"JUNK" + bytes(100), "malformed"),
-        (b"TSFR\x02" + bytes(100), "unsupported_version"),
+        (b"TSFR\x03" + bytes(100), "unsupported_version"),
     ],
 )
 def test_malformed_records(blob, reason):
@@ -155,7 +191,7 @@ def test_hybrid_post_quantum_suite_round_trip_and_rotation(keystore):
     tampered[len(env.header_bytes) + 4 + 500] ^= 1  # inside the KEM ciphertext; re-sign so only the seal can object
     _, dev = keystore.device_private_key("cam-test")
     t_env = envelope.parse(bytes(tampered[:-64]) + bytes(64))
-    forged = envelope.assemble(t_env.header_bytes, t_env.sealed, dev.sign(envelope.signed_part(t_env.header_bytes, t_env.sealed)))
+    forged = envelope.assemble(t_env.header_bytes, t_env.sealed, dev.sign(envelope.signed_message(envelope.VERSION, t_env.header_bytes, t_env.sealed)))
     with pytest.raises(FrameRejected) as exc:
         open_(keystore, forged)
     assert exc.value.reason == "decrypt_failed"

@@ -6,7 +6,8 @@ registry are :mod:`tilestream.keys`.
 * seal: HPKE base mode to the cloud's public key — DHKEM(X25519, HKDF-SHA256) / HKDF-SHA256 /
   AES-256-GCM by default, or the hybrid post-quantum MLKEM768-X25519 KEM when the cloud key
   is of that kind — with ``info = INFO_PREFIX + header`` so the header is authenticated by
-  the seal; then Ed25519 over header + ciphertext with the device's key.
+  the seal; then Ed25519 with the device's key over the SHA-256 digest of header + ciphertext
+  (envelope v2; v1 frames, signed over the bytes themselves, are still verified).
 * open: parse, look up the device by key id, verify the signature, look up the cloud
   private key by key id, decrypt. Every refusal is a :class:`FrameRejected` carrying a
   dead-letter reason code.
@@ -74,7 +75,7 @@ def seal_frame(
     """Encrypt ``image`` to the cloud (suite from ``header.suite``) and sign it as the device."""
     header_bytes = header.pack()
     sealed = SUITES[header.suite].encrypt(image, cloud_public, info=INFO_PREFIX + header_bytes)
-    signature = device_private.sign(envelope.signed_part(header_bytes, sealed))
+    signature = device_private.sign(envelope.signed_message(header.version, header_bytes, sealed))
     return envelope.assemble(header_bytes, sealed, signature)
 
 
@@ -95,7 +96,7 @@ def verify_frame(blob: bytes, devices: Callable[[bytes], DeviceKey | None]) -> E
     if device.revoked:
         raise FrameRejected("revoked_device", f"device key {h.device_key_id.hex()} of {h.camera_id!r} is revoked", h)
     try:
-        device.public_key.verify(env.signature, envelope.signed_part(env.header_bytes, env.sealed))
+        device.public_key.verify(env.signature, envelope.signed_message(h.version, env.header_bytes, env.sealed))
     except InvalidSignature:
         raise FrameRejected("bad_signature", f"signature of frame {h.frame_id} does not verify", h) from None
     return env
