@@ -51,13 +51,18 @@ On-disk format
 ``seg-<first entry id, 20 digits>.log``  append-only segment files, records back to back::
 
     offset size  field
-    0      4     magic  b"TSPL"
-    4      4     crc32 (little endian) of bytes 8..end of the record (rest of header + payload)
+    0      4     magic  b"TSPC" (b"TSPL" in spools written before: read as well)
+    4      4     CRC-32C (b"TSPL": zlib's CRC-32), little endian, of bytes 8..end of the record
     8      4     key length   (u32 LE)
     12     4     value length (u32 LE)
     16     8     entry id     (u64 LE)
     24     8     seq          (i64 LE)
     32     ...   key, then value
+
+Appends also keep the newest records in memory (up to ``cache_bytes``) until they are first
+handed out, so a sender that keeps up never reads back what was just written; the disk copy
+is what survives a crash, and whatever is not cached (a backlog, a retry) is read from disk
+and CRC-checked.
 
 ``head``  JSON ``{"version": 1, "acked_through": <id>, "last_seq": <seq>}`` written
 atomically (temp file + ``os.replace``): every entry with id <= ``acked_through`` is gone.
@@ -110,6 +115,8 @@ import threading
 import time
 import zlib
 from collections import deque
+
+from crc32c import crc32c
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Literal
@@ -117,7 +124,9 @@ from typing import Iterable, Literal
 log = logging.getLogger("tilestream.spool")
 
 MiB = 1024 * 1024
-MAGIC = b"TSPL"
+MAGIC = b"TSPC"  # records with a CRC-32C (hardware-accelerated)
+MAGIC_V1 = b"TSPL"  # records with zlib's CRC-32, from spools written before (still read)
+_CRC = {MAGIC: crc32c, MAGIC_V1: zlib.crc32}
 _HEADER = struct.Struct("<4sIIIQq")
 _TAIL = struct.Struct("<IIQq")  # the header after magic and crc: what the crc starts with
 HEADER_BYTES = _HEADER.size  # 32
@@ -169,7 +178,7 @@ class _Segment:
 
 
 class _Rec:
-    __slots__ = ("id", "seq", "seg", "off", "klen", "vlen", "state")
+    __slots__ = ("id", "seq", "seg", "off", "klen", "vlen", "state", "entry")
 
     def __init__(self, eid: int, seq: int, seg: _Segment, off: int, klen: int, vlen: int):
         self.id = eid
@@ -179,6 +188,7 @@ class _Rec:
         self.klen = klen
         self.vlen = vlen
         self.state = _PENDING
+        self.entry: Entry | None = None  # in-memory copy until first handed out (see cache_bytes)
 
     @property
     def size(self) -> int:
@@ -198,14 +208,20 @@ def _parse(data: bytes, mv: memoryview, off: int, after_id: int) -> tuple[int, i
     if off + HEADER_BYTES > n:
         return None
     magic, crc, klen, vlen, eid, seq = _HEADER.unpack_from(data, off)
-    if magic != MAGIC:
+    crc_of = _CRC.get(magic)
+    if crc_of is None:
         return None
     end = off + HEADER_BYTES + klen + vlen
     if end > n or eid <= after_id:
         return None
-    if zlib.crc32(mv[off + _CRC_FROM:end]) != crc:
+    if crc_of(mv[off + _CRC_FROM:end]) != crc:
         return None
     return klen, vlen, eid, seq
+
+
+def _find_magic(data: bytes, start: int) -> int:
+    found = [i for i in (data.find(MAGIC, start), data.find(MAGIC_V1, start)) if i != -1]
+    return min(found) if found else -1
 
 
 def _scan(data: bytes, after_id: int) -> tuple[list[tuple[int, int, int, int, int]], int, int, bool]:
@@ -224,9 +240,9 @@ def _scan(data: bytes, after_id: int) -> tuple[list[tuple[int, int, int, int, in
             off += HEADER_BYTES + klen + vlen
             continue
         # Bad record: resynchronise on the next magic that starts a fully valid record.
-        nxt = data.find(MAGIC, off + 1)
+        nxt = _find_magic(data, off + 1)
         while nxt != -1 and _parse(data, mv, nxt, last) is None:
-            nxt = data.find(MAGIC, nxt + 1)
+            nxt = _find_magic(data, nxt + 1)
         if nxt == -1:
             return out, off, corrupt, True
         corrupt += 1
@@ -247,6 +263,7 @@ class Spool:
         *,
         sync_interval: float = 0.5,
         head_sync_acks: int = 64,
+        cache_bytes: int = 32 * MiB,
     ):
         if when_full not in ("drop_oldest", "block"):
             raise ValueError(f"when_full must be 'drop_oldest' or 'block', not {when_full!r}")
@@ -263,6 +280,8 @@ class Spool:
         self.fsync = fsync
         self.sync_interval = sync_interval
         self.head_sync_acks = head_sync_acks
+        self.cache_bytes = cache_bytes
+        self._cached = 0  # bytes of records held in memory (_Rec.entry)
 
         # Counters (since this open) and gauges.
         self.appended = 0
@@ -362,7 +381,7 @@ class Spool:
             if self._roll_next or (seg.size > 0 and seg.size + size > self.segment_bytes):
                 seg = self._roll(eid)
             tail = _TAIL.pack(klen, vlen, eid, seq)
-            crc = zlib.crc32(value, zlib.crc32(key, zlib.crc32(tail)))
+            crc = crc32c(value, crc32c(key, crc32c(tail)))
             off = seg.size
             self._write_record(seg, (MAGIC + struct.pack("<I", crc) + tail, key, value), off, size)
             if self.fsync == "always":
@@ -373,6 +392,9 @@ class Spool:
                 if self.fsync == "always":
                     seg.synced = seg.size
                 rec = _Rec(eid, seq, seg, off, klen, vlen)
+                if self._cached + size <= self.cache_bytes and type(key) is bytes and type(value) is bytes:
+                    rec.entry = Entry(eid, key, value, seq)
+                    self._cached += size
                 self._recs.append(rec)
                 self._index[eid] = rec
                 self._pending.append(rec)
@@ -505,6 +527,13 @@ class Spool:
             rec = self._next_pending_locked()
             if rec is None:
                 return
+            if rec.entry is not None:
+                entry = rec.entry
+                self._uncache_locked(rec)
+                rec.state = _INFLIGHT
+                self.in_flight += 1
+                out.append(entry)
+                continue
             raw = self._read_locked(rec)
             if raw is None:
                 self.corrupt_records_skipped += 1
@@ -539,17 +568,24 @@ class Spool:
         if len(raw) != size:
             return None
         magic, crc, klen, vlen, eid, _seq = _HEADER.unpack_from(raw)
-        if magic != MAGIC or (klen, vlen, eid) != (rec.klen, rec.vlen, rec.id):
+        crc_of = _CRC.get(magic)
+        if crc_of is None or (klen, vlen, eid) != (rec.klen, rec.vlen, rec.id):
             return None
-        if zlib.crc32(memoryview(raw)[_CRC_FROM:]) != crc:
+        if crc_of(memoryview(raw)[_CRC_FROM:]) != crc:
             return None
         return raw
+
+    def _uncache_locked(self, rec: _Rec) -> None:
+        if rec.entry is not None:
+            rec.entry = None
+            self._cached -= rec.size
 
     def _finish_locked(self, rec: _Rec) -> None:
         """Mark acknowledged (or unreadable) and advance the head over the acked prefix."""
         if rec.state == _INFLIGHT:
             self.in_flight -= 1
         rec.state = _ACKED
+        self._uncache_locked(rec)
         self.frames -= 1
         if self._recs and self._recs[0] is rec:
             while self._recs and self._recs[0].state == _ACKED:
@@ -581,6 +617,7 @@ class Spool:
                 if rec.state == _INFLIGHT:
                     self.in_flight -= 1
                 rec.state = _GONE
+                self._uncache_locked(rec)
                 self.frames -= 1
                 self.dropped += 1
                 dropped.append(rec.id)

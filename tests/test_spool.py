@@ -302,6 +302,52 @@ def test_record_corrupted_after_open_is_never_handed_out(tmp_path):
         assert sp.corrupt_records_skipped == 1 and sp.frames == 2
 
 
+def test_records_of_the_older_crc32_format_are_still_read(tmp_path):
+    """Spools written before the CRC-32C records (magic TSPL, zlib CRC-32) recover after an upgrade,
+    and a flipped byte in such a record is still caught."""
+    import struct
+    import zlib
+
+    d = tmp_path / "spool"
+    offsets = _one_segment_spool(d, 3)
+    (seg,) = segments(d)
+    data = bytearray(seg.read_bytes())
+    for start, end in zip(offsets, offsets[1:]):  # rewrite every record in the old format
+        data[start:start + 4] = b"TSPL"
+        data[start + 4:start + 8] = struct.pack("<I", zlib.crc32(data[start + 8:end]))
+    data[offsets[1] + 200] ^= 1
+    seg.write_bytes(bytes(data))
+    with Spool(d, max_bytes=2**24) as sp:
+        check_entries(drain(sp), [0, 2], [0, 2])
+        assert sp.corrupt_records_skipped == 1
+        fill(sp, [3])  # new appends use the new format beside the old records
+    with Spool(d, max_bytes=2**24) as sp:
+        check_entries(drain(sp), [0, 2, 3], [0, 2, 3])
+        assert sp.corrupt_records_skipped == 1
+
+
+def test_fresh_appends_are_handed_out_from_memory_and_the_rest_from_disk(tmp_path):
+    """Up to cache_bytes of new records are handed out without reading the disk back (so bit rot
+    between append and peek does not reach the sender); beyond that, and after a release, the
+    disk copy is read and checked."""
+    d = tmp_path / "spool"
+    size = rec_size(*payload(0, 5000))
+    with Spool(d, max_bytes=2**24, segment_bytes=2**24, cache_bytes=size + rec_size(*payload(1, 5000))) as sp:
+        fill(sp, range(4))  # 0 and 1 cached, 2 and 3 only on disk
+        (seg,) = segments(d)
+        with open(seg, "r+b") as f:  # flip a byte in records 0 (cached) and 2 (not cached)
+            for off in (100, size + rec_size(*payload(1, 5000)) + 100):
+                f.seek(off)
+                b = f.read(1)
+                f.seek(off)
+                f.write(bytes([b[0] ^ 1]))
+        entries = drain(sp)
+        check_entries(entries, [0, 1, 3], [0, 1, 3])
+        assert sp.corrupt_records_skipped == 1
+        assert sp.release([0]) == 1  # a retry reads the disk copy, which is now bad
+        assert drain(sp) == [] and sp.corrupt_records_skipped == 2
+
+
 CHILD = PAYLOAD_SRC + textwrap.dedent('''
     import random, sys
     from edge_agent.spool import Spool
