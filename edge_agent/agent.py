@@ -284,6 +284,9 @@ class EdgeAgent:
             request_timeout_ms=10000,
             max_block_ms=10000,
             reconnect_backoff_max_ms=int(self.settings.backoff_max_s * 1000),
+            # kafka-python's own client metrics (sensors updated on every request) are read by
+            # nobody here (the agent counts what it needs itself) and cost CPU on every frame.
+            metrics_enabled=False,
         )
 
     def _send_loop(self, on_sent) -> None:
