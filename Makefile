@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: setup browser demo test bench kafka-start kafka-stop clean
+.PHONY: setup browser rtsp demo test bench kafka-start kafka-stop clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-setup: $(STAMP) browser
+setup: $(STAMP) browser rtsp
 	$(BIN)/tilestream kafka fetch
 	$(BIN)/tilestream kafka fetch --version 3.9.1
 	$(BIN)/tilestream samples fetch
@@ -22,6 +22,13 @@ setup: $(STAMP) browser
 browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
+# GStreamer's RTSP server, run by the system Python (PyGObject), as the real RTSP camera of the agent's
+# tests (tests/rtsp_server.py: test pattern, JPEG over RTP).
+RTSP_PACKAGES := python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good
+rtsp:
+	@dpkg -s $(RTSP_PACKAGES) >/dev/null 2>&1 || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(RTSP_PACKAGES) >/dev/null; }
 
 demo: setup
 	$(BIN)/tilestream demo

@@ -89,28 +89,133 @@ def iter_capture(target: int | str, *, loop: bool = False, realtime: bool = Fals
         cap.release()
 
 
+def jpeg_complete(data: bytes) -> bool:
+    """Whether ``data`` holds a whole JPEG, up to its end-of-image marker.
+
+    libjpeg decodes a truncated JPEG (a file still being written, a cut upload) with only a
+    warning and grey rows at the bottom, so ``cv2.imread`` would hand back a damaged frame.
+    Walks the marker segments (skipping their payloads, e.g. an EXIF thumbnail with its own
+    EOI) and the entropy-coded data after each SOS; bytes after EOI are allowed.
+    """
+    if not data.startswith(b"\xff\xd8"):
+        return False
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return False
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0xD9:  # EOI
+            return True
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # standalone markers
+            i += 2
+            continue
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+        if marker == 0xDA:  # SOS: entropy-coded data up to the next marker other than FF00 and RSTn
+            while True:
+                j = data.find(b"\xff", i)
+                if j < 0 or j + 1 >= n:
+                    return False
+                nxt = data[j + 1]
+                if nxt == 0x00 or 0xD0 <= nxt <= 0xD7 or nxt == 0xFF:
+                    i = j + (1 if nxt == 0xFF else 2)
+                    continue
+                i = j
+                break
+    return i + 2 <= n and data[i:i + 2] == b"\xff\xd9"
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Decode one image file; SourceError("bad_image") if it does not decode or is a truncated JPEG."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise SourceError("read_failed", f"cannot read image {path}: {exc}") from None
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+    if image is None:
+        raise SourceError("bad_image", f"cannot decode image {path} ({len(data)} bytes)")
+    if data.startswith(b"\xff\xd8") and not jpeg_complete(data):
+        raise SourceError("bad_image", f"truncated JPEG {path} ({len(data)} bytes, no end of image)")
+    return image
+
+
+def _list_images(folder: Path) -> dict[str, tuple[int, int]]:
+    """name -> (size, mtime_ns) of the image files of ``folder``."""
+    out = {}
+    for p in folder.iterdir():
+        if p.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        try:
+            st = p.stat()
+        except FileNotFoundError:  # removed between listing and stat
+            continue
+        if not p.is_dir():
+            out[p.name] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
 def iter_folder(folder: Path, *, watch: bool = False, poll_s: float = 0.5, stop: threading.Event | None = None,
                 on_bad: Callable[[SourceError], None] | None = None) -> Iterator[Captured]:
     """Images of a folder in name order; with ``watch``, keep polling for new files.
 
-    An image that does not decode is reported to ``on_bad`` (counted, logged) and skipped;
-    without ``on_bad`` it raises SourceError("bad_image").
+    Each file name is delivered at most once. An image that does not decode (or is a truncated
+    JPEG) is reported to ``on_bad`` (counted, logged) and skipped; without ``on_bad`` it raises
+    SourceError("bad_image").
+
+    With ``watch``, a file is read only once its size and modification time are the same in two
+    listings in a row (a file still being written is left alone), a file that was bad is read
+    again when it changes (a slow writer completed it), and a folder that disappears (unmounted,
+    renamed) is reported once and waited for with the files already delivered remembered, so
+    nothing is delivered twice when it comes back.
     """
-    seen: set[str] = set()
+    delivered: set[str] = set()
+    bad: dict[str, tuple[int, int]] = {}  # name -> (size, mtime) of the version that did not decode
+    last_seen: dict[str, tuple[int, int]] = {}  # watch: name -> (size, mtime) at the previous listing
+    missing = False
+
+    def report(err: SourceError) -> None:
+        if on_bad is None:
+            raise err
+        on_bad(err)
+
     while True:
-        if not folder.is_dir():
-            raise SourceError("not_found", f"image folder {folder} does not exist")
-        new = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.name not in seen)
-        for path in new:
-            seen.add(path.name)
-            image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-            if image is None:
-                err = SourceError("bad_image", f"cannot decode image {path}")
-                if on_bad is None:
-                    raise err
+        try:
+            if not folder.is_dir():
+                raise FileNotFoundError(str(folder))
+            listing = _list_images(folder)
+        except OSError as exc:
+            err = SourceError("not_found" if isinstance(exc, FileNotFoundError) else "list_failed",
+                              f"image folder {folder} cannot be listed: {exc}")
+            if not watch or on_bad is None:
+                raise err from None
+            if not missing:
                 on_bad(err)
-                continue
-            yield Captured(image, time.time_ns(), path.name)
+                missing = True
+        else:
+            missing = False
+            ready = []
+            for name in sorted(listing):
+                sig = listing[name]
+                if name in delivered or bad.get(name) == sig:
+                    continue
+                if watch and last_seen.get(name) != sig:
+                    continue  # new or still changing: read it when it stopped changing
+                ready.append((name, sig))
+            if watch:
+                last_seen = {n: sig for n, sig in listing.items() if n not in delivered}
+            for name, sig in ready:
+                try:
+                    image = read_image(folder / name)
+                except SourceError as err:
+                    bad[name] = sig
+                    report(err)
+                    continue
+                bad.pop(name, None)
+                last_seen.pop(name, None)
+                delivered.add(name)
+                yield Captured(image, time.time_ns(), name)
         if not watch:
             return
         if stop is not None and stop.wait(poll_s):

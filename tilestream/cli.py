@@ -130,12 +130,23 @@ def cmd_agent(args: argparse.Namespace, settings: Settings) -> int:
     if a.http_port:
         from types import SimpleNamespace
 
-        serve_http(SimpleNamespace(render=agent.render_metrics), a.http_port, agent.health)
+        serve_http(SimpleNamespace(render=agent.render_metrics), a.http_port, lambda: agent_health(agent))
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())
     signal.signal(signal.SIGINT, lambda *_: agent.stop())
     counters = agent.run()
     print(json.dumps({"event": "agent_done", "camera_id": a.camera_id, **vars(counters)}), flush=True)
     return 0
+
+
+def agent_health(agent) -> dict:
+    """``/healthz`` of the agent: its own health plus what the camera and the sender did so far.
+
+    A failing camera is retried for ever and does not make the agent unhealthy (``status`` stays
+    "ok": restarting the process would not bring the camera back), but ``source_errors`` shows it.
+    """
+    c = agent.counters
+    return {**agent.health(), "captured": c.captured, "sent": c.sent, "source_errors": c.source_errors,
+            "send_errors": c.send_errors}
 
 
 def cmd_process(args: argparse.Namespace, settings: Settings) -> int:
@@ -375,11 +386,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _import_faust_without_our_argv() -> None:
+    """Import faust once with ``--loop``/``-L`` hidden from it.
+
+    ``faust/__init__.py`` scans ``sys.argv`` at import time for its worker's ``-L/--loop EVENT_LOOP``
+    option and imports the module named by the next argument, so ``tilestream agent --loop ...``
+    (replay the video file; the agent imports faust through ``tilestream.records``) died with
+    ``ModuleNotFoundError: No module named '--max-side'`` (or click's "Missing value" at the end).
+    """
+    saved = sys.argv
+    kept = [a for a in saved if a not in ("--loop", "-L") and not a.startswith("--loop=")]
+    if len(kept) == len(saved) or "faust" in sys.modules:
+        return
+    sys.argv = kept
+    try:
+        import faust  # noqa: F401 - imported for its side effects on sys.argv parsing only
+    finally:
+        sys.argv = saved
+
+
 def main(argv: list[str] | None = None) -> int:
     import faulthandler
 
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID` dumps every thread's stack
     args = build_parser().parse_args(argv)
+    _import_faust_without_our_argv()
     from tilestream.metrics import setup_logging
 
     setup_logging(args.log_level)

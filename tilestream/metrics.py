@@ -21,6 +21,14 @@ def _labels(labels: dict[str, str]) -> str:
     return "{" + inner + "}"
 
 
+def _value(v: float) -> str:
+    """A sample value without loss: integers in full (``{:g}`` printed 19931365 as 1.99314e+07), else repr."""
+    v = float(v)
+    if v.is_integer() and abs(v) < 2**63:
+        return str(int(v))
+    return repr(v)  # also nan, inf
+
+
 class Metrics:
     def __init__(self, prefix: str, window: int = 2048):
         self.prefix = prefix
@@ -58,9 +66,9 @@ class Metrics:
     def render(self) -> str:
         lines = [f"{self.prefix}_uptime_seconds {time.time() - self.started:.3f}"]
         for (name, labels), v in sorted(self.counters.items()):
-            lines.append(f"{self.prefix}_{name}{_labels(dict(labels))} {v:g}")
+            lines.append(f"{self.prefix}_{name}{_labels(dict(labels))} {_value(v)}")
         for (name, labels), v in sorted(self.gauges.items()):
-            lines.append(f"{self.prefix}_{name}{_labels(dict(labels))} {v:g}")
+            lines.append(f"{self.prefix}_{name}{_labels(dict(labels))} {_value(v)}")
         for (name, labels), _dq in sorted(self.samples.items()):
             for q, v in self.quantiles(name, **dict(labels)).items():
                 lines.append(f"{self.prefix}_{name}{_labels({**dict(labels), 'quantile': str(q)})} {v:.6f}")
