@@ -46,6 +46,8 @@ log = logging.getLogger("tilestream.agent")
 # Envelope bytes beyond the encoded image: header (45 + camera id), length, HPKE enc (up to 1120 for
 # MLKEM768-X25519) + tag, signature.
 ENVELOPE_OVERHEAD = 45 + 255 + 4 + 1120 + 16 + 64
+# How long a kafka-python client may block at creation waiting for a broker.
+BOOTSTRAP_TIMEOUT_MS = 5000
 
 
 class SeqCounter:
@@ -262,8 +264,12 @@ class EdgeAgent:
                     c.paused += 1
                     waited = True
                     log.warning(json.dumps({"event": "spool_full_paused", "frames": self.spool.frames}))
-                if self._stop.is_set() and self._sender_stop.is_set():
+                if self._stop.is_set():
+                    # Shutting down with a full spool (when_full="block"): this frame has nowhere to go.
                     c.dropped += 1
+                    self.metrics.inc("dropped_at_shutdown_total")
+                    log.warning(json.dumps({"event": "frame_dropped_at_shutdown", "seq": header.seq,
+                                            "reason": "spool full", "frames": self.spool.frames}))
                     return
                 self.spool.wait_for_space(len(key) + len(blob), timeout=0.5)
 
@@ -283,6 +289,9 @@ class EdgeAgent:
             delivery_timeout_ms=int(self.settings.delivery_timeout_s * 1000),
             request_timeout_ms=10000,
             max_block_ms=10000,
+            # Bounded so that a SIGTERM while the broker is away is honoured within seconds (the
+            # default 30 s outlived the drain timeout and systemd's stop timeout).
+            bootstrap_timeout_ms=BOOTSTRAP_TIMEOUT_MS,
             reconnect_backoff_max_ms=int(self.settings.backoff_max_s * 1000),
             # kafka-python's own client metrics (sensors updated on every request) are read by
             # nobody here (the agent counts what it needs itself) and cost CPU on every frame.
@@ -317,13 +326,15 @@ class EdgeAgent:
                 in_flight.pop(entry_id, None)
                 failed.append(entry_id)
             self.counters.send_errors += 1
+            self._connected = False
             log.warning(json.dumps({"event": "send_failed", "entry": entry_id, "error": str(exc)}))
 
         while not self._sender_stop.is_set():
             now = time.monotonic()
             if self._producer is None:
                 try:
-                    self._producer = self._make_producer()
+                    self._producer = self._make_producer()  # raises unless a broker answered
+                    self._connected = True
                     backoff.reset()
                 except Exception as exc:  # noqa: BLE001 - broker unreachable: keep spooling, retry later
                     self._connected = False
@@ -405,7 +416,9 @@ class EdgeAgent:
             spool_frames=self.spool.frames, spool_bytes=self.spool.live_bytes, status=status,
         )
         try:
-            self._producer.send(topics.HEARTBEATS, key=self.settings.camera_id.encode(), value=hb.to_json())
+            fut = self._producer.send(topics.HEARTBEATS, key=self.settings.camera_id.encode(), value=hb.to_json())
+            fut.add_callback(lambda _md: setattr(self, "_connected", True))
+            fut.add_errback(lambda _exc: setattr(self, "_connected", False))
             self.counters.heartbeats += 1
         except Exception as exc:  # noqa: BLE001 - a missed heartbeat is not worth a crash
             log.warning(json.dumps({"event": "heartbeat_failed", "error": str(exc)}))
@@ -438,6 +451,11 @@ class EdgeAgent:
 
     def render_metrics(self) -> str:
         for name, value in asdict(self.counters).items():
+            if name == "source_errors" and value:
+                # Counted per reason (``source_errors_total{reason=...}``) by _source_error; an
+                # unlabelled copy would make every sum over the family count each error twice.
+                self.metrics.gauges.pop(("source_errors_total", ()), None)
+                continue
             self.metrics.set(name if name == "last_seq" else f"{name}_total", value)
         self.metrics.set("spool_frames", self.spool.frames)
         self.metrics.set("spool_bytes", self.spool.live_bytes)
@@ -463,7 +481,8 @@ def frames_on_topic(bootstrap: str, keys: set[bytes], acked_offsets: dict[int, i
     from kafka import KafkaConsumer, TopicPartition
 
     c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
-                      client_id="tilestream-agent-reconcile", request_timeout_ms=10000)
+                      client_id="tilestream-agent-reconcile", request_timeout_ms=10000,
+                      bootstrap_timeout_ms=BOOTSTRAP_TIMEOUT_MS)
     try:
         parts = [TopicPartition(topics.FRAMES, p) for p in sorted(c.partitions_for_topic(topics.FRAMES) or ())]
         if not parts:
