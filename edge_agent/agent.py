@@ -446,8 +446,13 @@ class EdgeAgent:
         tmp.replace(self._acked_offsets_path)
 
     def health(self) -> dict:
+        """``/healthz``. A failing camera is retried for ever and does not make the agent unhealthy
+        (``status`` stays "ok": restarting the process would not bring the camera back), but
+        ``source_errors`` shows it."""
+        c = self.counters
         return {"status": "ok", "camera_id": self.settings.camera_id, "connected": self._connected,
-                "spool_frames": self.spool.frames, "spool_bytes": self.spool.live_bytes}
+                "spool_frames": self.spool.frames, "spool_bytes": self.spool.live_bytes, "captured": c.captured,
+                "sent": c.sent, "source_errors": c.source_errors, "send_errors": c.send_errors}
 
     def render_metrics(self) -> str:
         for name, value in asdict(self.counters).items():

@@ -130,23 +130,12 @@ def cmd_agent(args: argparse.Namespace, settings: Settings) -> int:
     if a.http_port:
         from types import SimpleNamespace
 
-        serve_http(SimpleNamespace(render=agent.render_metrics), a.http_port, lambda: agent_health(agent))
+        serve_http(SimpleNamespace(render=agent.render_metrics), a.http_port, agent.health)
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())
     signal.signal(signal.SIGINT, lambda *_: agent.stop())
     counters = agent.run()
     print(json.dumps({"event": "agent_done", "camera_id": a.camera_id, **vars(counters)}), flush=True)
     return 0
-
-
-def agent_health(agent) -> dict:
-    """``/healthz`` of the agent: its own health plus what the camera and the sender did so far.
-
-    A failing camera is retried for ever and does not make the agent unhealthy (``status`` stays
-    "ok": restarting the process would not bring the camera back), but ``source_errors`` shows it.
-    """
-    c = agent.counters
-    return {**agent.health(), "captured": c.captured, "sent": c.sent, "source_errors": c.source_errors,
-            "send_errors": c.send_errors}
 
 
 def cmd_process(args: argparse.Namespace, settings: Settings) -> int:
