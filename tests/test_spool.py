@@ -302,6 +302,28 @@ def test_record_corrupted_after_open_is_never_handed_out(tmp_path):
         assert sp.corrupt_records_skipped == 1 and sp.frames == 2
 
 
+def test_batch_mode_syncs_only_records_that_wait_for_their_ack(tmp_path):
+    """A sender that keeps up never makes the spool fsync (no CPU for it, no flash wear for frames
+    Kafka already has); a record left unacknowledged for an interval is synced soon after."""
+    with Spool(tmp_path / "spool", max_bytes=2**26, fsync="batch", sync_interval=0.05) as sp:
+        deadline = time.monotonic() + 0.6  # a dozen sync intervals of appends acknowledged at once
+        seq = 0
+        while time.monotonic() < deadline:
+            sp.append(*payload(seq, 5000), seq)
+            (e,) = sp.peek(1)
+            assert sp.ack(e.id)
+            seq += 1
+            time.sleep(0.002)
+        assert seq > 100 and sp.syncs == 0, f"{sp.syncs} syncs for {seq} records acknowledged right away"
+        sp.append(*payload(seq, 5000), seq)  # this one waits (broker away)
+        deadline = time.monotonic() + 10
+        while sp.syncs == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sp.syncs >= 1, "an unacknowledged record was never synced"
+        (e,) = sp.peek(1)
+        assert e.seq == seq and sp.ack(e.id)
+
+
 def test_records_of_the_older_crc32_format_are_still_read(tmp_path):
     """Spools written before the CRC-32C records (magic TSPL, zlib CRC-32) recover after an upgrade,
     and a flipped byte in such a record is still caught."""
