@@ -22,7 +22,9 @@ For each worker count:
    coordinated omission): each frame's capture time *is* its scheduled send time, so a
    sender that falls behind shows up as latency too. Capture-to-result latency = when this
    process read the result from `results` minus the capture time (the classifier's own
-   stamp, result produced minus capture, is shown too).
+   stamp, result produced minus capture, is shown too). The processor workers' event-loop lag
+   (how late the loop wakes a 100 ms sleep, probed every ~0.6 s) is taken from their /metrics
+   over the same phase (p99 of a few dozen probes per worker: close to their maximum).
 
 Peak RSS of each process is its VmHWM, read just before it is stopped. The compute limit
 (benchmarks/compute_limit.py) is measured in the same run, unless given.
@@ -150,6 +152,25 @@ class Stage:
             out["send_and_loop"] = out["frame"] - sum(out.get(k, 0.0) for k in ("verify", "open", "decode", "features"))
         return out
 
+    def loop_lag_counters(self) -> list[tuple[float, float]]:
+        """(count, sum seconds) of each worker's event-loop lag probes from its /metrics page."""
+        import urllib.request
+
+        out = []
+        for port in self.web_ports:
+            count = total = float("nan")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                    for line in r.read().decode().splitlines():
+                        if line.startswith("tilestream_processor_event_loop_lag_seconds_count "):
+                            count = float(line.split()[1])
+                        elif line.startswith("tilestream_processor_event_loop_lag_seconds_sum "):
+                            total = float(line.split()[1])
+            except OSError:
+                pass
+            out.append((count, total))
+        return out
+
     def tail_logs(self, n: int = 15) -> str:
         parts = []
         for f in sorted(self.logs.glob("*.log")):
@@ -194,6 +215,39 @@ class CpuSampler:
 
     def first(self, processed_at_least: float):
         return next((s for s in self.samples if s[2] >= processed_at_least), None)
+
+
+class LoopLagSampler:
+    """The workers' event-loop lag probes during one phase, in a thread.
+
+    A worker probes its loop every ~0.6 s (a 100 ms sleep, every 0.5 s) and its /metrics quantiles
+    cover its last 2048 probes, i.e. everything since it started here, so they cannot say what the
+    lag was during one phase. The probes' _count and _sum can: scraped every 0.25 s, each scrape sees
+    at most one new probe, whose lag is the increase of _sum (several at once count as their mean)."""
+
+    def __init__(self, stage: Stage, every_s: float = 0.25):
+        self.stage, self.every_s = stage, every_s
+        self.lags_ms: list[float] = []
+        self._last: list[tuple[float, float]] | None = None
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._last = self.stage.loop_lag_counters()
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join(5)
+
+    def _run(self):
+        while not self._stop.wait(self.every_s):
+            now = self.stage.loop_lag_counters()
+            for (c0, s0), (c1, s1) in zip(self._last, now):
+                if c1 == c1 and c0 == c0 and c1 > c0:  # not NaN, new probes
+                    self.lags_ms += [1e3 * (s1 - s0) / (c1 - c0)] * int(c1 - c0)
+            self._last = [n if n[0] == n[0] else o for o, n in zip(self._last, now)]
 
 
 # --------------------------------------------------------------------------- context
@@ -305,30 +359,33 @@ def open_loop(b: Bench, stage: Stage, rate: float, seconds: float, camera: str, 
     producer.partitions_for(topics.FRAMES)  # metadata before the first scheduled send
     lag = np.zeros(n)
     progress(f"[{tag}] open loop: {n} frames at {rate:.1f} frames/s ({seconds:.0f} s)")
-    try:
-        for i, (key, value) in enumerate(records):
-            delay = (schedule[i] - time.time_ns()) / 1e9
-            if delay > 0:
-                time.sleep(delay)
-            lag[i] = (time.time_ns() - schedule[i]) / 1e6
-            producer.send(topics.FRAMES, key=key, value=value)
-        producer.flush(60)
-    finally:
-        producer.close()
-    b.frames_sent += n
-    b.watcher.wait(camera, n, timeout_s=120 + seconds, procs=stage.procs, what=tag)
+    with LoopLagSampler(stage) as loop_lag:
+        try:
+            for i, (key, value) in enumerate(records):
+                delay = (schedule[i] - time.time_ns()) / 1e9
+                if delay > 0:
+                    time.sleep(delay)
+                lag[i] = (time.time_ns() - schedule[i]) / 1e6
+                producer.send(topics.FRAMES, key=key, value=value)
+            producer.flush(60)
+        finally:
+            producer.close()
+        b.frames_sent += n
+        b.watcher.wait(camera, n, timeout_s=120 + seconds, procs=stage.procs, what=tag)
     got = b.watcher.of(camera)
     observed = np.array([(a - r.capture_ns) / 1e6 for a, r in got])
     stamped = np.array([r.latency_ms for _, r in got])
     out = {"rate": rate, "frames": n, "seconds": seconds,
            "send_lag_p99_ms": percentile(lag, 99), "latency_ms": observed.tolist(),
-           "incomplete": sum(1 for _, r in got if not r.complete)}
+           "incomplete": sum(1 for _, r in got if not r.complete),
+           "loop_lag_p99_ms": percentile(loop_lag.lags_ms, 99), "loop_lag_probes": len(loop_lag.lags_ms)}
     for q in (50, 95, 99):
         out[f"p{q}"] = percentile(observed, q)
         out[f"stamped_p{q}"] = percentile(stamped, q)
     out["max"] = float(observed.max())
     progress(f"[{tag}] latency p50 {out['p50']:.0f} ms, p95 {out['p95']:.0f} ms, p99 {out['p99']:.0f} ms "
-             f"(sender lag p99 {out['send_lag_p99_ms']:.1f} ms)")
+             f"(sender lag p99 {out['send_lag_p99_ms']:.1f} ms; processor event-loop lag p99 "
+             f"{out['loop_lag_p99_ms']:.1f} ms over {out['loop_lag_probes']} probes)")
     return out
 
 
@@ -578,11 +635,13 @@ def tables(res: dict) -> dict[str, str]:
           f"{r['ratio_to_limit']:.2f}x", "/".join(f"{x:.0f}" for x in r["per_worker_frames"]),
           f"{r.get('longest_gap_s', float('nan')):.2f}"] for r in res["runs"]]
         + [["compute limit (1 thread, no Kafka)", "", f"{lim:.1f}", "", "", "1.00x", "", ""]])
+    has_loop = any("loop_lag_p99_ms" in l for r in res["runs"] for l in r["latency"])  # not in older results
     lat = table(
         ["workers", "load", "offered frames/s", "frames", "p50 ms", "p95 ms", "p99 ms", "max ms",
-         "classifier-stamped p99 ms", "sender lag p99 ms"],
+         "classifier-stamped p99 ms", "sender lag p99 ms", *(["processor event-loop lag p99 ms (probes)"] * has_loop)],
         [[r["workers"], f"{int(l['load'] * 100)}%", f"{l['rate']:.1f}", l["frames"], f"{l['p50']:.0f}", f"{l['p95']:.0f}",
-          f"{l['p99']:.0f}", f"{l['max']:.0f}", f"{l['stamped_p99']:.0f}", f"{l['send_lag_p99_ms']:.1f}"]
+          f"{l['p99']:.0f}", f"{l['max']:.0f}", f"{l['stamped_p99']:.0f}", f"{l['send_lag_p99_ms']:.1f}",
+          *([f"{_cell(l.get('loop_lag_p99_ms'), '.1f')} ({l.get('loop_lag_probes', 0)})"] * has_loop)]
          for r in res["runs"] for l in r["latency"]])
     names = sorted({k for r in res["runs"] for k in r["cpu_ms_per_frame"]})
     cpu = table(
