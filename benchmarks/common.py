@@ -83,9 +83,10 @@ MAX_PIXELS = 40_000_000
 
 
 def machine_load(sample_s: float = 1.0) -> str:
-    """Load average and the other processes that used CPU during ``sample_s`` (the machine is shared)."""
+    """Load average and the other processes that used CPU during ``sample_s`` (the machine is shared);
+    this benchmark's own child processes (broker, workers) are marked "ours"."""
 
-    def ticks() -> dict[int, tuple[str, int]]:
+    def ticks() -> dict[int, tuple[str, int, int]]:
         out = {}
         for d in Path("/proc").iterdir():
             if not d.name.isdigit():
@@ -94,7 +95,7 @@ def machine_load(sample_s: float = 1.0) -> str:
                 stat = (d / "stat").read_text()
                 name = stat[stat.index("(") + 1:stat.rindex(")")]
                 fields = stat[stat.rindex(")") + 2:].split()
-                out[int(d.name)] = (name, int(fields[11]) + int(fields[12]))
+                out[int(d.name)] = (name, int(fields[11]) + int(fields[12]), int(fields[1]))
             except (OSError, ValueError, IndexError):
                 continue
         return out
@@ -104,8 +105,19 @@ def machine_load(sample_s: float = 1.0) -> str:
     b = ticks()
     hz = os.sysconf("SC_CLK_TCK")
     me = os.getpid()
+
+    def ours(pid: int) -> bool:
+        for _ in range(64):
+            pid = b[pid][2] if pid in b else 0
+            if pid == me:
+                return True
+            if pid <= 1:
+                return False
+        return False
+
     busy = sorted(((b[p][1] - a[p][1]) / hz / sample_s, b[p][0], p) for p in b if p in a and p != me)
-    top = [f"{name} (pid {pid}) {share * 100:.0f}% of a core" for share, name, pid in reversed(busy) if share >= 0.05]
+    top = [f"{name} (pid {pid}{', ours' if ours(pid) else ''}) {share * 100:.0f}% of a core"
+           for share, name, pid in reversed(busy) if share >= 0.05]
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     return f"load average {load}; other processes busy now: {', '.join(top) if top else 'none'}"
 
@@ -140,6 +152,34 @@ def proc_cpu_s(pid: int) -> float:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return float("nan")
+
+
+def machine_busy_s() -> float:
+    """CPU seconds all cores of the machine spent busy (not idle/iowait) since boot, from /proc/stat."""
+    try:
+        f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        return (f[0] + f[1] + f[2] + f[5] + f[6] + f[7]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+class OthersCpu:
+    """Cores that processes other than ``pids`` (and this one) kept busy during a block: the shared machine's
+    disturbance of a measurement. ``.cores`` after the block."""
+
+    def __init__(self, pids):
+        self.pids = [p for p in pids if p != os.getpid()]
+
+    def _ours(self) -> float:
+        return time.process_time() + sum(proc_cpu_s(p) for p in self.pids)
+
+    def __enter__(self):
+        self.w0, self.b0, self.o0 = time.monotonic(), machine_busy_s(), self._ours()
+        return self
+
+    def __exit__(self, *exc):
+        wall = max(1e-6, time.monotonic() - self.w0)
+        self.cores = max(0.0, (machine_busy_s() - self.b0 - (self._ours() - self.o0)) / wall)
 
 
 def self_peak_rss_mib() -> float:

@@ -2,19 +2,25 @@
 
     python -m benchmarks.run_all [--quick] [--soak] [--skip compute transport pipeline sweep peers]
                                  [--profile/--no-profile] [--out benchmarks/REPORT.md]
+    python -m benchmarks.run_all --only sweep --merge /tmp/tilestream-bench-last.json   # re-measure one step
 
 `make bench` runs this. Steps (each can be skipped):
 
 1. compute    benchmarks/compute_limit.py   single-process compute limit, stages, crypto share
 2. transport  benchmarks/transport.py       Kafka's own perf tools with our record sizes
 3. pipeline   benchmarks/pipeline_bench.py  end to end, 1 and 2 workers, closed + open loop, py-spy profile
-4. sweep      benchmarks/tile_sweep.py      tile sizes 32..192 and whole frame
+4. sweep      benchmarks/tile_sweep.py      tile sizes 32..192 and whole frame, in process and end to end
+                                            (max frames/s, p50/p99 latency at 50% load, bytes, memory)
 5. peers      benchmarks/peers.py           seed Pool design, Quix Streams processor
 
 One local Apache Kafka serves steps 2-5 (warmed up first). Every ratio in the report is
 between two numbers measured in this one run on this machine. ``--quick`` is a smoke run
-(minutes, numbers not representative); the default run takes about 12-15 minutes on
-2 cores; ``--soak`` adds 10 minutes at 50% load (RSS slope, latency drift).
+(minutes, numbers not representative); the default run takes about 10-11 minutes on
+2 cores (the tile sweep about 4 of them); ``--soak`` adds 10 minutes at 50% load (RSS slope, latency drift).
+
+``--only STEP.. --merge FULL_JSON`` measures only those steps (with their own broker) and puts
+them into a previous run's full results (the per-frame JSON every run leaves in
+/tmp/tilestream-bench-last.json); the report then says which sections were re-measured when.
 """
 
 from __future__ import annotations
@@ -46,12 +52,19 @@ def main() -> None:
     ap.add_argument("--soak", action="store_true", help="also 10 min at 50%% load (1 worker)")
     ap.add_argument("--soak-minutes", type=float, default=10.0)
     ap.add_argument("--skip", nargs="*", default=[], choices=STEPS)
+    ap.add_argument("--only", nargs="+", choices=STEPS, help="run only these steps")
+    ap.add_argument("--merge", metavar="FULL_JSON",
+                    help="put the steps measured now into this previous run's full results and report both")
     ap.add_argument("--no-profile", action="store_true", help="no py-spy profile of the pipeline")
     ap.add_argument("--out", default=str(HERE / "REPORT.md"))
     ap.add_argument("--charts-dir", default=str(HERE))
     ap.add_argument("--render-only", metavar="FULL_JSON",
                     help="only write the report and charts from a previous run's full results")
     args = ap.parse_args()
+    if args.only:
+        args.skip = [s for s in STEPS if s not in args.only]
+    if args.merge and args.quick:
+        ap.error("--merge takes a full run's numbers; a --quick smoke run's do not belong in the report")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.charts_dir).mkdir(parents=True, exist_ok=True)
     if args.render_only:
@@ -68,7 +81,8 @@ def main() -> None:
     t_start = time.time()
     m, load = machine(), machine_load()
     print(f"machine: {m}\n{load}\n", flush=True)
-    res: dict = {"machine": m, "load_at_start": load, "quick": args.quick, "errors": {}}
+    res: dict = {"machine": m, "load_at_start": load, "quick": args.quick, "errors": {},
+                 "generated_at": time.strftime("%Y-%m-%d %H:%M %Z")}
     q = args.quick
 
     def step(name, fn):
@@ -103,14 +117,33 @@ def main() -> None:
                 frames=1000, workers=(1, 2), seconds=30.0, loads=(0.5, 0.9), profile=not args.no_profile,
                 compute_limit_fps=limit, quick=q, broker=lk, soak_minutes=args.soak_minutes if args.soak else 0.0))
             e2e = max((r["fps_steady"] for r in pl["runs"]), default=None) if pl else None
-            step("sweep", lambda: tile_sweep.run(frames=40, pipeline_frames=0 if q else 100, quick=q, broker=lk))
+            step("sweep", lambda: tile_sweep.run(frames=40, pipeline_frames=0 if q else 100, quick=q, broker=lk,
+                                                 load=0.5, seconds=20.0))
             step("peers", lambda: peers.run(frames=160, quix_frames=300, e2e_fps=e2e, compute_limit_fps=limit,
                                             quick=q, broker=lk))
     res["seconds"] = time.time() - t_start
+    if args.merge:
+        res = merge(res, Path(args.merge))
     full = Path(tempfile.gettempdir()) / "tilestream-bench-last.json"
     full.write_text(json.dumps(res, default=str))
     progress(f"full results (with per-frame data) in {full}; re-render with --render-only {full}")
     finish(res, args, t_start)
+
+
+def merge(new: dict, base_path: Path) -> dict:
+    """A previous run's full results with the steps measured now in place of its own."""
+    base = json.loads(base_path.read_text())
+    if base.get("quick"):
+        raise SystemExit(f"{base_path} is a --quick smoke run: nothing to merge into")
+    base.setdefault("generated_at", time.strftime("%Y-%m-%d %H:%M %Z", time.localtime(base_path.stat().st_mtime)))
+    done = [s for s in STEPS if s in new]
+    for s in done:
+        base[s] = new[s]
+        base["errors"].pop(s, None)
+    base["errors"].update(new["errors"])
+    base.setdefault("remeasured", []).append({"steps": done, "failed": list(new["errors"]), "at": new["generated_at"],
+                                              "load_at_start": new["load_at_start"], "seconds": new["seconds"]})
+    return base
 
 
 def finish(res: dict, args, t_start: float) -> None:
@@ -316,7 +349,11 @@ def make_charts(res: dict, where: Path) -> dict[str, str]:
         charts["throughput"] = _save(fig, where / "throughput.png")
     if sw and sw.get("rows"):
         rows = sw["rows"]
-        fig, ax = plt.subplots(figsize=(8, 4.5))
+        has_lat = any(r.get("latency") for r in rows)
+        if has_lat:
+            fig, (ax, ax3) = plt.subplots(2, 1, figsize=(8, 8), gridspec_kw={"height_ratios": [3, 2]})
+        else:
+            fig, ax = plt.subplots(figsize=(8, 4.5))
         x = np.arange(len(rows))
         labels = [r["label"].replace(" (768x576)", "") for r in rows]
         ax.plot(x, [r["fps_process"] for r in rows], "o-", label="processor, in-process frames/s")
@@ -336,7 +373,23 @@ def make_charts(res: dict, where: Path) -> dict[str, str]:
         h2, l2 = ax2.get_legend_handles_labels()
         ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3)
         ax.set_title("Tile-size sweep (vtest 768x576, HOG cell 16)")
-        fig.set_size_inches(8, 5.2)
+        if has_lat:
+            lat = [r.get("latency") or {} for r in rows]
+            for k, (q, off) in enumerate((("p50", -0.2), ("p99", 0.2))):
+                vals = [v.get(q, np.nan) for v in lat]
+                ax3.bar(x + off, vals, width=0.4, label=f"{q} capture-to-result ms", color=("tab:blue", "tab:red")[k])
+                for xi, v in zip(x + off, vals):
+                    if v == v:
+                        ax3.text(xi, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
+            ax3.set_xticks(x, [f"{lb}\n{v['rate']:.1f} fps" if v else lb for lb, v in zip(labels, lat)], fontsize=8)
+            load = next(v["load"] for v in lat if v)
+            ax3.set_title(f"Latency end to end, 1 worker, open loop at {load:.0%} of each size's max (rate below)",
+                          fontsize=10)
+            ax3.set_ylabel("ms")
+            ax3.grid(alpha=0.3, axis="y")
+            ax3.legend(fontsize=8)
+        else:
+            fig.set_size_inches(8, 5.2)
         charts["tile_sweep"] = _save(fig, where / "tile_sweep.png")
     if cl:
         v = cl["vtest"]
@@ -376,8 +429,15 @@ def render(res: dict, charts: dict[str, str], where: Path) -> str:
         "# tilestream benchmarks",
         "",
         f"Generated by `python -m benchmarks.run_all{' --quick' if res['quick'] else ''}` on "
-        f"{time.strftime('%Y-%m-%d %H:%M %Z')} in {res['seconds'] / 60:.1f} min.",
+        f"{res.get('generated_at') or time.strftime('%Y-%m-%d %H:%M %Z')} in {res['seconds'] / 60:.1f} min.",
         "",
+    ]
+    for r in res.get("remeasured", []):
+        lines += [f"Re-measured alone on {r['at']} in {r['seconds'] / 60:.1f} min (`python -m benchmarks.run_all --only "
+                  f"{' '.join(r['steps'] + r['failed'])} --merge ...`): {', '.join(r['steps']) or 'nothing'}"
+                  f"{'; failed: ' + ', '.join(r['failed']) if r['failed'] else ''}. Load when it started: "
+                  f"{r['load_at_start']}. The other sections are from the run above.", ""]
+    lines += [
         f"**Machine:** {res['machine']}",
         "",
         f"**Load when the run started:** {res['load_at_start']}. The machine is shared: every ratio below "
@@ -399,7 +459,8 @@ def render(res: dict, charts: dict[str, str], where: Path) -> str:
         ("pipeline", "End to end over the real broker (benchmarks/pipeline_bench.py)",
          ["pipeline_throughput", "pipeline_processor_ms", "pipeline_latency", "pipeline_cpu", "pipeline_rss", "pipeline_bytes",
           "pipeline_profile", "pipeline_profile_leaves", "pipeline_soak"], ["throughput", "latency"]),
-        ("sweep", "Choosing the tile size (benchmarks/tile_sweep.py)", ["tile_sweep"], ["tile_sweep"]),
+        ("sweep", "Choosing the tile size (benchmarks/tile_sweep.py)", ["tile_sweep", "tile_sweep_process"],
+         ["tile_sweep"]),
         ("peers", "Peers: the seed Pool design and Quix Streams (benchmarks/peers.py)",
          ["peers_seed", "peers_processor"], []),
         ("transport", "Kafka alone with our record sizes (benchmarks/transport.py)", ["transport"], []),
@@ -420,7 +481,15 @@ def render(res: dict, charts: dict[str, str], where: Path) -> str:
         "pipeline_bytes": "Bytes on the broker's disk per frame sent (records and batch headers).",
         "pipeline_profile": "py-spy samples of the 1-worker processor and the classifier during a closed-loop burst.",
         "pipeline_profile_leaves": "Hottest functions (self samples).",
-        "tile_sweep": "One fresh process per size; bytes computed exactly as the processor serialises them.",
+        "tile_sweep": "End to end on the real broker, per size 1 processor worker + the classifier started with "
+                      "that size's feature settings (vtest 768x576, JPEG q80, HOG cell 16). Max = closed loop; "
+                      "latency = open loop at the rate shown (a fraction of that size's own max, so below "
+                      "saturation), capture time in the sealed frame header to the result read from `results`; "
+                      "bytes on the broker's disk per frame over both phases; event-loop lag = how late the "
+                      "worker's loop woke a 100 ms sleep during the open loop; other processes' CPU = what the "
+                      "rest of this shared machine used meanwhile (disturbance).",
+        "tile_sweep_process": "In process, one thread, one fresh process per size; bytes computed exactly as the "
+                              "processor serialises them.",
     }
     for key, title, tabs, chs in sections:
         sec = res.get(key)
