@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import os
 import signal
 import subprocess
@@ -359,6 +360,11 @@ def open_loop(b: Bench, stage: Stage, rate: float, seconds: float, camera: str, 
     producer.partitions_for(topics.FRAMES)  # metadata before the first scheduled send
     lag = np.zeros(n)
     progress(f"[{tag}] open loop: {n} frames at {rate:.1f} frames/s ({seconds:.0f} s)")
+    # This process holds every sealed frame and result: its own full garbage collections paused its
+    # sender and results reader for ~100 ms (measured with gc.callbacks), which showed up as the
+    # pipeline's p99. Freeze what exists now so that collections during the loop skip it.
+    gc.collect()
+    gc.freeze()
     with LoopLagSampler(stage) as loop_lag:
         try:
             for i, (key, value) in enumerate(records):
@@ -371,7 +377,10 @@ def open_loop(b: Bench, stage: Stage, rate: float, seconds: float, camera: str, 
         finally:
             producer.close()
         b.frames_sent += n
-        b.watcher.wait(camera, n, timeout_s=120 + seconds, procs=stage.procs, what=tag)
+        try:
+            b.watcher.wait(camera, n, timeout_s=120 + seconds, procs=stage.procs, what=tag)
+        finally:
+            gc.unfreeze()
     got = b.watcher.of(camera)
     observed = np.array([(a - r.capture_ns) / 1e6 for a, r in got])
     stamped = np.array([r.latency_ms for _, r in got])

@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 
 from tilestream import topics
-from tilestream.metrics import Metrics
+from tilestream.metrics import Metrics, observe_gc_pauses
 from tilestream.records import DeadLetter, FrameResult, StageMetrics, TileBatch, TileLabel
 
 from classifier.assembler import FrameAssembler, PendingFrame
@@ -71,6 +71,7 @@ class ClassifierService:
         self.dedup_margin_s = dedup_margin_s
         self.metrics_interval_s = metrics_interval_s
         self.metrics = Metrics("tilestream_classifier")
+        observe_gc_pauses(self.metrics)
         self.instance = f"{socket.gethostname()}:{os.getpid()}"
         self._stop = threading.Event()
         self._unseeded: set[int] = set()

@@ -39,7 +39,7 @@ from tilestream import topics
 from tilestream.config import Settings
 from tilestream.crypto import FrameRejected
 from tilestream.keys import DeviceRegistry, KeyStore
-from tilestream.metrics import Metrics
+from tilestream.metrics import Metrics, observe_gc_pauses
 from tilestream.records import DeadLetter, StageMetrics, TileBatch
 
 from stream_processor import tilejobs
@@ -93,6 +93,7 @@ def create_app(settings: Settings, bootstrap: str, datadir: Path, web_port: int 
     n_bands = ps.fanout_bands or settings.kafka.tile_jobs_partitions
     executor = ThreadPoolExecutor(max_workers=ps.workers_threads, thread_name_prefix="tilestream-cpu")
     metrics = Metrics("tilestream_processor")
+    observe_gc_pauses(metrics)
     instance = f"{socket.gethostname()}:{os.getpid()}"
     app.tilestream_metrics = metrics  # type: ignore[attr-defined]
 

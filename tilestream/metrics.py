@@ -75,6 +75,33 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
+def observe_gc_pauses(metrics: Metrics, log_over_s: float = 0.05):
+    """Time every run of this process's garbage collector into ``gc_pause_seconds{generation}``
+    (and ``gc_pause_max_seconds``); a pause longer than ``log_over_s`` is also logged, since it
+    stops every thread of a Python service, its event loop included. Returns the callback
+    (``gc.callbacks.remove(cb)`` stops it)."""
+    import gc
+
+    started: list[float] = []
+    log = logging.getLogger("tilestream.gc")
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[:] = [time.perf_counter()]
+        elif started:
+            pause = time.perf_counter() - started.pop()
+            gen = str(info.get("generation"))
+            metrics.observe("gc_pause_seconds", pause, generation=gen)
+            if pause > metrics.gauges.get(("gc_pause_max_seconds", (("generation", gen),)), 0.0):
+                metrics.set("gc_pause_max_seconds", pause, generation=gen)
+            if pause > log_over_s:
+                log.warning(json.dumps({"event": "gc_pause", "generation": info.get("generation"),
+                                        "ms": round(pause * 1e3, 1), "collected": info.get("collected")}))
+
+    gc.callbacks.append(on_gc)
+    return on_gc
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message (and event fields if the message is JSON)."""
 
