@@ -172,6 +172,23 @@ class Stage:
             out.append((count, total))
         return out
 
+    def log_events(self, name: str) -> dict[str, list[dict]]:
+        """Structured log records with ``"event": name`` in each process's log (Faust prefixes its own
+        format to our JSON lines, so the JSON object is looked for inside the line)."""
+        import json
+
+        out: dict[str, list[dict]] = {}
+        for f in sorted(self.logs.glob("*.log")):
+            found = []
+            for line in f.read_text(errors="replace").splitlines():
+                if f'"event": "{name}"' in line:
+                    try:
+                        found.append(json.loads(line[line.index("{"):]))
+                    except ValueError:
+                        continue
+            out[f.stem] = found
+        return out
+
     def tail_logs(self, n: int = 15) -> str:
         parts = []
         for f in sorted(self.logs.glob("*.log")):
@@ -365,6 +382,7 @@ def open_loop(b: Bench, stage: Stage, rate: float, seconds: float, camera: str, 
     # pipeline's p99. Freeze what exists now so that collections during the loop skip it.
     gc.collect()
     gc.freeze()
+    gc_before = stage.log_events("gc_pause")
     with LoopLagSampler(stage) as loop_lag:
         try:
             for i, (key, value) in enumerate(records):
@@ -382,10 +400,14 @@ def open_loop(b: Bench, stage: Stage, rate: float, seconds: float, camera: str, 
         finally:
             gc.unfreeze()
     got = b.watcher.of(camera)
+    # the services' own garbage-collector pauses over 50 ms during the phase (they log each one)
+    service_gc = sorted(e["ms"] for proc, events in stage.log_events("gc_pause").items()
+                        for e in events[len(gc_before.get(proc, [])):])
     observed = np.array([(a - r.capture_ns) / 1e6 for a, r in got])
     stamped = np.array([r.latency_ms for _, r in got])
     out = {"rate": rate, "frames": n, "seconds": seconds,
-           "send_lag_p99_ms": percentile(lag, 99), "latency_ms": observed.tolist(),
+           "send_lag_p99_ms": percentile(lag, 99), "send_lag_max_ms": float(lag.max()),
+           "service_gc_pauses_ms": service_gc, "latency_ms": observed.tolist(),
            "incomplete": sum(1 for _, r in got if not r.complete),
            "loop_lag_p99_ms": percentile(loop_lag.lags_ms, 99), "loop_lag_probes": len(loop_lag.lags_ms)}
     for q in (50, 95, 99):
@@ -645,12 +667,20 @@ def tables(res: dict) -> dict[str, str]:
           f"{r.get('longest_gap_s', float('nan')):.2f}"] for r in res["runs"]]
         + [["compute limit (1 thread, no Kafka)", "", f"{lim:.1f}", "", "", "1.00x", "", ""]])
     has_loop = any("loop_lag_p99_ms" in l for r in res["runs"] for l in r["latency"])  # not in older results
+    has_gc = any("service_gc_pauses_ms" in l for r in res["runs"] for l in r["latency"])
+
+    def gc_cell(pauses: list[float]) -> str:
+        return f"{len(pauses)}, max {max(pauses):.0f} ms" if pauses else "0"
+
     lat = table(
         ["workers", "load", "offered frames/s", "frames", "p50 ms", "p95 ms", "p99 ms", "max ms",
-         "classifier-stamped p99 ms", "sender lag p99 ms", *(["processor event-loop lag p99 ms (probes)"] * has_loop)],
+         "classifier-stamped p99 ms", "sender lag p99 / max ms", *(["processor event-loop lag p99 ms (probes)"] * has_loop),
+         *(["service GC pauses > 50 ms"] * has_gc)],
         [[r["workers"], f"{int(l['load'] * 100)}%", f"{l['rate']:.1f}", l["frames"], f"{l['p50']:.0f}", f"{l['p95']:.0f}",
-          f"{l['p99']:.0f}", f"{l['max']:.0f}", f"{l['stamped_p99']:.0f}", f"{l['send_lag_p99_ms']:.1f}",
-          *([f"{_cell(l.get('loop_lag_p99_ms'), '.1f')} ({l.get('loop_lag_probes', 0)})"] * has_loop)]
+          f"{l['p99']:.0f}", f"{l['max']:.0f}", f"{l['stamped_p99']:.0f}",
+          f"{l['send_lag_p99_ms']:.1f} / {_cell(l.get('send_lag_max_ms'), '.0f')}",
+          *([f"{_cell(l.get('loop_lag_p99_ms'), '.1f')} ({l.get('loop_lag_probes', 0)})"] * has_loop),
+          *([gc_cell(l.get("service_gc_pauses_ms", []))] * has_gc)]
          for r in res["runs"] for l in r["latency"]])
     names = sorted({k for r in res["runs"] for k in r["cpu_ms_per_frame"]})
     cpu = table(
