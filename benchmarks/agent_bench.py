@@ -151,14 +151,16 @@ def per_frame_operations(video: str, n: int, sealer: EdgeAgent, spool_dir: Path)
 
     from tilestream import crypto, envelope
 
-    data, headers = [], []
+    data, headers, blobs = [], [], []
     for captured in captures(video, n):
         data.append(encode_image(captured.image, "jpeg", 80))
-        headers.append(sealer.seal(captured.image, captured.capture_ns)[0])
+        header, blob = sealer.seal(captured.image, captured.capture_ns)
+        headers.append(header)
+        blobs.append(blob)
     suite = crypto.SUITES[sealer.suite]
-    sealed = [suite.encrypt(d, sealer.cloud_public, info=crypto.INFO_PREFIX + h.pack()) for d, h in zip(data, headers)]
-    blobs = [crypto.seal_frame(d, h, sealer.cloud_public, sealer.device_key) for d, h in zip(data, headers)]
-    messages = [envelope.signed_message(h.version, h.pack(), x) for h, x in zip(headers, sealed)]
+    envs = [envelope.parse(b) for b in blobs]
+    sealed = [e.sealed for e in envs]
+    messages = [envelope.signed_message(e.header.version, e.header_bytes, e.sealed) for e in envs]
 
     def each(fn) -> float:
         times = []

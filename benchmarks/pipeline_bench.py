@@ -109,32 +109,32 @@ class Stage:
     def peak_rss_mib(self) -> dict[str, float]:
         return {name: proc_status_kib(p.pid, "VmHWM") / 1024 for name, p in self.procs}
 
-    def processor_frames(self) -> list[float]:
-        """frames_total of each worker from its /metrics page."""
+    def metrics_pages(self) -> list[str | None]:
+        """Each worker's /metrics page (None for a worker that does not answer)."""
         import urllib.request
 
-        out = []
+        pages: list[str | None] = []
         for port in self.web_ports:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-                    text = r.read().decode()
-                out.append(next((float(l.split()[1]) for l in text.splitlines()
-                                 if l.startswith("tilestream_processor_frames_total ")), 0.0))
+                    pages.append(r.read().decode())
             except OSError:
-                out.append(float("nan"))
-        return out
+                pages.append(None)
+        return pages
+
+    def processor_frames(self) -> list[float]:
+        """frames_total of each worker from its /metrics page."""
+        return [float("nan") if text is None else
+                next((float(l.split()[1]) for l in text.splitlines() if l.startswith("tilestream_processor_frames_total ")),
+                     0.0)
+                for text in self.metrics_pages()]
 
     def processor_means_ms(self) -> dict[str, float]:
         """Mean ms per frame of the workers' own stage timers (/metrics): verify, open, decode, features,
         and the whole frame on the event loop (frame = verify + executor + sending the tile records)."""
-        import urllib.request
-
         sums: dict[str, float] = collections.defaultdict(float)
-        for port in self.web_ports:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-                    text = r.read().decode()
-            except OSError:
+        for text in self.metrics_pages():
+            if text is None:
                 continue
             for line in text.splitlines():
                 name, _, value = line.rpartition(" ")
@@ -155,20 +155,14 @@ class Stage:
 
     def loop_lag_counters(self) -> list[tuple[float, float]]:
         """(count, sum seconds) of each worker's event-loop lag probes from its /metrics page."""
-        import urllib.request
-
         out = []
-        for port in self.web_ports:
+        for text in self.metrics_pages():
             count = total = float("nan")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-                    for line in r.read().decode().splitlines():
-                        if line.startswith("tilestream_processor_event_loop_lag_seconds_count "):
-                            count = float(line.split()[1])
-                        elif line.startswith("tilestream_processor_event_loop_lag_seconds_sum "):
-                            total = float(line.split()[1])
-            except OSError:
-                pass
+            for line in (text or "").splitlines():
+                if line.startswith("tilestream_processor_event_loop_lag_seconds_count "):
+                    count = float(line.split()[1])
+                elif line.startswith("tilestream_processor_event_loop_lag_seconds_sum "):
+                    total = float(line.split()[1])
             out.append((count, total))
         return out
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -151,7 +152,7 @@ def _list_images(folder: Path) -> dict[str, tuple[int, int]]:
             st = p.stat()
         except FileNotFoundError:  # removed between listing and stat
             continue
-        if not p.is_dir():
+        if not stat.S_ISDIR(st.st_mode):  # the stat we have, not a second one
             out[p.name] = (st.st_size, st.st_mtime_ns)
     return out
 

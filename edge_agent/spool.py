@@ -534,24 +534,22 @@ class Spool:
             rec = self._next_pending_locked()
             if rec is None:
                 return
-            if rec.entry is not None:
-                entry = rec.entry
+            entry = rec.entry
+            if entry is not None:
                 self._uncache_locked(rec)
-                rec.state = _INFLIGHT
-                self.in_flight += 1
-                out.append(entry)
-                continue
-            raw = self._read_locked(rec)
-            if raw is None:
-                self.corrupt_records_skipped += 1
-                log.error(json.dumps({"event": "spool_corrupt_record", "entry_id": rec.id,
-                                      "segment": rec.seg.path.name, "offset": rec.off}))
-                self._finish_locked(rec)
-                continue
+            else:
+                raw = self._read_locked(rec)
+                if raw is None:
+                    self.corrupt_records_skipped += 1
+                    log.error(json.dumps({"event": "spool_corrupt_record", "entry_id": rec.id,
+                                          "segment": rec.seg.path.name, "offset": rec.off}))
+                    self._finish_locked(rec)
+                    continue
+                k = HEADER_BYTES + rec.klen
+                entry = Entry(rec.id, raw[HEADER_BYTES:k], raw[k:], rec.seq)
             rec.state = _INFLIGHT
             self.in_flight += 1
-            k = HEADER_BYTES + rec.klen
-            out.append(Entry(rec.id, raw[HEADER_BYTES:k], raw[k:], rec.seq))
+            out.append(entry)
 
     def _next_pending_locked(self) -> _Rec | None:
         while self._released:
