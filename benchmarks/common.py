@@ -42,6 +42,16 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
 
 
+def verdict(ok: bool | None, measured: int = 1, expected: int | None = None) -> str:
+    """A goal's verdict that cannot be "met" on nothing: ``measured`` is how many results the figure
+    stands on; fewer than ``expected`` (or none) is reported as not judged, never as met."""
+    if ok is None:
+        return "n/a"
+    if measured <= 0 or (expected is not None and measured < expected):
+        return f"**NOT JUDGED** ({measured}{f' of {expected}' if expected is not None else ''} results)"
+    return "met" if ok else "**MISSED**"
+
+
 def progress(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 

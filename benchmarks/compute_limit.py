@@ -61,7 +61,7 @@ def _seal_timed(sealer: Sealer, enc: EncodedFrame, seq: int) -> tuple[bytes, flo
 def measure(name: str, images, encoding: str, quality: int, cfg, model, store, sealer: Sealer, warmup: int = 3) -> dict:
     """Per-frame stage times (seconds, one list per stage) of ``images`` through agent, processor, classifier."""
     from classifier.assembler import FrameAssembler
-    from classifier.service import classify_frame
+    from classifier.stage import classify_frame
     from edge_agent.encode import encode_image
     from stream_processor.pipeline import decode_image
     from stream_processor.tiling import split
@@ -94,7 +94,7 @@ def measure(name: str, images, encoding: str, quality: int, cfg, model, store, s
             t_tile = time.perf_counter() - t0
             # What Faust puts on tile-features (the record's own JSON serializer).
             t0 = time.perf_counter()
-            values = [r.dumps() for r in records]
+            values = [r.to_bytes() for r in records]
             t_ser = time.perf_counter() - t0
             # The classifier: parse, assemble, classify (model + FrameResult), result JSON.
             t0 = time.perf_counter()

@@ -399,7 +399,7 @@ def open_loop(b: Bench, stage: Stage, rate: float, seconds: float, camera: str, 
                         for e in events[len(gc_before.get(proc, [])):])
     observed = np.array([(a - r.capture_ns) / 1e6 for a, r in got])
     stamped = np.array([r.latency_ms for _, r in got])
-    out = {"rate": rate, "frames": n, "seconds": seconds,
+    out = {"rate": rate, "frames": n, "results": len(got), "seconds": seconds,
            "send_lag_p99_ms": percentile(lag, 99), "send_lag_max_ms": float(lag.max()),
            "service_gc_pauses_ms": service_gc, "latency_ms": observed.tolist(),
            "incomplete": sum(1 for _, r in got if not r.complete),

@@ -41,7 +41,7 @@ def main() -> None:
 
     def process(blob: bytes) -> list[bytes]:
         records, _ = fp.process(blob)
-        return [r.dumps() for r in records]
+        return [r.to_bytes() for r in records]
 
     sdf = app.dataframe(frames)
     sdf = sdf.apply(process, expand=True)

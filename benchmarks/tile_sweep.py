@@ -73,7 +73,7 @@ def _one_size(args) -> dict:
 
     from classifier.assembler import FrameAssembler
     from classifier.model import TileModel
-    from classifier.service import classify_frame
+    from classifier.stage import classify_frame
     from tilestream.config import FeatureConfig
     from tilestream.keys import KeyStore
     from tilestream.records import TileBatch
@@ -105,7 +105,7 @@ def _one_size(args) -> dict:
         t0 = time.perf_counter()
         records, _ = fp.process(blob)
         t1 = time.perf_counter()
-        values = [(r.frame_id.encode(), r.dumps()) for r in records]
+        values = [(r.frame_id.encode(), r.to_bytes()) for r in records]
         t2 = time.perf_counter()
         asm = FrameAssembler()
         frame = None
@@ -126,7 +126,7 @@ def _one_size(args) -> dict:
     n = len(blobs)
     tracemalloc.start()
     records, _ = fp.process(blobs[0][1])
-    [r.dumps() for r in records]
+    [r.to_bytes() for r in records]
     _, tm_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     return {

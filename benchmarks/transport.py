@@ -35,7 +35,7 @@ def record_sizes(tmp: Path) -> tuple[int, int]:
     s = Sealer(store, "size")
     blobs = [s.seal(e, i)[1] for i, e in enumerate(vtest_encoded(30))]
     fp = make_processor(store, FeatureConfig())
-    tiles = [len(r.dumps()) for b in blobs[:5] for r in fp.process(b)[0]]
+    tiles = [len(r.to_bytes()) for b in blobs[:5] for r in fp.process(b)[0]]
     return int(np.mean([len(b) for b in blobs])), int(np.mean(tiles))
 
 

@@ -8,43 +8,40 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from typing import Iterator
 
+from kafkaio import Connection
+from kafkaio.clients import RangeReader
 from tilestream import topics
-from tilestream.records import FrameResult
+from tilestream.records import MAX_ID_LEN, FrameResult, RecordError, parse_json_object
 
 
 def tail(
-    bootstrap: str,
+    where: Connection | str,
     camera_id: str | None = None,
     from_beginning: bool = False,
     max_results: int = 0,
     idle_timeout_s: float | None = None,
     stop: threading.Event | None = None,
     ready: threading.Event | None = None,
+    skipped: list | None = None,
 ) -> Iterator[FrameResult]:
     """Yield results as they arrive (optionally one camera's), without joining a consumer group.
 
     Ends after ``max_results`` results, after ``idle_timeout_s`` without a record, or when
     ``stop`` is set (checked at least every 200 ms). ``ready`` is set once the start position is fixed.
+    A record that is not a result (anyone with write access to the topic can write one) is
+    skipped and appended to ``skipped`` as ``(partition, offset, error)`` when a list is given.
     """
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
-                             client_id=f"tilestream-tail-{uuid.uuid4().hex[:6]}")
+    reader = RangeReader(where, topics.RESULTS, client_id="tilestream-tail")
     try:
-        parts = [TopicPartition(topics.RESULTS, p) for p in sorted(consumer.partitions_for_topic(topics.RESULTS) or ())]
-        consumer.assign(parts)
-        (consumer.seek_to_beginning if from_beginning else consumer.seek_to_end)(*parts)
-        for tp in parts:
-            consumer.position(tp)  # resolve the seek now, so "from now" means now
+        reader.seek("beginning" if from_beginning else "end")
         if ready is not None:
             ready.set()
         seen = 0
         last = time.monotonic()
         while stop is None or not stop.is_set():
-            batch = consumer.poll(timeout_ms=200)
+            batch = reader.consumer.poll(timeout_ms=200)
             if not batch:
                 if idle_timeout_s is not None and time.monotonic() - last > idle_timeout_s:
                     return
@@ -52,7 +49,12 @@ def tail(
             last = time.monotonic()
             for records in batch.values():
                 for message in records:
-                    result = FrameResult.from_json(message.value)
+                    try:
+                        result = FrameResult.from_json(message.value)
+                    except Exception as exc:  # noqa: BLE001 - a hostile record is skipped, never fatal
+                        if skipped is not None:
+                            skipped.append((message.partition, message.offset, f"{type(exc).__name__}: {exc}"))
+                        continue
                     if camera_id is not None and result.camera_id != camera_id:
                         continue
                     yield result
@@ -60,7 +62,7 @@ def tail(
                     if max_results and seen >= max_results:
                         return
     finally:
-        consumer.close()
+        reader.close()
 
 
 class AnsweredFrames:
@@ -68,35 +70,36 @@ class AnsweredFrames:
 
     ``catch_up(since_ms)`` reads the results written since ``since_ms`` (broker time) up to
     the end now; a later call with the same or a later ``since_ms`` only reads what was
-    added since the previous call.
+    added since the previous call. Records that are not results are skipped and counted
+    (``skipped``): one forged record must not stop the classifier from reading back.
     """
 
-    def __init__(self, bootstrap: str):
-        from kafka import KafkaConsumer, TopicPartition
-
-        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
-                                      client_id=f"tilestream-dedup-{uuid.uuid4().hex[:6]}")
-        self.parts = [TopicPartition(topics.RESULTS, p)
-                      for p in sorted(self.consumer.partitions_for_topic(topics.RESULTS) or ())]
-        self.consumer.assign(self.parts)
+    def __init__(self, where: Connection | str):
+        self.reader = RangeReader(where, topics.RESULTS, client_id="tilestream-dedup")
         self.since_ms: int | None = None
+        self.skipped = 0
 
     def catch_up(self, since_ms: int) -> set[str]:
-        import json
-
-        c = self.consumer
-        end = c.end_offsets(self.parts)
         if self.since_ms is None or since_ms < self.since_ms:
-            starts = c.offsets_for_times({tp: max(0, since_ms) for tp in self.parts})
-            for tp in self.parts:
-                c.seek(tp, starts[tp].offset if starts.get(tp) is not None else end[tp])
+            self.reader.seek(since_ms)
             self.since_ms = since_ms
         ids: set[str] = set()
-        while any(c.position(tp) < end[tp] for tp in self.parts):
-            for records in c.poll(timeout_ms=1000).values():
-                for m in records:
-                    ids.add(json.loads(m.value)["frame_id"])
+        for m in self.reader.read_to_end():
+            fid = _frame_id_of(m.value)
+            if fid is None:
+                self.skipped += 1
+            else:
+                ids.add(fid)
         return ids
 
     def close(self) -> None:
-        self.consumer.close()
+        self.reader.close()
+
+
+def _frame_id_of(value: bytes) -> str | None:
+    try:
+        d = parse_json_object(value, 16 * 1024 * 1024, "result")
+    except RecordError:
+        return None
+    fid = d.get("frame_id")
+    return fid if isinstance(fid, str) and 0 < len(fid) <= MAX_ID_LEN else None

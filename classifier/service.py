@@ -1,236 +1,209 @@
-"""The online classifier: tile-features -> assemble frames -> model -> results (thin Kafka shell).
+"""The online classifier service: the Kafka shell around :class:`classifier.stage.FrameClassifier`.
 
-A kafka-python consumer group on ``tile-features``. Tiles are keyed by frame id, so all the
-tiles of one frame land in one partition and one classifier instance assembles them.
-Offsets are committed only after the results that depend on them were acknowledged by
-Kafka (producer flush), and never past a tile of a frame still pending.
+    tile-features --(group tilestream-classifier)--> FrameClassifier --> results, dead-letters, metrics
+
+One asyncio loop owns an aiokafka group consumer and an idempotent producer (see
+:mod:`kafkaio` for why aiokafka: kafka-python 3.0.12 lost this consumer's group membership
+and never rejoined). Parsing and the model run in one worker thread, so the loop, and with it
+aiokafka's heartbeat task, is never held for longer than a batch hand-off; a member that is
+evicted anyway (a stopped VM, a machine swapping) rejoins on the next ``getmany`` by itself.
+
+Delivery: at least once in, exactly one result per frame out.
+
+* Offsets are committed only after every result and dead letter that depends on them was
+  acknowledged by Kafka, and never past a tile of a frame still pending (FrameAssembler).
+  A send that fails is retried; one that still fails stops the service with an error
+  before anything is committed (a restart re-reads, nothing is lost).
+* Tiles re-read after a crash or a rebalance may belong to frames answered already: before
+  the first tile of a newly assigned partition is used, the results written since then are
+  read back (:class:`classifier.results.AnsweredFrames`) and those frames are not answered again.
+* On revocation the service finishes the batch in hand, commits, and forgets the pending
+  frames of the revoked partitions (their tiles are re-read by whoever owns them next).
+
+Health is judged from what the service does, not from whether its thread is alive:
+``/healthz`` says ``stalled`` (HTTP 503) when the poll loop has not turned for
+``stall_after_s``, when records wait on assigned partitions and none was read for that long,
+or when the service has held no partition for that long; ``/metrics`` exports the assigned
+partitions, rebalances, lag and the seconds since the last record.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import socket
-import threading
 import time
-from typing import Callable
+from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import CommitFailedError, IllegalStateError
+from aiokafka.structs import TopicPartition
 
+from kafkaio import Connection, aio, connection
 from tilestream import topics
 from tilestream.metrics import Metrics, observe_gc_pauses
-from tilestream.records import DeadLetter, FrameResult, StageMetrics, TileBatch, TileLabel
+from tilestream.records import StageMetrics
 
-from classifier.assembler import FrameAssembler, PendingFrame
-from classifier.model import TileModel
 from classifier.registry import ModelWatcher
 from classifier.results import AnsweredFrames
+from classifier.stage import FrameClassifier, Output
 
 log = logging.getLogger("tilestream.classifier")
 
+SEND_ATTEMPTS = 3
 
-def classify_frame(model: TileModel, frame: PendingFrame, now_ns: int) -> FrameResult:
-    """Pure: a (complete or timed-out) frame's tiles -> its result."""
-    tiles = [frame.tiles[i] for i in sorted(frame.tiles)]
-    X = np.stack([t.vector() for t in tiles])
-    probs = model.predict_proba(X)
-    frame_p = model.frame_probabilities(probs)
-    classes = model.classes
-    first = tiles[0]
-    return FrameResult(
-        camera_id=first.camera_id,
-        seq=first.seq,
-        frame_id=first.frame_id,
-        capture_ns=first.capture_ns,
-        result_ns=now_ns,
-        latency_ms=round((now_ns - first.capture_ns) / 1e6, 3),
-        label=classes[int(np.argmax(frame_p))],
-        probabilities={c: round(float(p), 6) for c, p in zip(classes, frame_p)},
-        tiles=[
-            TileLabel(t.tile_index, t.x, t.y, t.w, t.h, classes[int(np.argmax(p))], round(float(np.max(p)), 6))
-            for t, p in zip(tiles, probs)
-        ],
-        complete=frame.complete,
-        n_tiles=frame.n_tiles,
-        missing_tiles=frame.missing(),
-        model_id=model.model_id,
-        model_version=model.version,
-    )
+
+class SendFailed(RuntimeError):
+    pass
 
 
 class ClassifierService:
-    def __init__(self, bootstrap: str, model: TileModel, group_id: str, frame_timeout_s: float = 30.0,
-                 dedup_margin_s: float = 120.0, metrics_interval_s: float = 2.0, models: ModelWatcher | None = None):
-        self.bootstrap = bootstrap
-        self.model = model
+    def __init__(self, where: Connection | str, classifier: FrameClassifier, group_id: str,
+                 dedup_margin_s: float = 120.0, metrics_interval_s: float = 2.0, models: ModelWatcher | None = None,
+                 stall_after_s: float = 60.0, max_records: int = 500):
+        self.conn = connection(where)
+        self.classifier = classifier
+        self.metrics = classifier.metrics
         self.models = models
-        self.digest = model.feature_config.digest()
         self.group_id = group_id
-        self.assembler = FrameAssembler(frame_timeout_s)
         self.dedup_margin_s = dedup_margin_s
         self.metrics_interval_s = metrics_interval_s
-        self.metrics = Metrics("tilestream_classifier")
+        self.stall_after_s = stall_after_s
+        self.max_records = max_records
         observe_gc_pauses(self.metrics)
         self.instance = f"{socket.gethostname()}:{os.getpid()}"
-        self._stop = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="classifier-cpu")
+        self._busy = asyncio.Lock()
         self._unseeded: set[int] = set()
-        self._revoked: set[int] = set()
-        self._last_results = 0.0
         self._answered: AnsweredFrames | None = None
+        self._consumer = None
+        self._last_results = 0.0
+        self.started = self.last_turn = self.last_record = self.assigned_since = time.monotonic()
+        self.assigned: set[int] = set()
+        self.lag: dict[int, int] = {}
 
+    # -- control ------------------------------------------------------------------------
     def stop(self) -> None:
-        self._stop.set()
+        """Thread- and signal-safe: ask the loop to finish (commit, leave the group, close)."""
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+
+    def run(self) -> None:
+        asyncio.run(self.serve())
 
     def health(self) -> dict:
-        return {"status": "ok", "model_id": self.model.model_id, "model_version": self.model.version,
-                "pending_frames": len(self.assembler.pending)}
+        now = time.monotonic()
+        problems = []
+        if now - self.last_turn > self.stall_after_s:
+            problems.append(f"poll loop has not turned for {now - self.last_turn:.0f}s")
+        waiting = sum(self.lag.values())
+        if waiting and now - self.last_record > self.stall_after_s:
+            problems.append(f"{waiting} records wait on assigned partitions, none read for {now - self.last_record:.0f}s")
+        if not self.assigned and now - self.assigned_since > self.stall_after_s:
+            problems.append(f"no partition assigned for {now - self.assigned_since:.0f}s (evicted, not rejoining?)")
+        model = self.classifier.model
+        return {"status": "stalled" if problems else "ok", "problems": problems, "model_id": model.model_id,
+                "model_version": model.version, "assigned_partitions": sorted(self.assigned),
+                "pending_frames": len(self.classifier.assembler.pending),
+                "seconds_since_record": round(now - self.last_record, 1)}
 
-    def run(self, on_result: Callable[[FrameResult], None] | None = None) -> None:
-        from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
-        from kafka.structs import OffsetAndMetadata, TopicPartition
-
-        consumer = KafkaConsumer(
-            bootstrap_servers=self.bootstrap,
-            group_id=self.group_id,
-            client_id=f"{self.group_id}-consumer",
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_poll_records=1000,
-            session_timeout_ms=10000,
-            heartbeat_interval_ms=3000,
-            max_poll_interval_ms=60000,
-        )
-        producer = KafkaProducer(
-            bootstrap_servers=self.bootstrap, client_id=f"{self.group_id}-producer",
-            acks="all", enable_idempotence=True, linger_ms=5,
-        )
-        svc = self
-
-        def commit() -> None:
-            offsets = {
-                TopicPartition(topics.TILE_FEATURES, p): OffsetAndMetadata(o, "", -1)
-                for p, o in svc.assembler.committable().items()
-            }
-            if offsets:
-                producer.flush()
-                consumer.commit(offsets)
-
-        class Rebalance(ConsumerRebalanceListener):
-            # kafka-python 3 listeners may not block on the network, so offsets are committed after
-            # every emitted batch rather than here. Pending frames are forgotten only for partitions
-            # that really went to another member (the eager protocol revokes everything, then often
-            # hands the same partitions back — and kafka-python then keeps reading where it was, so
-            # forgetting them would lose the tiles already read).
-            def on_partitions_revoked(self, revoked):
-                svc._revoked = {tp.partition for tp in revoked}
-
-            def on_partitions_assigned(self, assigned):
-                now_mine = {tp.partition for tp in assigned}
-                svc.assembler.forget_partitions(svc._revoked - now_mine)
-                svc._revoked = set()
-                # Before the first tile of a newly assigned partition is used, the main loop reads
-                # back the results written since then (see _seed_dedup).
-                svc._unseeded.update(now_mine)
-                log.info(json.dumps({"event": "assigned", "partitions": sorted(now_mine)}))
-
-        # Join the group only once this client has the topic's partition metadata: kafka-python
-        # joining without it is assigned nothing and (seen here) never rebalances to get partitions.
-        deadline = time.monotonic() + 60
-        while not consumer.partitions_for_topic(topics.TILE_FEATURES):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"topic {topics.TILE_FEATURES} has no partitions at {self.bootstrap}")
-            time.sleep(0.2)
-        consumer.subscribe([topics.TILE_FEATURES], listener=Rebalance())
-        last_commit = last_metrics = last_model_check = time.monotonic()
-        self.last_loop = time.monotonic()
+    # -- the loop -----------------------------------------------------------------------
+    async def serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        consumer = aio.group_consumer(self.conn, self.group_id, client_id=f"{self.group_id}-consumer")
+        producer = aio.producer(self.conn, client_id=f"{self.group_id}-producer")
+        self._consumer = consumer
+        await producer.start()
         try:
-            while not self._stop.is_set():
-                batch = consumer.poll(timeout_ms=200)
-                now = self.last_loop = time.monotonic()
-                emitted = 0
-                fresh = [ms[0].timestamp for tp, ms in batch.items() if tp.partition in self._unseeded and ms]
-                if fresh:
-                    self._seed_dedup(min(fresh))
-                    self._unseeded -= {tp.partition for tp in batch}
-                for tp, messages in batch.items():
-                    for m in messages:
-                        try:
-                            rec = TileBatch.from_bytes(m.value)
-                            tiles = rec.split()
-                        except Exception as exc:  # noqa: BLE001 - anything unparsable is a dead letter
-                            self._dead(producer, "malformed", f"tile record does not parse: {exc}", m)
-                            continue
-                        if rec.feature_digest != self.digest:
-                            self._dead(producer, "feature_mismatch",
-                                       f"tile features {rec.feature_digest} != model features {self.digest}", m,
-                                       rec.frame_id)
-                            continue
-                        if not tiles:
-                            self.assembler.seen(tp.partition, m.offset)
-                        for tile in tiles:
-                            frame = self.assembler.add(tile, tp.partition, m.offset, now)
-                            if frame is not None:
-                                self._emit(producer, frame, on_result)
-                                emitted += 1
-                for frame in self.assembler.expired(now):
-                    self.metrics.inc("frames_incomplete_total")
-                    log.warning(json.dumps({"event": "frame_incomplete", "frame_id": frame.frame_id,
-                                            "missing_tiles": frame.missing()}))
-                    self._emit(producer, frame, on_result)
-                    emitted += 1
-                if emitted or (batch and now - last_commit > 1.0):
-                    commit()
-                    last_commit = now
-                if self.models is not None and now - last_model_check >= 1.0:
-                    self._maybe_swap_model()
-                    last_model_check = now
-                if now - last_metrics >= self.metrics_interval_s:
-                    self._publish_metrics(producer, consumer, now - last_metrics)
-                    last_metrics = now
-            commit()
+            await consumer.start()
+            consumer.subscribe([topics.TILE_FEATURES], listener=_Listener(self, consumer, producer))
+            await self._loop_until_stopped(consumer, producer)
+            async with self._busy:
+                await self._commit(consumer, producer)
         finally:
-            producer.flush()
-            producer.close()
-            consumer.close(autocommit=False)
+            await consumer.stop()  # leaves the group: the partitions move at once, not after the session timeout
+            await producer.stop()
+            self._cpu.shutdown(wait=True)
             if self._answered is not None:
                 self._answered.close()
             if self.models is not None:
                 self.models.close()
 
-    def start_watchdog(self, stall_s: float, on_stall) -> None:
-        """Call ``on_stall`` if the poll loop makes no progress for ``stall_s`` seconds.
+    async def _loop_until_stopped(self, consumer, producer) -> None:
+        loop = asyncio.get_running_loop()
+        last_commit = last_metrics = last_model_check = time.monotonic()
+        while not self._stop.is_set():
+            batch = await consumer.getmany(timeout_ms=200, max_records=self.max_records)
+            now = self.last_turn = time.monotonic()
+            async with self._busy:
+                if batch:
+                    self.last_record = now
+                    outputs = await loop.run_in_executor(self._cpu, self._handle_batch, batch, now)
+                else:
+                    outputs = []
+                outputs += await loop.run_in_executor(self._cpu, self.classifier.on_tick, now, time.time_ns())
+                await self._send(producer, outputs)
+                if outputs or (batch and now - last_commit > 1.0):
+                    await self._commit(consumer, producer)
+                    last_commit = now
+            if self.models is not None and now - last_model_check >= 1.0:
+                last_model_check = now
+                await self._maybe_swap_model(loop)
+            if now - last_metrics >= self.metrics_interval_s:
+                await self._publish_metrics(consumer, producer, now - last_metrics)
+                last_metrics = now
 
-        kafka-python 3.0.12 was seen (rarely, at start-up) to block forever inside
-        ``KafkaConsumer.poll`` while looking for the group coordinator. Restarting is safe by
-        design — offsets and the read-back of answered frames make a restart lose and repeat
-        nothing — so a stalled classifier restarts itself rather than sit silent.
-        """
-        self.last_loop = time.monotonic()
+    def _handle_batch(self, batch: dict, now: float) -> list[Output]:
+        """In the worker thread: read back answered frames for new partitions, then every record."""
+        fresh = [ms[0].timestamp for tp, ms in batch.items() if tp.partition in self._unseeded and ms]
+        if fresh:
+            self._seed_dedup(min(fresh))
+            self._unseeded -= {tp.partition for tp in batch}
+        out: list[Output] = []
+        now_ns = time.time_ns()
+        for tp, messages in batch.items():
+            for m in messages:
+                out += self.classifier.on_record(m.value, tp.partition, m.offset, now, now_ns)
+        return out
 
-        def watch():
-            while not self._stop.wait(1.0):
-                if time.monotonic() - self.last_loop > stall_s:
-                    on_stall()
-                    return
+    async def _send(self, producer, outputs: list[Output]) -> None:
+        """Send and wait for every acknowledgement; retry failures, raise SendFailed at the end."""
+        todo = outputs
+        for attempt in range(1, SEND_ATTEMPTS + 1):
+            if not todo:
+                return
+            futures = [await producer.send(o.topic, value=o.value, key=o.key) for o in todo]
+            done = await asyncio.gather(*futures, return_exceptions=True)
+            failed = [(o, r) for o, r in zip(todo, done) if isinstance(r, BaseException)]
+            for o, err in failed:
+                self.metrics.inc("send_errors_total", topic=o.topic)
+                log.error(json.dumps({"event": "send_failed", "topic": o.topic, "attempt": attempt,
+                                      "error": f"{type(err).__name__}: {err}"}))
+            todo = [o for o, _ in failed]
+            if todo:
+                await asyncio.sleep(0.5 * attempt)
+        if todo:
+            raise SendFailed(f"{len(todo)} records could not be sent after {SEND_ATTEMPTS} attempts; "
+                             "nothing past them was committed")
 
-        threading.Thread(target=watch, name="classifier-watchdog", daemon=True).start()
-
-    def _maybe_swap_model(self) -> None:
-        """Between two batches: switch to a newer published model (same features only)."""
+    async def _commit(self, consumer, producer) -> None:
+        """Commit what is safe to commit. A commit refused because the group is rebalancing is
+        not an error: the revocation callback commits again, and at worst tiles are re-read."""
+        offsets = {TopicPartition(topics.TILE_FEATURES, p): o
+                   for p, o in self.classifier.assembler.committable().items() if p in self.assigned}
+        if not offsets:
+            return
+        await producer.flush()
         try:
-            model = self.models.poll()
-        except Exception as exc:  # noqa: BLE001 - keep serving the current model
-            self.metrics.inc("models_refused_total")
-            log.error(json.dumps({"event": "model_refused", "version": self.models.version, "error": str(exc)}))
-            return
-        if model is None:
-            return
-        old = self.model
-        self.model = model
-        self.metrics.inc("model_swaps_total")
-        log.info(json.dumps({"event": "model_swapped", "from": [old.model_id, old.version],
-                             "to": [model.model_id, model.version]}))
+            await consumer.commit(offsets)
+        except (CommitFailedError, IllegalStateError) as exc:
+            self.metrics.inc("commit_refused_total")
+            log.info(json.dumps({"event": "commit_refused", "error": f"{type(exc).__name__}: {exc}"}))
 
     def _seed_dedup(self, first_tile_ms: int) -> None:
         """Remember the frames already answered since ``first_tile_ms - margin``.
@@ -243,50 +216,93 @@ class ClassifierService:
         since = first_tile_ms - int(self.dedup_margin_s * 1000)
         t0 = time.monotonic()
         if self._answered is None:
-            self._answered = AnsweredFrames(self.bootstrap)
+            self._answered = AnsweredFrames(self.conn)
         ids = self._answered.catch_up(since)
-        self.assembler.remember(ids)
+        self.classifier.assembler.remember(ids)
         log.info(json.dumps({"event": "dedup_seeded", "frames": len(ids), "seconds": round(time.monotonic() - t0, 3)}))
 
-    def _publish_metrics(self, producer, consumer, dt: float) -> None:
-        results = self.metrics.counter("results_total")
-        lag = {}
+    async def _maybe_swap_model(self, loop) -> None:
+        """Between two batches: switch to a newer published model (same features only)."""
         try:
-            for tp in consumer.assignment():
-                high = consumer.highwater(tp)
-                if high is not None:
-                    lag[f"{tp.topic}/{tp.partition}"] = max(0, high - consumer.position(tp))
-        except Exception:  # noqa: BLE001 - metrics must never stop the classifier
-            pass
-        q = self.metrics.quantiles("capture_to_result_seconds")
-        counters = {"results_total": results, "frames_incomplete_total": self.metrics.counter("frames_incomplete_total"),
-                    "duplicates_dropped_total": float(self.assembler.duplicates)}
-        for (name, labels), value in self.metrics.counters.items():
+            model = await loop.run_in_executor(self._cpu, self.models.poll)
+        except Exception as exc:  # noqa: BLE001 - keep serving the current model
+            self.metrics.inc("models_refused_total")
+            log.error(json.dumps({"event": "model_refused", "version": self.models.version, "error": str(exc)}))
+            return
+        if model is None:
+            return
+        old = self.classifier.model
+        self.classifier.swap_model(model)
+        self.metrics.inc("model_swaps_total")
+        log.info(json.dumps({"event": "model_swapped", "from": [old.model_id, old.version],
+                             "to": [model.model_id, model.version]}))
+
+    async def _publish_metrics(self, consumer, producer, dt: float) -> None:
+        lag = {}
+        for tp in consumer.assignment():
+            high = consumer.highwater(tp)
+            if high is not None:
+                try:
+                    lag[tp.partition] = max(0, high - await consumer.position(tp))
+                except Exception:  # noqa: BLE001 - a partition being revoked right now has no position
+                    pass
+        self.lag = lag
+        m = self.metrics
+        m.set("assigned_partitions", float(len(self.assigned)))
+        m.set("seconds_since_record", time.monotonic() - self.last_record)
+        m.set("healthy", 1.0 if self.health()["status"] == "ok" else 0.0)
+        for p, v in lag.items():
+            m.set("consumer_lag", float(v), partition=f"{topics.TILE_FEATURES}/{p}")
+        results = m.counter("results_total")
+        q = m.quantiles("capture_to_result_seconds")
+        counters = {"results_total": results, "frames_incomplete_total": m.counter("frames_incomplete_total"),
+                    "duplicates_dropped_total": float(self.classifier.assembler.duplicates),
+                    "rebalances_total": m.counter("rebalances_total")}
+        for (name, labels), value in m.counters.items():
             if name == "dead_letters_total":
                 counters[f"dead_letters_total:{dict(labels)['reason']}"] = value
+        model = self.classifier.model
         snap = StageMetrics(
             stage="classifier", instance=self.instance, at_ns=time.time_ns(), interval_s=self.metrics_interval_s,
             counters=counters, rates={"frames_per_s": (results - self._last_results) / max(dt, 1e-6)},
             latency_ms={"capture_to_result": {f"p{int(k * 100)}": v * 1e3 for k, v in q.items()}} if q else {},
-            consumer_lag=lag, group=self.group_id,
-            extra={"model_id": self.model.model_id, "model_version": self.model.version,
-                   "pending_frames": len(self.assembler.pending)},
+            consumer_lag={f"{topics.TILE_FEATURES}/{p}": v for p, v in lag.items()}, group=self.group_id,
+            extra={"model_id": model.model_id, "model_version": model.version,
+                   "pending_frames": len(self.classifier.assembler.pending),
+                   "assigned_partitions": sorted(self.assigned)},
         )
         self._last_results = results
-        producer.send(topics.METRICS, key=f"classifier/{self.instance}".encode(), value=snap.to_json())
+        # Metrics are best effort: a lost snapshot is replaced by the next one, never retried.
+        await producer.send(topics.METRICS, key=f"classifier/{self.instance}".encode(), value=snap.to_json())
 
-    def _emit(self, producer, frame: PendingFrame, on_result) -> None:
-        result = classify_frame(self.model, frame, time.time_ns())
-        producer.send(topics.RESULTS, key=result.camera_id.encode(), value=result.to_json())
-        self.assembler.done(frame)
-        self.metrics.inc("results_total")
-        self.metrics.observe("capture_to_result_seconds", result.latency_ms / 1e3)
-        if on_result is not None:
-            on_result(result)
 
-    def _dead(self, producer, reason: str, message: str, m, frame_id: str | None = None) -> None:
-        self.assembler.seen(m.partition, m.offset)
-        self.metrics.inc("dead_letters_total", reason=reason)
-        log.warning(json.dumps({"event": "dead_letter", "reason": reason, "partition": m.partition, "offset": m.offset}))
-        letter = DeadLetter("classifier", reason, message, m.value, frame_id, m.topic, m.partition, m.offset)
-        producer.send(topics.DEAD_LETTERS, key=(frame_id or "").encode(), value=letter.to_json())
+class _Listener(ConsumerRebalanceListener):
+    """aiokafka rebalance callbacks, awaited by its coordinator task on the loop."""
+
+    def __init__(self, svc: ClassifierService, consumer, producer):
+        self.svc, self.consumer, self.producer = svc, consumer, producer
+
+    async def on_partitions_revoked(self, revoked) -> None:
+        svc = self.svc
+        async with svc._busy:  # the batch in hand is finished, sent and committed first
+            try:
+                await svc._commit(self.consumer, self.producer)
+            except Exception as exc:  # noqa: BLE001 - the new owner re-reads from the last commit
+                log.warning(json.dumps({"event": "commit_on_revoke_failed", "error": f"{type(exc).__name__}: {exc}"}))
+            gone = {tp.partition for tp in revoked}
+            svc.classifier.assembler.forget_partitions(gone)
+            svc.assigned -= gone
+            svc._unseeded -= gone
+        svc.metrics.inc("rebalances_total")
+        if not svc.assigned:
+            svc.assigned_since = time.monotonic()
+
+    async def on_partitions_assigned(self, assigned) -> None:
+        svc = self.svc
+        now_mine = {tp.partition for tp in assigned}
+        svc.assigned = now_mine
+        svc.assigned_since = time.monotonic()
+        # Before the first tile of a newly assigned partition is used, the worker thread reads back
+        # the results written since then (see _seed_dedup).
+        svc._unseeded |= now_mine
+        log.info(json.dumps({"event": "assigned", "partitions": sorted(now_mine)}))

@@ -30,6 +30,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
+from kafkaio import Connection, clients, connection
 from tilestream import __version__, crypto, envelope, topics
 from tilestream.config import AgentSettings, cache_home
 from tilestream.envelope import FrameHeader
@@ -143,12 +144,12 @@ class EdgeAgent:
         self,
         settings: AgentSettings,
         keystore: KeyStore,
-        bootstrap: str,
+        where: Connection | str,
         max_frame_bytes: int,
         state_dir: Path | None = None,
     ):
         self.settings = settings
-        self.bootstrap = bootstrap
+        self.conn = connection(where)
         self.max_frame_bytes = max_frame_bytes
         self.cloud_kid, self.suite, self.cloud_public = keystore.cloud_public_key()
         self.device_kid, self.device_key = keystore.device_private_key(settings.camera_id)
@@ -275,16 +276,8 @@ class EdgeAgent:
 
     # -- sending ----------------------------------------------------------------------------
     def _make_producer(self):
-        from kafka import KafkaProducer
-
-        return KafkaProducer(
-            bootstrap_servers=self.bootstrap,
-            client_id=f"tilestream-agent-{self.settings.camera_id}",
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=5,
-            # Frames are ~50-100 KB: the default 16 KB batch would make every frame its own batch.
-            batch_size=1024 * 1024,
+        return clients.producer(
+            self.conn, "frames", client_id=f"tilestream-agent-{self.settings.camera_id}",
             max_request_size=self.max_frame_bytes + 64 * 1024,
             delivery_timeout_ms=int(self.settings.delivery_timeout_s * 1000),
             request_timeout_ms=10000,
@@ -398,7 +391,8 @@ class EdgeAgent:
         present: set[bytes] = set()
         try:
             keys = {e.key: e.id for e in pending}
-            present = frames_on_topic(self.bootstrap, set(keys), self._acked_offsets, _oldest_capture_ms(pending))
+            present = frames_on_topic(self.conn, {e.key: e.value for e in pending}, self._acked_offsets,
+                                      _oldest_capture_ms(pending))
             for key in present:
                 self.spool.ack(keys[key])
             self.counters.already_on_topic += len(present)
@@ -475,45 +469,28 @@ def _oldest_capture_ms(entries) -> int:
         return 0
 
 
-def frames_on_topic(bootstrap: str, keys: set[bytes], acked_offsets: dict[int, int], oldest_capture_ms: int,
-                    clock_margin_ms: int = 3600_000) -> set[bytes]:
-    """Which of ``keys`` are already on the frames topic.
+def frames_on_topic(where: Connection | str, wanted: dict[bytes, bytes], acked_offsets: dict[int, int],
+                    oldest_capture_ms: int, clock_margin_ms: int = 3600_000) -> set[bytes]:
+    """Which of the spooled frames ``wanted`` (key -> sealed bytes) are already on the frames topic.
+
+    A frame counts as present only when a record with its key *and the same bytes* is there:
+    anyone who can write to the topic can write a record with a genuine frame's key, and
+    trusting the key alone would make the agent drop that genuine frame from its spool.
 
     Each partition is read from just after the last offset this agent knows was acknowledged
     (or, for a partition it has none for, from the broker time of the oldest pending capture
     minus a margin for camera clock error) up to its end now.
     """
-    from kafka import KafkaConsumer, TopicPartition
+    def start(partition: int) -> int | None:
+        return acked_offsets[partition] + 1 if partition in acked_offsets else None
 
-    c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
-                      client_id="tilestream-agent-reconcile", request_timeout_ms=10000,
-                      bootstrap_timeout_ms=BOOTSTRAP_TIMEOUT_MS)
-    try:
-        parts = [TopicPartition(topics.FRAMES, p) for p in sorted(c.partitions_for_topic(topics.FRAMES) or ())]
-        if not parts:
-            raise RuntimeError("frames topic has no partitions (broker not ready?)")
-        c.assign(parts)
-        end = c.end_offsets(parts)
-        unknown = [tp for tp in parts if tp.partition not in acked_offsets]
-        by_time = c.offsets_for_times({tp: max(0, oldest_capture_ms - clock_margin_ms) for tp in unknown}) if unknown else {}
-        todo = {}
-        for tp in parts:
-            if tp.partition in acked_offsets:
-                start = acked_offsets[tp.partition] + 1
-            else:
-                found = by_time.get(tp)
-                start = found.offset if found is not None else end[tp]
-            if start < end[tp]:
-                c.seek(tp, start)
-                todo[tp] = end[tp]
-            else:
-                c.seek(tp, end[tp])
-        present: set[bytes] = set()
-        while any(c.position(tp) < e for tp, e in todo.items()):
-            for records in c.poll(timeout_ms=1000).values():
-                for m in records:
-                    if m.key in keys:
-                        present.add(m.key)
-        return present
-    finally:
-        c.close()
+    with clients.RangeReader(where, topics.FRAMES, client_id="tilestream-agent-reconcile", request_timeout_ms=10000,
+                             bootstrap_timeout_ms=BOOTSTRAP_TIMEOUT_MS) as reader:
+        unknown = [tp.partition for tp in reader.parts if tp.partition not in acked_offsets]
+        by_time = {}
+        if unknown:
+            found = reader.consumer.offsets_for_times(
+                {tp: max(0, oldest_capture_ms - clock_margin_ms) for tp in reader.parts if tp.partition in unknown})
+            by_time = {tp.partition: (o.offset if o is not None else None) for tp, o in found.items()}
+        reader.seek(lambda p: start(p) if p in acked_offsets else by_time.get(p))
+        return {m.key for m in reader.read_to_end() if m.key in wanted and wanted[m.key] == m.value}

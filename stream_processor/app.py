@@ -35,6 +35,7 @@ from pathlib import Path
 
 import faust
 
+from kafkaio import Connection, connection
 from tilestream import topics
 from tilestream.config import Settings
 from tilestream.crypto import FrameRejected
@@ -42,26 +43,25 @@ from tilestream.keys import DeviceRegistry, KeyStore
 from tilestream.metrics import Metrics, observe_gc_pauses
 from tilestream.records import DeadLetter, StageMetrics, TileBatch
 
-from stream_processor import tilejobs
-from stream_processor.faust_fixes import install_rebalance_ack_guard
+from stream_processor import tilejobs, transport
 from stream_processor.pipeline import FrameProcessor, ReplayGuard, StageTimes
 
 log = logging.getLogger("tilestream.processor")
 STAGES = ("verify", "open", "decode", "features")
 
 
-def create_app(settings: Settings, bootstrap: str, datadir: Path, web_port: int | None = None) -> faust.App:
-    install_rebalance_ack_guard()
+def create_app(settings: Settings, where: Connection | str, datadir: Path, web_port: int | None = None) -> faust.App:
     ps = settings.processor
+    conn = connection(where)
     app = faust.App(
         ps.app_id,
-        broker=f"kafka://{bootstrap}",
+        **conn.faust_settings(),
         datadir=str(datadir),
         web_port=web_port or ps.web_port,
         web_host="127.0.0.1",
         web_bind="127.0.0.1",
         store="memory://",
-        topic_replication_factor=1,
+        topic_replication_factor=settings.kafka.replication_factor,
         topic_partitions=settings.kafka.frames_partitions,
         producer_acks=-1,
         producer_max_request_size=settings.kafka.max_frame_bytes + 64 * 1024,
@@ -73,8 +73,10 @@ def create_app(settings: Settings, bootstrap: str, datadir: Path, web_port: int 
         broker_heartbeat_interval=max(1.0, ps.session_timeout_s / 4),
         web_enabled=True,
     )
+    transport.install(app)
     frames = app.topic(topics.FRAMES, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
-    tile_features = app.topic(topics.TILE_FEATURES, key_type=bytes, value_type=TileBatch, key_serializer="raw")
+    tile_features = app.topic(topics.TILE_FEATURES, key_type=bytes, value_type=bytes, key_serializer="raw",
+                              value_serializer="raw")
     tile_jobs = app.topic(topics.TILE_JOBS, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     dead_letters = app.topic(topics.DEAD_LETTERS, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     metrics_topic = app.topic(topics.METRICS, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
@@ -112,7 +114,7 @@ def create_app(settings: Settings, bootstrap: str, datadir: Path, web_port: int 
         fid = rej.header.frame_id if rej.header else None
         log.warning(json.dumps({"event": "dead_letter", "stage": stage, "reason": rej.reason, "frame_id": fid,
                                 "partition": msg.partition, "offset": msg.offset, "error": str(rej)}))
-        letter = DeadLetter(stage, rej.reason, str(rej), event.value, fid, msg.topic, msg.partition, msg.offset)
+        letter = DeadLetter.of(stage, rej.reason, str(rej), event.value, fid, msg.topic, msg.partition, msg.offset)
         await dead_letters.send(key=(fid or "").encode(), value=letter.to_json())
 
     @app.agent(frames)
@@ -138,7 +140,7 @@ def create_app(settings: Settings, bootstrap: str, datadir: Path, web_port: int 
                 metrics.inc("tile_jobs_total", len(jobs))
             else:
                 for rec in records:
-                    await tile_features.send(key=rec.frame_id.encode(), value=rec)
+                    await tile_features.send(key=rec.frame_id.encode(), value=rec.to_bytes())
                 metrics.inc("tiles_total", sum(len(r.tiles) for r in records))
             metrics.inc("frames_total")
             times.verify = t1 - t0
@@ -161,7 +163,7 @@ def create_app(settings: Settings, bootstrap: str, datadir: Path, web_port: int 
             except FrameRejected as rej:
                 await dead_letter(rej, event, stage="tiles")
                 continue
-            await tile_features.send(key=batch.frame_id.encode(), value=batch)
+            await tile_features.send(key=batch.frame_id.encode(), value=batch.to_bytes())
             metrics.inc("tiles_total", len(batch.tiles))
             metrics.observe("tile_job_seconds", time.perf_counter() - t0)
 
@@ -194,7 +196,7 @@ def create_app(settings: Settings, bootstrap: str, datadir: Path, web_port: int 
         dt = max(1e-6, now - last["t"])
         frames_total, tiles_total = metrics.counter("frames_total"), metrics.counter("tiles_total")
         lag = consumer_lag()
-        metrics.set("rebalance_acks_refused", float(getattr(app, "tilestream_refused_acks", 0)))
+        metrics.set("rebalance_acks_refused", float(getattr(app.consumer, "refused_acks", 0)))
         for key, value in lag.items():
             metrics.set("consumer_lag", value, partition=key)
         counters = {"frames_total": frames_total, "tiles_total": tiles_total}
@@ -228,13 +230,15 @@ def create_app(settings: Settings, bootstrap: str, datadir: Path, web_port: int 
     return app
 
 
-def run_worker(settings: Settings, bootstrap: str, datadir: Path, web_port: int | None = None, loglevel: str = "info") -> None:
+def run_worker(settings: Settings, where: Connection | str, datadir: Path, web_port: int | None = None,
+               loglevel: str = "info") -> None:
     """Run one Faust worker in this process until SIGTERM/SIGINT."""
     from faust.worker import Worker
 
     datadir.mkdir(parents=True, exist_ok=True)
-    topics.ensure_topics(bootstrap, topics.pipeline_topics(settings.kafka))
-    app = create_app(settings, bootstrap, datadir, web_port)
+    conn = connection(where)
+    topics.ensure_topics(conn.bootstrap, topics.pipeline_topics(settings.kafka))
+    app = create_app(settings, conn, datadir, web_port)
     worker = Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
     worker.spinner = None  # a terminal spinner has no place in service logs
     worker.execute_from_commandline()

@@ -213,3 +213,24 @@ def test_a_stream_that_drops_every_5_frames_is_reopened_counted_and_heartbeats_f
              if m.key == b"cam-mjpeg"]
     assert beats and beats[-1].status == "stopped" and beats[-1].counters["sent"] == 12
     assert beats[-1].counters["source_errors"] == counters.source_errors
+
+
+@pytest.mark.kafka
+def test_reconciliation_trusts_a_frame_on_the_topic_only_with_its_own_bytes(kafka, keystore, vtest_path, tmp_path):
+    """A record that carries a spooled frame's key but other bytes (anyone with write access can
+    write one) must not make the agent drop the genuine frame from its spool."""
+    from edge_agent.agent import frames_on_topic as spooled_frames_on_topic
+    from kafkaio import clients
+
+    agent = EdgeAgent(AgentSettings(camera_id="cam-test", source=str(vtest_path)), keystore, kafka.bootstrap,
+                      4 * 1024 * 1024, state_dir=tmp_path / "agent")
+    header, genuine = agent.seal(next(iter_video_frames(str(vtest_path), max_frames=1)), 1)
+    key = f"{header.frame_id}-reconcile".encode()
+    producer = clients.producer(kafka.bootstrap)
+    try:
+        producer.send(topics.FRAMES, key=key, value=b"forged: same key, other bytes").get(timeout=30)
+        assert spooled_frames_on_topic(kafka.bootstrap, {key: genuine}, {}, 0) == set()
+        producer.send(topics.FRAMES, key=key, value=genuine).get(timeout=30)
+        assert spooled_frames_on_topic(kafka.bootstrap, {key: genuine}, {}, 0) == {key}
+    finally:
+        producer.close()

@@ -63,7 +63,7 @@ def test_a_tile_batch_carries_every_tile_exactly():
 
     vecs = [np.arange(3, dtype=np.float32) + i for i in range(4)]
     tiles = [(Tile(i, 10 * i, 0, 10, 10), v) for i, v in enumerate(vecs)]
-    wire = TileBatch.make(Frame, 9, tiles, "dig", 123).dumps()
+    wire = TileBatch.make(Frame, 9, tiles, "dig", 123).to_bytes()
     back = TileBatch.from_bytes(wire).split()
     assert [(t.tile_index, t.x, t.n_tiles, t.frame_width) for t in back] == [(i, 10 * i, 9, 100) for i in range(4)]
     for t, v in zip(back, vecs):

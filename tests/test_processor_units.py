@@ -70,3 +70,39 @@ def test_replay_guard_tells_redelivery_from_replay():
     for i in range(2, 6):
         g.check(f"c/{i}", 0, i, now=62.0)
     assert len(g._seen) <= 3
+
+
+def test_the_faust_ack_hole_our_transport_guards_is_still_there_and_the_guard_is_plugged_in(tmp_path):
+    """Pins the Faust behaviour stream_processor/transport.py relies on: skipped values are acked
+    (faust/streams.py). If an upgrade removes that line, this fails and the guard can go."""
+    import inspect
+
+    import faust.streams
+
+    from stream_processor import transport
+
+    assert "do_ack or value is skipped_value" in inspect.getsource(faust.streams)
+    app = faust.App("pin-test", broker="kafka://127.0.0.1:1", datadir=str(tmp_path), web_enabled=False)
+    transport.install(app)
+    assert app.transport.Consumer is transport.GuardedConsumer
+    assert issubclass(transport.GuardedConsumer, faust.transport.drivers.aiokafka.Consumer)
+
+    class FlowControl:
+        active = True
+
+        def is_active(self):
+            return self.active
+
+    class FakeApp:  # the two attributes GuardedConsumer.ack reads
+        flow_control = FlowControl()
+        consumer_generation_id = 7
+
+    class Message:
+        generation_id = 6
+
+    consumer = transport.GuardedConsumer.__new__(transport.GuardedConsumer)
+    consumer.app = FakeApp()
+    assert consumer.ack(Message()) is False and consumer.refused_acks == 1  # another generation
+    FakeApp.flow_control.active = False
+    Message.generation_id = 7
+    assert consumer.ack(Message()) is False and consumer.refused_acks == 2  # during a rebalance

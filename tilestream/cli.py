@@ -30,6 +30,12 @@ def _bootstrap(args: argparse.Namespace, settings: Settings) -> str:
     return args.bootstrap or settings.kafka.bootstrap or f"{settings.kafka.host}:{settings.kafka.port}"
 
 
+def _connection(args: argparse.Namespace, settings: Settings):
+    from kafkaio import Connection
+
+    return Connection.from_settings(settings.kafka, args.bootstrap)
+
+
 def _local_kafka(args: argparse.Namespace, settings: Settings):
     from deploy.local_kafka import LocalKafka
 
@@ -141,8 +147,8 @@ def cmd_agent(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_process(args: argparse.Namespace, settings: Settings) -> int:
     from stream_processor.app import run_worker
 
-    datadir = Path(args.datadir) if args.datadir else cache_home() / "processor" / f"worker-{args.web_port or settings.processor.web_port}"
-    run_worker(settings, _bootstrap(args, settings), datadir, args.web_port, loglevel=args.loglevel)
+    datadir = Path(args.datadir) if args.datadir else cache_home() / "processor" / f"worker-{args.http_port or settings.processor.web_port}"
+    run_worker(settings, _connection(args, settings), datadir, args.http_port, loglevel=args.loglevel)
     return 0
 
 
@@ -179,9 +185,11 @@ def cmd_classify(args: argparse.Namespace, settings: Settings) -> int:
     from classifier import registry
     from classifier.model import TileModel
     from classifier.service import ClassifierService
-    from tilestream.metrics import serve_http
+    from classifier.stage import FrameClassifier
+    from tilestream.metrics import Metrics, serve_http
 
-    bootstrap, digest, cs = _bootstrap(args, settings), settings.features.digest(), settings.classifier
+    conn, digest, cs = _connection(args, settings), settings.features.digest(), settings.classifier
+    bootstrap = conn.bootstrap
     watcher = registry.ModelWatcher(bootstrap, args.model_name, expected_digest=digest)
     path = args.model or cs.model_path
     if path:
@@ -198,25 +206,14 @@ def cmd_classify(args: argparse.Namespace, settings: Settings) -> int:
         print(f"error: no model {args.model_name!r} on the models topic; give --model PATH "
               f"(train one with `tilestream train`)", file=sys.stderr)
         return 2
-    svc = ClassifierService(bootstrap, model, cs.group_id, cs.frame_timeout_s, cs.dedup_margin_s, cs.metrics_interval_s,
-                            models=watcher)
-    if args.metrics_port:
-        serve_http(svc.metrics, args.metrics_port, svc.health)
-
-    def restart() -> None:
-        import faulthandler
-
-        logging.getLogger("tilestream.classifier").error(json.dumps(
-            {"event": "stalled_restarting", "stalled_s": cs.stall_restart_s}))
-        faulthandler.dump_traceback(all_threads=True)
-        os.execv(sys.executable, [sys.executable, "-m", "tilestream", *sys.argv[1:]])
-
-    svc.start_watchdog(cs.stall_restart_s, restart)
+    stage = FrameClassifier(model, Metrics("tilestream_classifier"), cs.frame_timeout_s)
+    svc = ClassifierService(conn, stage, cs.group_id, cs.dedup_margin_s, cs.metrics_interval_s, models=watcher,
+                            stall_after_s=cs.stall_after_s)
+    if args.http_port:
+        serve_http(svc.metrics, args.http_port, svc.health)
     signal.signal(signal.SIGTERM, lambda *_: svc.stop())
-    try:
-        svc.run()
-    except KeyboardInterrupt:
-        pass
+    signal.signal(signal.SIGINT, lambda *_: svc.stop())
+    svc.run()
     return 0
 
 
@@ -327,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(func=cmd_agent)
 
     pr = sub.add_parser("process", help="run a stream-processor worker (Faust)")
-    pr.add_argument("--web-port", type=int, help="/healthz and /metrics port (each worker needs its own)")
+    pr.add_argument("--http-port", "--web-port", dest="http_port", type=int,
+                    help="/healthz and /metrics port (each worker needs its own)")
     pr.add_argument("--datadir", help="Faust data directory (each worker needs its own)")
     pr.add_argument("--loglevel", default="warning")
     pr.set_defaults(func=cmd_process)
@@ -346,7 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("classify", help="run the online classifier")
     c.add_argument("--model", help="model file; published to the models topic unless it is the newest there")
     c.add_argument("--model-name", default="default", help="which model of the registry to follow")
-    c.add_argument("--metrics-port", type=int, default=0)
+    c.add_argument("--http-port", "--metrics-port", dest="http_port", type=int, default=0,
+                   help="serve /healthz and /metrics on this port")
     c.set_defaults(func=cmd_classify)
 
     mo = sub.add_parser("models", help="the model registry (compacted models topic); publishing hot-swaps classifiers")

@@ -19,7 +19,9 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+from tilestream.errors import ConfigError
 
 
 def cache_home() -> Path:
@@ -46,6 +48,20 @@ class KafkaSettings:
     tile_jobs_partitions: int = 6
     results_partitions: int = 3
     max_frame_bytes: int = 4 * 1024 * 1024
+    # Replication of the pipeline's topics: 1 on a single node; 3 with min_insync_replicas 2 on a
+    # cluster (an acknowledged frame then survives the loss of any one broker).
+    replication_factor: int = 1
+    min_insync_replicas: int = 1
+    # Transport security of every client (kafkaio.connection): PLAINTEXT on loopback; SSL (server
+    # verified against ssl_cafile; with ssl_certfile/ssl_keyfile mutual TLS) or SASL_SSL (SCRAM) elsewhere.
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    ssl_cafile: str = ""
+    ssl_certfile: str = ""
+    ssl_keyfile: str = ""
+    sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] = "SCRAM-SHA-512"
+    sasl_username: str = ""
+    # The password never sits in this file: $TILESTREAM_SASL_PASSWORD or this file (mode 0600).
+    sasl_password_file: str = ""
 
 
 @dataclass
@@ -60,7 +76,7 @@ class FeatureConfig:
     overlap: int = 0
     # What happens to tiles at the right/bottom edge when the frame does not divide evenly:
     # "pad" (replicate the border up to the full tile size), "shrink" (smaller tile) or "drop".
-    edge_policy: str = "pad"
+    edge_policy: Literal["pad", "shrink", "drop"] = "pad"
     a: float = 1.0
     b: float = 0.0
     T: int = 128
@@ -116,7 +132,7 @@ class AgentSettings:
     source: str = ""
     fps: float = 0.0  # target frames/s; faster sources are dropped evenly (counted as skipped). 0: all
     max_side: int = 0  # resize so the longer side is at most this; 0: no resize
-    encoding: str = "jpeg"  # jpeg | png | webp
+    encoding: Literal["jpeg", "png", "webp"] = "jpeg"
     jpeg_quality: int = 80  # also the WebP quality
     # Change gating: skip a frame whose 64-px thumbnail differs from the last sent one by less
     # than this mean absolute difference (0..255); counted as unchanged. 0: off.
@@ -126,10 +142,10 @@ class AgentSettings:
     realtime: bool = False  # video files: pace at the file's fps
     watch: bool = False  # image folders: keep watching for new files
     # Frames larger than the topic allows: "reencode" (lower quality, then downscale) or "reject".
-    oversize: str = "reencode"
+    oversize: Literal["reencode", "reject"] = "reencode"
     state_dir: str = ""  # seq counter, spool, acked offsets (default ~/.cache/tilestream/agent/<camera>)
     spool_max_bytes: int = 1024 * 1024 * 1024
-    spool_when_full: str = "drop_oldest"  # or "block" (pause capture)
+    spool_when_full: Literal["drop_oldest", "block"] = "drop_oldest"  # block: pause capture
     max_in_flight: int = 64
     delivery_timeout_s: float = 120.0
     backoff_max_s: float = 30.0
@@ -164,8 +180,9 @@ class ClassifierSettings:
     # read back so frames answered before a crash or rebalance are not answered twice.
     dedup_margin_s: float = 120.0
     metrics_interval_s: float = 2.0
-    # Restart (re-exec) the classifier when its poll loop makes no progress this long.
-    stall_restart_s: float = 45.0
+    # /healthz reports "stalled" when records wait on assigned partitions (or no partition is
+    # assigned while the group has work) and nothing was read for this long.
+    stall_after_s: float = 60.0
 
 
 @dataclass
@@ -196,15 +213,22 @@ def _coerce(current: Any, raw: str) -> Any:
 
 def _apply(section: Any, values: dict[str, Any], where: str) -> None:
     names = {f.name.lower(): f.name for f in dataclasses.fields(section)}
+    hints = get_type_hints(type(section))
     for given, value in values.items():
         key = names.get(given.lower())
         if key is None:
-            raise ValueError(f"{where}: unknown setting {given!r} (known: {', '.join(sorted(names.values()))})")
+            raise ConfigError(f"{where}: unknown setting {given!r} (known: {', '.join(sorted(names.values()))})")
         current = getattr(section, key)
-        if isinstance(value, str) and not isinstance(current, str) and current is not None:
-            value = _coerce(current, value)
-        elif isinstance(current, tuple) and isinstance(value, list):
-            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        try:
+            if isinstance(value, str) and not isinstance(current, str) and current is not None:
+                value = _coerce(current, value)
+            elif isinstance(current, tuple) and isinstance(value, list):
+                value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {key} = {value!r}: {exc}") from None
+        choices = get_args(hints.get(key)) if get_origin(hints.get(key)) is Literal else ()
+        if choices and value not in choices:
+            raise ConfigError(f"{where}: {key} = {value!r} is not one of {', '.join(map(repr, choices))}")
         setattr(section, key, value)
 
 
@@ -225,7 +249,7 @@ def load_settings(path: str | os.PathLike[str] | None = None, env: dict[str, str
             elif name == "keys_dir":
                 settings.keys_dir = str(values)
             else:
-                raise ValueError(f"{path}: unknown section {name!r}")
+                raise ConfigError(f"{path}: unknown section {name!r}")
     for name in SECTIONS:
         section = getattr(settings, name)
         prefix = f"TILESTREAM_{name.upper()}_"

@@ -102,6 +102,30 @@ def observe_gc_pauses(metrics: Metrics, log_over_s: float = 0.05):
     return on_gc
 
 
+class LogBudget:
+    """At most ``per_s`` log lines a second for one kind of event (with a burst of as many);
+    the lines it holds back are counted and said in the next line that passes. A flood of
+    forged records is counted in full by the metrics and cannot turn into a flood of logs."""
+
+    def __init__(self, per_s: float = 10.0):
+        self.per_s = per_s
+        self.tokens = per_s
+        self.at = time.monotonic()
+        self.suppressed = 0
+
+    def take(self) -> int | None:
+        """None: do not log now. Otherwise: how many lines were held back since the last one."""
+        now = time.monotonic()
+        self.tokens = min(self.per_s, self.tokens + (now - self.at) * self.per_s)
+        self.at = now
+        if self.tokens < 1.0:
+            self.suppressed += 1
+            return None
+        self.tokens -= 1.0
+        held, self.suppressed = self.suppressed, 0
+        return held
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message (and event fields if the message is JSON)."""
 

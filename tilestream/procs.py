@@ -82,10 +82,10 @@ def start_cloud_stages(children: Children, env: dict[str, str], workdir, model_p
     from deploy.local_kafka import free_port
 
     ports = [free_port() for _ in range(workers)]
-    procs = [children.start(f"processor-{i}", ["process", "--web-port", str(p), "--datadir", f"{workdir}/faust-{i}"], env)
+    procs = [children.start(f"processor-{i}", ["process", "--http-port", str(p), "--datadir", f"{workdir}/faust-{i}"], env)
              for i, p in enumerate(ports)]
     mport = free_port()
-    cls = children.start("classifier", ["classify", "--model", str(model_path), "--metrics-port", str(mport)], env)
+    cls = children.start("classifier", ["classify", "--model", str(model_path), "--http-port", str(mport)], env)
     for p, proc in zip(ports, procs):
         wait_http(f"http://127.0.0.1:{p}/healthz", timeout_s, proc)
     wait_http(f"http://127.0.0.1:{mport}/healthz", timeout_s, cls)

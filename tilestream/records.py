@@ -1,8 +1,8 @@
 """Record schemas between stages (after the envelope): tile features, results, dead letters.
 
-* :class:`TileBatch` — processor -> classifier, a ``faust.Record`` (JSON, no Faust
-  metadata, so any client can read it) with every tile of a frame (or of a band): one record
-  per frame, the feature matrix as base64 of little-endian float32 (compact and exact).
+* :class:`TileBatch` — processor -> classifier, plain JSON (any client can read it) with every
+  tile of a frame (or of a band): one record per frame, the feature matrix as base64 of
+  little-endian float32 (compact and exact). Read back only through its bounded ``from_bytes``.
   :class:`TileFeatures` is one tile of it in memory.
 * :class:`FrameResult` — classifier -> everyone, plain JSON that follows the committed
   JSON Schema ``tilestream/schemas/result.v1.json``.
@@ -17,13 +17,15 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, List
 
-import faust
 import numpy as np
+
+from tilestream.errors import Refused
 
 RESULT_SCHEMA_VERSION = 1
 
@@ -61,13 +63,61 @@ class TileFeatures:
         return self.vec
 
 
-class TileBatch(faust.Record, serializer="json", include_metadata=False):
+# Bounds of a TileBatch from the wire (tile-features is writable by anyone with broker access):
+# a 4K frame in 32 px tiles is 8,100 tiles; HOG vectors here are 100-1,000 floats.
+MAX_TILE_BATCH_BYTES = 16 * 1024 * 1024
+MAX_TILES = 65_536
+MAX_DIM = 8_192
+MAX_ID_LEN = 128
+MAX_SIDE = 65_535
+_I64 = 2**63 - 1
+
+
+class RecordError(Refused):
+    """A record from the wire that does not follow its contract (reason ``malformed``)."""
+
+    def __init__(self, message: str):
+        super().__init__("malformed", message)
+
+
+def _str(d: dict, key: str, max_len: int = MAX_ID_LEN) -> str:
+    v = d.get(key)
+    if not isinstance(v, str) or not (0 < len(v) <= max_len):
+        raise RecordError(f"{key} must be a non-empty string of at most {max_len} characters")
+    return v
+
+
+def _int(d: dict, key: str, lo: int = 0, hi: int = _I64) -> int:
+    v = d.get(key)
+    if type(v) is not int or not lo <= v <= hi:  # noqa: E721 - bool is not an int here
+        raise RecordError(f"{key} must be an integer in [{lo}, {hi}]")
+    return v
+
+
+def parse_json_object(data: bytes | str, max_bytes: int, what: str) -> dict:
+    """Bounded JSON parse: size first, then the parse (RecursionError on deep nesting included)."""
+    if not isinstance(data, (bytes, bytearray, str)):
+        raise RecordError(f"{what} is not bytes")
+    if len(data) > max_bytes:
+        raise RecordError(f"{what} of {len(data)} bytes exceeds {max_bytes}")
+    try:
+        d = json.loads(data)
+    except (ValueError, RecursionError, UnicodeDecodeError) as exc:
+        raise RecordError(f"{what} is not JSON: {type(exc).__name__}") from None
+    if not isinstance(d, dict):
+        raise RecordError(f"{what} is not a JSON object")
+    return d
+
+
+@dataclass
+class TileBatch:
     """processor -> classifier: the features of all tiles of one frame (or of one band of a
     fanned-out frame) in one record — one Kafka record per frame instead of one per tile.
 
     ``tiles`` lists ``[index, x, y, w, h]`` per tile; ``features`` is base64 of a little-endian
     float32 matrix of ``len(tiles)`` rows and ``dim`` columns, row i belonging to ``tiles[i]``.
-    ``n_tiles`` is the number of tiles of the whole frame.
+    ``n_tiles`` is the number of tiles of the whole frame. On the wire: compact JSON
+    (:meth:`to_bytes`), read back only through the bounded :meth:`from_bytes`.
     """
 
     frame_id: str
@@ -97,6 +147,9 @@ class TileBatch(faust.Record, serializer="json", include_metadata=False):
             features=encode_vector(matrix.ravel()),
         )
 
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
     def matrix(self) -> np.ndarray:
         return decode_vector(self.features).reshape(len(self.tiles), self.dim)
 
@@ -109,7 +162,38 @@ class TileBatch(faust.Record, serializer="json", include_metadata=False):
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "TileBatch":
-        return cls.from_data(json.loads(data))
+        """Strict and bounded: every field typed and in range, raises :class:`RecordError`."""
+        d = parse_json_object(data, MAX_TILE_BATCH_BYTES, "tile batch")
+        unknown = set(d) - _TILE_BATCH_FIELDS
+        if unknown:
+            raise RecordError(f"unknown fields {sorted(unknown)[:5]}")
+        n_tiles, dim = _int(d, "n_tiles", 1, MAX_TILES), _int(d, "dim", 0, MAX_DIM)
+        w, h = _int(d, "frame_width", 1, MAX_SIDE), _int(d, "frame_height", 1, MAX_SIDE)
+        tiles = d.get("tiles")
+        if not isinstance(tiles, list) or len(tiles) > n_tiles:
+            raise RecordError(f"tiles must be a list of at most n_tiles={n_tiles} entries")
+        seen = set()
+        for t in tiles:
+            if (not isinstance(t, list) or len(t) != 5 or any(type(v) is not int for v in t)  # noqa: E721
+                    or not 0 <= t[0] < n_tiles or t[0] in seen or not (0 <= t[1] < w and 0 <= t[2] < h)
+                    or not (0 < t[3] <= MAX_SIDE and 0 < t[4] <= MAX_SIDE)):
+                raise RecordError("each tile must be [index < n_tiles (unique), x, y, w, h] inside the frame")
+            seen.add(t[0])
+        features, want = d.get("features"), len(tiles) * dim * 4
+        if not isinstance(features, str) or len(features) != 4 * ((want + 2) // 3):
+            raise RecordError(f"features must be base64 of {len(tiles)} x {dim} float32")
+        try:
+            if len(base64.b64decode(features, validate=True)) != want:
+                raise ValueError("length")
+        except ValueError:
+            raise RecordError(f"features is not base64 of {want} bytes") from None
+        return cls(frame_id=_str(d, "frame_id"), camera_id=_str(d, "camera_id"), seq=_int(d, "seq"),
+                   capture_ns=_int(d, "capture_ns"), frame_width=w, frame_height=h, n_tiles=n_tiles,
+                   feature_digest=_str(d, "feature_digest", 64), processed_ns=_int(d, "processed_ns"),
+                   tiles=tiles, dim=dim, features=features)
+
+
+_TILE_BATCH_FIELDS = {f for f in TileBatch.__dataclass_fields__}
 
 
 @dataclass
@@ -151,6 +235,12 @@ class FrameResult:
         return cls(**d)
 
 
+# What a dead letter keeps of the original record: enough to inspect and replay any legitimate
+# frame (4 MiB frames + envelope), while the letter stays under the dead-letters topic's limit
+# (max_frame_bytes + 64 KiB) after base64 (4/3). Larger originals keep their head, size and digest.
+MAX_DEAD_LETTER_ORIGINAL = 3 * 1024 * 1024
+
+
 @dataclass
 class DeadLetter:
     stage: str
@@ -162,6 +252,18 @@ class DeadLetter:
     source_partition: int | None = None
     source_offset: int | None = None
     at_ns: int = field(default_factory=time.time_ns)
+    original_size: int = -1
+    original_sha256: str = ""
+
+    @classmethod
+    def of(cls, stage: str, reason: str, message: str, original: bytes | None, frame_id: str | None = None,
+           topic: str | None = None, partition: int | None = None, offset: int | None = None) -> "DeadLetter":
+        """The one way stages build a dead letter: message and ids bounded, original truncated to
+        :data:`MAX_DEAD_LETTER_ORIGINAL` with its full size and SHA-256 kept."""
+        raw = bytes(original or b"")
+        fid = frame_id if isinstance(frame_id, str) and len(frame_id) <= MAX_ID_LEN else None
+        return cls(stage, reason, str(message)[:1000], raw[:MAX_DEAD_LETTER_ORIGINAL], fid, topic, partition, offset,
+                   original_size=len(raw), original_sha256=hashlib.sha256(raw).hexdigest())
 
     def to_json(self) -> bytes:
         d: dict[str, Any] = asdict(self)

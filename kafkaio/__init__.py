@@ -1,0 +1,29 @@
+"""Kafka I/O: the one place where tilestream builds Kafka clients.
+
+Every producer, consumer and admin client of the agent, processor, classifier, dashboard, CLI,
+tests and benchmarks is made here, from one :class:`Connection` (bootstrap servers + transport
+security), so TLS, SASL and mutual TLS are set once and reach every client, Faust included.
+
+Which client library where (the rule):
+
+* **aiokafka** for every consumer-group member and every client on an asyncio loop: the Faust
+  processor (Faust runs on it), the classifier's group consumer and producer, the dashboard.
+  Why: kafka-python 3.0.12's group coordinator lost the classifier's membership and never
+  rejoined — on a fresh machine with one core busy, 2 + 3 + 1 failed tests in three clean-clone
+  runs, every time "the classifier stopped answering"; watched from outside, a classifier that
+  logged ``assigned`` sent no heartbeat, was dropped after its 10 s session timeout and then
+  spun in ``poll()`` at ~93 % CPU (``LeaveGroup ... UnknownMemberIdError`` at shutdown). In the
+  same runs the Faust processor (aiokafka) kept its membership and delivered every tile.
+* **kafka-python** for synchronous code with no group membership: the edge agent's producer
+  (its per-request cost at camera rate is measured in ``benchmarks/agent_bench.py``), admin and
+  topic creation, group-less reads of a range of a topic (model registry, read-back of answered
+  frames, reconciliation, ``results tail``), the CLI, tests and benchmarks.
+
+Modules: :mod:`kafkaio.connection` (bootstrap + security, kwargs for each library, Faust's
+broker settings), :mod:`kafkaio.clients` (producer profiles, admin, topic creation, group-less
+range reads), :mod:`kafkaio.aio` (the asyncio group consumer and producer).
+"""
+
+from kafkaio.connection import Connection, connection
+
+__all__ = ["Connection", "connection"]

@@ -1,0 +1,50 @@
+"""asyncio clients (aiokafka): the classifier's group consumer and producer, the dashboard's reader.
+
+Group membership lives in aiokafka's coordinator task on the service's event loop: heartbeats
+are sent by that task whatever the service is computing, as long as the computing happens off
+the loop (the classifier runs its model in a thread) — the same arrangement that kept the Faust
+processor in its group in the runs where kafka-python's classifier was evicted (see
+:mod:`kafkaio`). A member that misses ``max_poll_interval_ms`` between two ``getmany`` calls
+leaves the group and aiokafka rejoins it on the next call, by itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kafkaio.clients import PROFILES
+from kafkaio.connection import Connection, connection
+
+# Membership timing of group consumers. 10 s session / 3 s heartbeat: a dead classifier's
+# partitions move within ~10 s; heartbeats come from their own task on the loop, so CPU load
+# delays them by at most the longest stretch the loop is not served (tens of ms: model calls
+# run in a thread).
+GROUP_TIMING = {"session_timeout_ms": 10000, "heartbeat_interval_ms": 3000, "max_poll_interval_ms": 120000,
+                "rebalance_timeout_ms": 60000}
+
+
+def group_consumer(where: Connection | str, group_id: str, client_id: str, **overrides: Any):
+    """An aiokafka consumer in ``group_id`` with manual commits, starting at the earliest offset."""
+    from aiokafka import AIOKafkaConsumer
+
+    kw = {**connection(where).client_kwargs(), "group_id": group_id, "client_id": client_id,
+          "enable_auto_commit": False, "auto_offset_reset": "earliest", **GROUP_TIMING, **overrides}
+    return AIOKafkaConsumer(**kw)
+
+
+def reader(where: Connection | str, client_id: str, **overrides: Any):
+    """A group-less aiokafka consumer (the caller assigns partitions and seeks)."""
+    from aiokafka import AIOKafkaConsumer
+
+    return AIOKafkaConsumer(**connection(where).client_kwargs(), group_id=None, enable_auto_commit=False,
+                            client_id=client_id, **overrides)
+
+
+def producer(where: Connection | str, client_id: str, profile: str = "stage", **overrides: Any):
+    """An aiokafka producer of one of :data:`kafkaio.clients.PROFILES`."""
+    from aiokafka import AIOKafkaProducer
+
+    kw = {**connection(where).client_kwargs(), **PROFILES[profile], "client_id": client_id, **overrides}
+    if "batch_size" in kw:  # aiokafka's name for it
+        kw["max_batch_size"] = kw.pop("batch_size")
+    return AIOKafkaProducer(**kw)

@@ -1,0 +1,128 @@
+"""Synchronous clients (kafka-python): producer profiles, admin, group-less range reads.
+
+Producer profiles (every one idempotent with ``acks=all``: a frame or a result the broker
+acknowledged is on every in-sync replica and is never written twice by a retry):
+
+* ``frames`` — the edge agent's durable frame producer: 1 MB batches (frames are 50-100 KB; the
+  default 16 KB batch made every frame its own request) and a request size that fits the
+  largest frame the topic accepts;
+* ``stage`` — records between stages and to operators (results, dead letters, metrics, models).
+
+"Read a range without a group" is :func:`read_range`: assign every partition of a topic, start
+at a time or an offset per partition, read up to the end offsets *as of the call*, never join a
+consumer group and never commit. The model registry, the classifier's read-back of answered
+frames, the agent's reconciliation, ``results tail`` and the tests all read this way.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Callable, Iterator
+
+from kafkaio.connection import Connection, connection
+
+PROFILES: dict[str, dict[str, Any]] = {
+    "frames": {"acks": "all", "enable_idempotence": True, "linger_ms": 5, "batch_size": 1024 * 1024},
+    "stage": {"acks": "all", "enable_idempotence": True, "linger_ms": 5},
+}
+
+
+def producer(where: Connection | str, profile: str = "stage", client_id: str | None = None, **overrides):
+    """A kafka-python producer of one of the :data:`PROFILES`, ``overrides`` last."""
+    from kafka import KafkaProducer
+
+    conn = connection(where)
+    kw = {**conn.client_kwargs(), **PROFILES[profile], **overrides}
+    if client_id:
+        kw["client_id"] = client_id
+    return KafkaProducer(**kw)
+
+
+def consumer(where: Connection | str, client_id: str = "tilestream", group_id: str | None = None, **overrides):
+    """A kafka-python consumer; group-less (``group_id=None``, no commits) unless a group is given."""
+    from kafka import KafkaConsumer
+
+    conn = connection(where)
+    return KafkaConsumer(**conn.client_kwargs(), client_id=f"{client_id}-{uuid.uuid4().hex[:6]}",
+                         group_id=group_id, enable_auto_commit=False, **overrides)
+
+
+def admin(where: Connection | str, **overrides):
+    from kafka.admin import KafkaAdminClient
+
+    return KafkaAdminClient(**connection(where).client_kwargs(), client_id="tilestream-admin",
+                            **{"request_timeout_ms": 10000, **overrides})
+
+
+def partitions(c, topic: str, wait_s: float = 0.0) -> list:
+    """The topic's partitions as TopicPartitions (waiting up to ``wait_s`` for metadata)."""
+    from kafka import TopicPartition
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = c.partitions_for_topic(topic)
+        if found or time.monotonic() >= deadline:
+            return [TopicPartition(topic, p) for p in sorted(found or ())]
+        time.sleep(0.2)
+
+
+class RangeReader:
+    """Group-less reads of one topic: position every partition, then read to the end *now*.
+
+    ``start`` is ``"beginning"``, ``"end"``, a broker timestamp in ms (int) or a callable
+    ``partition -> offset | None`` (None: the end). Reading again later continues where the
+    previous read stopped, so a follower (the model registry) only reads what was added.
+    """
+
+    def __init__(self, where: Connection | str, topic: str, client_id: str = "tilestream-reader", **overrides):
+        self.topic = topic
+        self.consumer = consumer(where, client_id=client_id, **overrides)
+        self.parts = partitions(self.consumer, topic, wait_s=10.0)
+        if not self.parts:
+            self.consumer.close()
+            raise RuntimeError(f"topic {topic} has no partitions (not created yet?)")
+        self.consumer.assign(self.parts)
+
+    def seek(self, start: str | int | Callable[[int], int | None]) -> None:
+        c = self.consumer
+        if start == "beginning":
+            c.seek_to_beginning(*self.parts)
+        elif start == "end":
+            c.seek_to_end(*self.parts)
+        else:
+            end = c.end_offsets(self.parts)
+            if isinstance(start, int):
+                found = c.offsets_for_times({tp: max(0, start) for tp in self.parts})
+                offsets = {tp: found[tp].offset if found.get(tp) is not None else end[tp] for tp in self.parts}
+            else:
+                offsets = {tp: start(tp.partition) for tp in self.parts}
+                offsets = {tp: end[tp] if o is None else min(o, end[tp]) for tp, o in offsets.items()}
+            for tp, o in offsets.items():
+                c.seek(tp, o)
+        for tp in self.parts:
+            c.position(tp)  # resolve the seek now, so "the end" means now
+
+    def read_to_end(self) -> Iterator:
+        """Every record from the current positions up to the end offsets as of this call."""
+        c = self.consumer
+        end = c.end_offsets(self.parts)
+        while any(c.position(tp) < end[tp] for tp in self.parts):
+            for records in c.poll(timeout_ms=1000).values():
+                yield from records
+
+    def close(self) -> None:
+        self.consumer.close()
+
+    def __enter__(self) -> "RangeReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_range(where: Connection | str, topic: str, start: str | int | Callable[[int], int | None] = "beginning") -> list:
+    """Every record of ``topic`` from ``start`` up to its end offsets now."""
+    with RangeReader(where, topic) as reader:
+        reader.seek(start)
+        return list(reader.read_to_end())

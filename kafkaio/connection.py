@@ -1,0 +1,119 @@
+"""Where the brokers are and how to talk to them securely: one value handed to every client.
+
+A :class:`Connection` is built once per process from the configuration
+(:class:`tilestream.config.KafkaSettings`: file, ``TILESTREAM_KAFKA_*`` environment, flags) and
+turned into the keyword arguments of each client library here, so no other module spells a
+security setting:
+
+* ``PLAINTEXT`` — the local default on loopback;
+* ``SSL`` — TLS with server verification against ``ssl_cafile``; with ``ssl_certfile`` and
+  ``ssl_keyfile`` also mutual TLS (the client certificate is the principal);
+* ``SASL_SSL`` — TLS as above plus SASL/SCRAM (``SCRAM-SHA-512`` by default) with a user name
+  and a password; ``SASL_PLAINTEXT`` exists for completeness and is refused off loopback.
+
+The password is never part of the configuration file: it comes from ``$TILESTREAM_SASL_PASSWORD``
+or from ``sasl_password_file`` (a file of mode 0600, e.g. the one ``tilestream keys enroll`` writes
+into a camera's bundle), and it is left out of ``repr`` and logs.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from tilestream.errors import ConfigError
+
+PASSWORD_ENV = "TILESTREAM_SASL_PASSWORD"
+PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN")
+
+
+@dataclass(frozen=True)
+class Connection:
+    bootstrap: str
+    security_protocol: str = "PLAINTEXT"
+    ssl_cafile: str = ""
+    ssl_certfile: str = ""
+    ssl_keyfile: str = ""
+    sasl_mechanism: str = "SCRAM-SHA-512"
+    sasl_username: str = ""
+    sasl_password: str = field(default="", repr=False)
+
+    def __post_init__(self) -> None:
+        if self.security_protocol not in PROTOCOLS:
+            raise ConfigError(f"security_protocol {self.security_protocol!r} is not one of {', '.join(PROTOCOLS)}")
+        if self.sasl and (self.sasl_mechanism not in SASL_MECHANISMS or not self.sasl_username or not self.sasl_password):
+            raise ConfigError(f"{self.security_protocol} needs sasl_mechanism (one of {', '.join(SASL_MECHANISMS)}), "
+                                   f"sasl_username and a password (${PASSWORD_ENV} or sasl_password_file)")
+        if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
+            raise ConfigError("mutual TLS needs both ssl_certfile and ssl_keyfile")
+
+    @property
+    def tls(self) -> bool:
+        return self.security_protocol in ("SSL", "SASL_SSL")
+
+    @property
+    def sasl(self) -> bool:
+        return self.security_protocol.startswith("SASL_")
+
+    @classmethod
+    def from_settings(cls, kafka, bootstrap: str | None = None, env: dict[str, str] | None = None) -> "Connection":
+        """The connection described by ``[kafka]`` settings (``bootstrap`` overrides theirs)."""
+        env = os.environ if env is None else env
+        password = env.get(PASSWORD_ENV, "")
+        if not password and kafka.sasl_password_file:
+            with open(os.path.expanduser(kafka.sasl_password_file), encoding="utf-8") as fh:
+                password = fh.read().strip()
+        return cls(
+            bootstrap=bootstrap or kafka.bootstrap or f"{kafka.host}:{kafka.port}",
+            security_protocol=kafka.security_protocol,
+            ssl_cafile=kafka.ssl_cafile, ssl_certfile=kafka.ssl_certfile, ssl_keyfile=kafka.ssl_keyfile,
+            sasl_mechanism=kafka.sasl_mechanism, sasl_username=kafka.sasl_username, sasl_password=password,
+        )
+
+    def with_bootstrap(self, bootstrap: str) -> "Connection":
+        return replace(self, bootstrap=bootstrap)
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """Server verification against the configured CA (system CAs when none), hostname checked."""
+        if not self.tls:
+            return None
+        ctx = ssl.create_default_context(cafile=self.ssl_cafile or None)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self.ssl_certfile:
+            ctx.load_cert_chain(self.ssl_certfile, self.ssl_keyfile)
+        return ctx
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """Security keyword arguments shared by kafka-python and aiokafka clients (same names)."""
+        kw: dict[str, Any] = {"bootstrap_servers": self.bootstrap, "security_protocol": self.security_protocol}
+        if self.tls:
+            kw["ssl_context"] = self.ssl_context()
+        if self.sasl:
+            kw.update(sasl_mechanism=self.sasl_mechanism, sasl_plain_username=self.sasl_username,
+                      sasl_plain_password=self.sasl_password)
+        return kw
+
+    def faust_settings(self) -> dict[str, Any]:
+        """``faust.App`` keyword arguments: the broker URL list and its credentials."""
+        import faust
+
+        hosts = ";".join(f"kafka://{h.strip()}" for h in self.bootstrap.split(",") if h.strip())
+        out: dict[str, Any] = {"broker": hosts}
+        if self.sasl:
+            out["broker_credentials"] = faust.SASLCredentials(
+                username=self.sasl_username, password=self.sasl_password, ssl_context=self.ssl_context(),
+                mechanism=self.sasl_mechanism)
+        elif self.tls:
+            out["broker_credentials"] = faust.SSLCredentials(self.ssl_context())
+        return out
+
+    def __str__(self) -> str:  # what logs show: never a secret
+        return f"{self.bootstrap} ({self.security_protocol}{', ' + self.sasl_username if self.sasl else ''})"
+
+
+def connection(where: "Connection | str") -> Connection:
+    """A :class:`Connection` from a connection or a bare PLAINTEXT bootstrap string (tests, tools)."""
+    return where if isinstance(where, Connection) else Connection(bootstrap=where)

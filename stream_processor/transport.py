@@ -1,0 +1,48 @@
+"""Our Faust transport: aiokafka's, with a Consumer that refuses acks of skipped messages.
+
+Plugged in through Faust's own extension point (``Transport.Consumer``; the app's
+``transport`` is set to :class:`Transport` in :func:`stream_processor.app.create_app`),
+not by patching Faust.
+
+Why: an at-least-once hole in faust-streaming 0.15.3, found by our SIGKILL/fan-out tests.
+During a rebalance Faust suspends flow control; a message its stream takes from the buffer
+meanwhile (or one fetched under the previous consumer generation) is *skipped*, never given
+to the agent — and yet acknowledged (``faust/streams.py``: ``if event is not None and (do_ack
+or value is skipped_value): event.ack()``). Its offset can then be committed, so the frame
+is never processed by anyone. We saw it as frames with no tile features and no result after
+a rebalance (rarely, under CPU load). ``tests/test_processor_units.py`` pins that line of
+Faust, so an upgrade that changes it makes us look again.
+
+:class:`GuardedConsumer` refuses acknowledgements of messages that were not processed under
+the current assignment: flow control suspended, or a consumer generation other than the
+current one. Such a message stays uncommitted and is delivered again (after the rebalance,
+to whoever owns its partition) — at least once, as designed. A message our agent finished
+under an old generation is delivered again too: a duplicate, which the downstream
+de-duplication absorbs.
+"""
+
+from __future__ import annotations
+
+from faust.transport.drivers import aiokafka as faust_aiokafka
+
+
+class GuardedConsumer(faust_aiokafka.Consumer):
+    refused_acks = 0
+
+    def ack(self, message) -> bool:  # type: ignore[no-untyped-def]
+        app = self.app
+        generation = getattr(message, "generation_id", None)
+        if not app.flow_control.is_active() or (generation is not None and generation != app.consumer_generation_id):
+            self.refused_acks += 1
+            return False
+        return super().ack(message)
+
+
+class Transport(faust_aiokafka.Transport):
+    Consumer = GuardedConsumer
+
+
+def install(app) -> Transport:
+    """Give ``app`` our transport (before the app starts; Faust builds its consumer from it)."""
+    app.transport = Transport(app.conf.broker_consumer, app)
+    return app.transport
