@@ -18,25 +18,26 @@ Budget, in **pixel-scan units** (pixels x decoding passes over them; a pass is a
 ``MAX_SCANS`` scans whatever the size. Measured with ``cv2.imdecode(..., IMREAD_GRAYSCALE)``,
 OpenCV 4.14 / libjpeg-turbo 3.1 / libpng 1.6.58, one core of the 2-core dev machine:
 
-    image                                                  bytes    decode
-    vtest frame 768x576 JPEG q80 (baseline, 1 scan)         58 KB    {vtest_base}
-    the same, progressive (10 scans)                         {vtest_prog_kb}    {vtest_prog}
-    6000x6000 progressive, 10 scans (flat grey)            212 KB    0.28 s
-    6000x6000 progressive, 64 scans (MAX_SCANS)            215 KB    0.49 s
-    6000x6000 progressive, 1000 empty scans                270 KB    3.9 s
-    6000x6000 progressive, 4000 empty scans                {big_kb}    {big}
-    100x100 PNG + 2 GB of zlib data after the rows         1.9 MB    4.3 s
-    4000x4000 PNG interlaced (Adam7) vs not                 16 KB    0.08 s vs 0.09 s
-    1000x1000 PNG in 300,000 one-byte IDAT chunks          3.9 MB    0.03 s
-    64x64 JPEG + 121,000 DHT / 666,000 APP1 segments       4.0 MB    0.015 s / 0.12 s
+    image                                               bytes   decode    check()
+    vtest frame 768x576, JPEG q80 baseline (1 scan)      68 KB   0.8 ms    0.03 ms
+    the same, progressive (10 scans)                     62 KB   2.8 ms    0.03 ms
+    the same, PNG                                       620 KB   10.6 ms   5.5 ms (the inflate)
+    6000x6000 progressive, 10 scans (flat black)        212 KB   0.28 s
+    6000x6000 progressive, 64 scans (MAX_SCANS)         215 KB   0.49 s
+    6000x6000 progressive, 1000 empty scans             270 KB   3.9 s
+    6000x6000 progressive, 4000 empty scans             447 KB   34 s      5.6 ms (refused)
+    100x100 PNG + 2 GB of zlib data after the rows      1.9 MB   4.3 s     refused at 64 KB
+    4000x4000 PNG interlaced (Adam7) vs not              16 KB   0.08 s vs 0.09 s
+    1000x1000 PNG in 300,000 one-byte IDAT chunks       3.9 MB   0.03 s
+    64x64 JPEG + 121,000 DHT / 666,000 APP1 segments    4.0 MB   0.015 s / 0.12 s
 
 An empty scan costs ~0.1 ns per pixel (~6 ns per 8x8 block), about 1/40 of decoding the
 pixels once, so: COST_PER_PIXEL = 16 lets every legitimate encoder through (libjpeg's
 progressive script is 6 scans for grey, 10 for colour; mozjpeg's ~12) and adds at most
 ~16 x 0.1 ns = 1.6 ns per pixel of empty-scan work, ~0.06 s at the processor's 40 MP limit,
-on top of a full decode of that size (~0.3 s). MAX_SCANS = 64 keeps small images (which the
-pixel budget lets have up to 16 x more scans) from needing a Python walk of thousands of
-segments. Interlaced PNGs cost no more than plain ones (so they are not refused), and
+on top of a full decode of that size (~0.3 s). MAX_SCANS = 64 is 5x what any encoder writes:
+more is an attack whatever the size (the budget alone would let a 1 MP image have 640 scans).
+Interlaced PNGs cost no more than plain ones (so they are not refused), and
 many chunks or segments cost libpng/libjpeg little but cost *this walk* a Python iteration
 each, so their number is bounded (MAX_JPEG_SEGMENTS, MAX_PNG_CHUNKS, MAX_RIFF_CHUNKS).
 
@@ -209,7 +210,7 @@ def _jpeg(data: bytes) -> ImageInfo:
         marker = data[i + 1]
         segments += 1
         if segments > MAX_JPEG_SEGMENTS:
-            raise _costly(f"JPEG with more than {MAX_JPEG_SEGMENTS} marker segments")
+            raise _costly(f"JPEG with more than {MAX_JPEG_SEGMENTS} marker segments ({scans} scans so far)")
         if marker == 0xD9:  # EOI: what follows is not decoded
             break
         if marker in (0xD8, 0x00):
