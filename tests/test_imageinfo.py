@@ -178,6 +178,9 @@ def test_other_formats_and_animated_webp_are_unsupported():
     vp8x = b"VP8X" + struct.pack("<I", 10) + bytes([0x02, 0, 0, 0]) + (99).to_bytes(3, "little") * 2
     anim = b"RIFF" + struct.pack("<I", 4 + len(vp8x)) + b"WEBP" + vp8x
     assert refused(anim).reason == "unsupported_format"
+    still = png(4, 4, b"\x00\x00\x00\x00\x00" * 4)
+    apng = still[:33] + png_chunk(b"acTL", struct.pack(">II", 1000, 0)) + still[33:]
+    assert refused(apng).reason == "unsupported_format"
 
 
 def test_probe_survives_any_mutation_with_a_clean_refusal_or_an_answer():

@@ -51,7 +51,7 @@ costs, and it is the only way to see data hidden after the rows without trusting
 Refusals are :class:`ImageHeaderError` (a ValueError) with a ``reason``: ``too_large`` (a
 limit or the budget is exceeded), ``bad_image`` (malformed or truncated structure),
 ``unsupported_format`` (not a format the caller accepts, or a variant whose cost this module
-cannot bound: animated WebP, BigTIFF, JPEG-in-TIFF).
+cannot bound: animated WebP or PNG, BigTIFF, JPEG-in-TIFF).
 """
 
 from __future__ import annotations
@@ -302,6 +302,8 @@ def _png(data: bytes) -> ImageInfo:
             idat_done = True
         if kind == b"IEND":
             break
+        if kind == b"acTL":  # APNG: frames after the default image, as WebP's ANMF
+            raise ImageHeaderError("animated PNG", "unsupported_format")
         if kind == b"IHDR":
             raise _bad("PNG with a second IHDR")
         i = end
