@@ -477,7 +477,7 @@ def soak(b: Bench, stage: Stage, rate: float, minutes: float, camera: str, tag: 
 CATEGORIES = [  # (category, substrings of a frame "function (file:line)"), matched leaf first
     ("features (numpy/OpenCV)", ("stream_processor/features.py",)),
     ("tiling", ("stream_processor/tiling.py",)),
-    ("decode", ("decode_image", "stream_processor/imageinfo.py")),
+    ("decode", ("decode_image", "tilestream/imageinfo.py")),
     ("crypto (verify/open)", ("tilestream/crypto.py", "tilestream/envelope.py", "cryptography/")),
     ("records: build + JSON/base64", ("json/", "tilestream/records.py", "faust/models/", "faust/serializers/",
                                       "mode/utils/", "base64.py")),

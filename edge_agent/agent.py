@@ -39,7 +39,7 @@ from tilestream.metrics import Metrics
 from tilestream.records import AgentHeartbeat
 
 from edge_agent.encode import encode_image, resize_max_side
-from edge_agent.sources import Backoff, SourceError, open_source, resilient
+from edge_agent.sources import Backoff, FolderProgress, SourceError, open_source, resilient
 from edge_agent.spool import Spool, SpoolFull
 
 log = logging.getLogger("tilestream.agent")
@@ -204,9 +204,13 @@ class EdgeAgent:
         min_period = 1.0 / s.fps if s.fps > 0 else 0.0
         next_due = 0.0
 
+        # One for the whole run: a folder (or image file) reopened after an error goes on where it
+        # was, instead of sending what it already sent again under new seqs.
+        progress = FolderProgress()
+
         def opener():
             return open_source(s.source, loop=s.loop, realtime=s.realtime, watch=s.watch, stop=self._stop,
-                               on_bad=self._source_error)
+                               on_bad=self._source_error, progress=progress)
 
         for captured in resilient(opener, self._source_error, self._stop, Backoff(0.5, s.backoff_max_s)):
             c.captured += 1

@@ -4,24 +4,42 @@ A source is an iterator of :class:`Captured` frames (BGR ``uint8`` arrays with t
 time). :func:`resilient` wraps any source so that a camera that fails, disconnects or
 delivers garbage is reopened with capped exponential backoff: the agent never exits because
 of a camera, and every failure is logged with its reason and counted.
+
+Image files (a folder, or one image file) are hostile input like a frame on the wire: before
+OpenCV sees one, :func:`tilestream.imageinfo.check` (the processor's check) refuses a file
+over :data:`FILE_LIMITS` (bytes, pixels, JPEG scans, decode budget) or of broken structure,
+without decoding it: a 30000x30000 PNG of 875 KB cost the agent 18.7 s and 5.2 GiB to decode,
+a 6000x6000 progressive JPEG of 447 KB with 4000 empty scans 34 s. A refused, unreadable or
+undecodable file is reported with its reason (``too_large``, ``bad_image``,
+``unsupported_format``, ``read_failed``: the agent counts them in
+``source_errors_total{reason=...}``) and skipped; a file skipped for its extension is reported
+once. A folder remembers what it delivered in a :class:`FolderProgress` that outlives the
+iterator, so a reopened folder source goes on where it was and never delivers a file twice.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import stat
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import cv2
 import numpy as np
 
+from tilestream.imageinfo import FORMATS, DecodeLimits, ImageHeaderError, check
+
 log = logging.getLogger("tilestream.agent.source")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
+# Image files the agent decodes. Generous (the agent resizes to max_side and re-encodes within the
+# topic's frame size): 64 MP is a 9248x6936 photo, 192 MB as BGR; 64 MiB of file is a PNG of that.
+# Read before decoding; see the module docstring for what they stop.
+FILE_LIMITS = DecodeLimits(max_bytes=64 * 1024 * 1024, max_pixels=64_000_000, formats=FORMATS)
 
 
 class SourceError(RuntimeError):
@@ -49,13 +67,20 @@ def describe(spec: str) -> str:
 
 def open_source(spec: str, *, loop: bool = False, realtime: bool = False, watch: bool = False,
                 poll_s: float = 0.5, stop: threading.Event | None = None,
-                on_bad: Callable[[SourceError], None] | None = None) -> Iterator[Captured]:
-    """One attempt at a source; raises SourceError when it cannot be opened or breaks."""
+                on_bad: Callable[[SourceError], None] | None = None,
+                progress: "FolderProgress | None" = None, limits: DecodeLimits = FILE_LIMITS) -> Iterator[Captured]:
+    """One attempt at a source; raises SourceError when it cannot be opened or breaks.
+
+    ``progress``: a folder's memory of what it delivered, passed again to every reopening."""
     kind = describe(spec)
     if kind == "folder":
-        return iter_folder(Path(spec), watch=watch, poll_s=poll_s, stop=stop, on_bad=on_bad)
+        return iter_folder(Path(spec), watch=watch, poll_s=poll_s, stop=stop, on_bad=on_bad, progress=progress,
+                           limits=limits)
     if kind == "file" and not Path(spec).exists():
         raise SourceError("not_found", f"video file {spec} does not exist")
+    if kind == "file" and Path(spec).suffix.lower() in IMAGE_SUFFIXES:
+        # One image: read under the limits (cv2.VideoCapture would hand it to FFmpeg unchecked).
+        return iter_image_file(Path(spec), on_bad=on_bad, progress=progress, limits=limits)
     return iter_capture(int(spec) if kind == "device" else spec, loop=loop and kind == "file",
                         realtime=realtime and kind == "file", live=kind in ("device", "stream"))
 
@@ -90,80 +115,103 @@ def iter_capture(target: int | str, *, loop: bool = False, realtime: bool = Fals
         cap.release()
 
 
-def jpeg_complete(data: bytes) -> bool:
-    """Whether ``data`` holds a whole JPEG, up to its end-of-image marker.
+def read_image(path: Path, limits: DecodeLimits = FILE_LIMITS) -> np.ndarray:
+    """Decode one image file under ``limits``; anything wrong is a SourceError with its reason.
 
-    libjpeg decodes a truncated JPEG (a file still being written, a cut upload) with only a
-    warning and grey rows at the bottom, so ``cv2.imread`` would hand back a damaged frame.
-    Walks the marker segments (skipping their payloads, e.g. an EXIF thumbnail with its own
-    EOI) and the entropy-coded data after each SOS; bytes after EOI are allowed.
+    ``too_large`` (bytes, pixels, scans or decode budget over ``limits``), ``bad_image``
+    (truncated or malformed, e.g. a JPEG without its end marker: libjpeg would decode it with
+    grey rows; or one that OpenCV cannot decode), ``unsupported_format`` (not a format
+    :mod:`tilestream.imageinfo` can bound), ``read_failed``. Nothing else escapes: no
+    ``cv2.error``, no MemoryError.
     """
-    if not data.startswith(b"\xff\xd8"):
-        return False
-    i, n = 2, len(data)
-    while i + 4 <= n:
-        if data[i] != 0xFF:
-            return False
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker == 0xD9:  # EOI
-            return True
-        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # standalone markers
-            i += 2
-            continue
-        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
-        if marker == 0xDA:  # SOS: entropy-coded data up to the next marker other than FF00 and RSTn
-            while True:
-                j = data.find(b"\xff", i)
-                if j < 0 or j + 1 >= n:
-                    return False
-                nxt = data[j + 1]
-                if nxt == 0x00 or 0xD0 <= nxt <= 0xD7 or nxt == 0xFF:
-                    i = j + (1 if nxt == 0xFF else 2)
-                    continue
-                i = j
-                break
-    return i + 2 <= n and data[i:i + 2] == b"\xff\xd9"
-
-
-def read_image(path: Path) -> np.ndarray:
-    """Decode one image file; SourceError("bad_image") if it does not decode or is a truncated JPEG."""
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > limits.max_bytes:
+                raise SourceError("too_large", f"image {path}: {size} bytes > limit {limits.max_bytes}")
+            data = f.read(limits.max_bytes + 1)  # bounded even if the file grew since the stat
     except OSError as exc:
         raise SourceError("read_failed", f"cannot read image {path}: {exc}") from None
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+    if not data:
+        raise SourceError("bad_image", f"image {path} is empty")
+    try:
+        info = check(data, limits)
+    except ImageHeaderError as exc:
+        raise SourceError(exc.reason, f"image {path}: {exc}") from None
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    except Exception as exc:  # noqa: BLE001 - cv2.error, MemoryError: a bad file, never a broken source
+        raise SourceError("bad_image", f"cannot decode image {path} ({len(data)} bytes): {exc}") from None
     if image is None:
         raise SourceError("bad_image", f"cannot decode image {path} ({len(data)} bytes)")
-    if data.startswith(b"\xff\xd8") and not jpeg_complete(data):
-        raise SourceError("bad_image", f"truncated JPEG {path} ({len(data)} bytes, no end of image)")
+    if image.shape[:2] not in ((info.height, info.width), (info.width, info.height)):  # EXIF may rotate
+        raise SourceError("bad_image", f"image {path} decoded to {image.shape[1]}x{image.shape[0]}, "
+                                       f"its header says {info.width}x{info.height}")
     return image
 
 
-def _list_images(folder: Path) -> dict[str, tuple[int, int]]:
-    """name -> (size, mtime_ns) of the image files of ``folder``."""
-    out = {}
+@dataclass
+class FolderProgress:
+    """What a folder source has done, kept by its owner across reopenings of the source.
+
+    ``delivered``: names handed out (each at most once, whatever happens to the iterator);
+    ``bad``: name -> (size, mtime_ns) of the version that was refused (read again when it
+    changes); ``skipped``: names refused for their extension (reported once each).
+    """
+
+    delivered: set[str] = field(default_factory=set)
+    bad: dict[str, tuple[int, int]] = field(default_factory=dict)
+    skipped: set[str] = field(default_factory=set)
+
+
+def _list_images(folder: Path) -> tuple[dict[str, tuple[int, int]], list[str]]:
+    """(name -> (size, mtime_ns) of the image files of ``folder``, names of its other files)."""
+    images, others = {}, []
     for p in folder.iterdir():
-        if p.suffix.lower() not in IMAGE_SUFFIXES:
-            continue
         try:
             st = p.stat()
         except FileNotFoundError:  # removed between listing and stat
             continue
-        if not stat.S_ISDIR(st.st_mode):  # the stat we have, not a second one
-            out[p.name] = (st.st_size, st.st_mtime_ns)
-    return out
+        if stat.S_ISDIR(st.st_mode):  # the stat we have, not a second one
+            continue
+        if p.suffix.lower() in IMAGE_SUFFIXES:
+            images[p.name] = (st.st_size, st.st_mtime_ns)
+        else:
+            others.append(p.name)
+    return images, others
+
+
+def iter_image_file(path: Path, *, on_bad: Callable[[SourceError], None] | None = None,
+                    progress: FolderProgress | None = None, limits: DecodeLimits = FILE_LIMITS) -> Iterator[Captured]:
+    """One image file as a source of one frame (delivered once, even if reopened with ``progress``).
+
+    A file refused by :func:`read_image` is reported to ``on_bad`` and the source ends; without
+    ``on_bad`` the SourceError is raised."""
+    progress = progress if progress is not None else FolderProgress()
+    if path.name in progress.delivered:
+        return
+    try:
+        image = read_image(path, limits)
+    except SourceError as err:
+        if on_bad is None:
+            raise
+        on_bad(err)
+        return
+    progress.delivered.add(path.name)
+    yield Captured(image, time.time_ns(), path.name)
 
 
 def iter_folder(folder: Path, *, watch: bool = False, poll_s: float = 0.5, stop: threading.Event | None = None,
-                on_bad: Callable[[SourceError], None] | None = None) -> Iterator[Captured]:
+                on_bad: Callable[[SourceError], None] | None = None, progress: FolderProgress | None = None,
+                limits: DecodeLimits = FILE_LIMITS) -> Iterator[Captured]:
     """Images of a folder in name order; with ``watch``, keep polling for new files.
 
-    Each file name is delivered at most once. An image that does not decode (or is a truncated
-    JPEG) is reported to ``on_bad`` (counted, logged) and skipped; without ``on_bad`` it raises
-    SourceError("bad_image").
+    Each file name is delivered at most once, also across reopenings when the caller passes the
+    same ``progress`` (the agent does: a source error never makes it send a file again). A file
+    that :func:`read_image` refuses (too large, malformed, truncated JPEG, not decodable) and
+    a file of another extension (``unsupported_format``, once per name) are reported to
+    ``on_bad`` (counted, logged) and skipped; without ``on_bad`` a refused image raises and a
+    file of another extension is only logged.
 
     With ``watch``, a file is read only once its size and modification time are the same in two
     listings in a row (a file still being written is left alone), a file that was bad is read
@@ -171,8 +219,8 @@ def iter_folder(folder: Path, *, watch: bool = False, poll_s: float = 0.5, stop:
     renamed) is reported once and waited for with the files already delivered remembered, so
     nothing is delivered twice when it comes back.
     """
-    delivered: set[str] = set()
-    bad: dict[str, tuple[int, int]] = {}  # name -> (size, mtime) of the version that did not decode
+    progress = progress if progress is not None else FolderProgress()
+    delivered, bad = progress.delivered, progress.bad
     last_seen: dict[str, tuple[int, int]] = {}  # watch: name -> (size, mtime) at the previous listing
     missing = False
 
@@ -185,7 +233,7 @@ def iter_folder(folder: Path, *, watch: bool = False, poll_s: float = 0.5, stop:
         try:
             if not folder.is_dir():
                 raise FileNotFoundError(str(folder))
-            listing = _list_images(folder)
+            listing, others = _list_images(folder)
         except OSError as exc:
             err = SourceError("not_found" if isinstance(exc, FileNotFoundError) else "list_failed",
                               f"image folder {folder} cannot be listed: {exc}")
@@ -196,6 +244,14 @@ def iter_folder(folder: Path, *, watch: bool = False, poll_s: float = 0.5, stop:
                 missing = True
         else:
             missing = False
+            for name in sorted(set(others) - progress.skipped):
+                progress.skipped.add(name)
+                err = SourceError("unsupported_format", f"{folder / name}: not an image by its extension "
+                                                        f"(one of {', '.join(sorted(IMAGE_SUFFIXES))}), skipped")
+                if on_bad is not None:
+                    on_bad(err)
+                else:  # a stray README is no reason to stop a source that has no one to report to
+                    log.warning(json.dumps({"event": "file_skipped", "reason": err.reason, "error": str(err)}))
             ready = []
             for name in sorted(listing):
                 sig = listing[name]
@@ -208,14 +264,14 @@ def iter_folder(folder: Path, *, watch: bool = False, poll_s: float = 0.5, stop:
                 last_seen = {n: sig for n, sig in listing.items() if n not in delivered}
             for name, sig in ready:
                 try:
-                    image = read_image(folder / name)
-                except SourceError as err:
+                    image = read_image(folder / name, limits)
+                except Exception as exc:  # noqa: BLE001 - read_image raises SourceError only; belt and braces
                     bad[name] = sig
-                    report(err)
+                    report(exc if isinstance(exc, SourceError) else SourceError("bad_image", f"{folder / name}: {exc!r}"))
                     continue
                 bad.pop(name, None)
                 last_seen.pop(name, None)
-                delivered.add(name)
+                delivered.add(name)  # before the yield: a consumer that stops here never gets it again
                 yield Captured(image, time.time_ns(), name)
         if not watch:
             return

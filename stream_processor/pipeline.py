@@ -19,40 +19,45 @@ from tilestream import crypto
 from tilestream.config import FeatureConfig
 from tilestream.crypto import DeviceKey, FrameRejected
 from tilestream.envelope import Envelope, FrameHeader
+from tilestream.imageinfo import DecodeLimits, ImageHeaderError, check
 from tilestream.records import TileBatch
 
 from stream_processor.features import tile_features
-from stream_processor.imageinfo import ImageHeaderError, probe
 from stream_processor.tiling import Tile, split
 
 
 def decode_image(data: bytes, header: FrameHeader, max_bytes: int, max_pixels: int) -> np.ndarray:
     """Decode to grayscale under limits.
 
-    The size is read from the image's own header before anything is decoded, so a
-    decompression bomb (a small file declaring a huge image) is refused, not decoded; it
-    must also match the size the (signed) envelope header declares.
+    Everything that can be known without decoding is checked first, by
+    :func:`tilestream.imageinfo.check`: encoded size, format, structure (a truncated or
+    malformed file is ``bad_image``), declared pixels (a decompression bomb: a small file
+    declaring a huge image) and decode work (a progressive JPEG of thousands of scans: its
+    cost grows with scans x pixels; a PNG with zlib data after its rows): over a limit is
+    ``too_large``. The size must also match the one the (signed) envelope header declares.
     """
     fid = header.frame_id
-    if len(data) > max_bytes:
-        raise FrameRejected("too_large", f"frame {fid}: {len(data)} encoded bytes > limit {max_bytes}", header)
     try:
-        fmt, width, height = probe(data)
+        info = check(data, DecodeLimits(max_bytes, max_pixels))
     except ImageHeaderError as exc:
-        raise FrameRejected("bad_image", f"frame {fid}: {exc}", header) from None
-    if width * height > max_pixels:
-        raise FrameRejected("too_large", f"frame {fid}: {fmt} header declares {width}x{height} > {max_pixels} pixels", header)
+        # unsupported_format (not JPEG/PNG/WebP, an animated WebP) is a bad image on the wire.
+        reason = "too_large" if exc.reason == "too_large" else "bad_image"
+        raise FrameRejected(reason, f"frame {fid}: {exc}", header) from None
+    fmt, width, height = info.format, info.width, info.height
     if (width, height) != (header.width, header.height) or fmt != header.encoding:
         raise FrameRejected(
             "bad_image", f"frame {fid}: image is {fmt} {width}x{height}, envelope says {header.encoding} "
             f"{header.width}x{header.height}", header)
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+    except cv2.error as exc:  # OpenCV raises for some malformed files instead of returning None
+        raise FrameRejected("bad_image", f"frame {fid}: the {fmt} payload does not decode: {exc}", header) from None
     if image is None:
-        raise FrameRejected("bad_image", f"frame {header.frame_id}: the {header.encoding} payload does not decode", header)
+        raise FrameRejected("bad_image", f"frame {fid}: the {header.encoding} payload does not decode", header)
     if image.shape != (header.height, header.width):
         raise FrameRejected(
             "bad_image",
-            f"frame {header.frame_id}: decoded {image.shape[1]}x{image.shape[0]}, header says {header.width}x{header.height}",
+            f"frame {fid}: decoded {image.shape[1]}x{image.shape[0]}, header says {header.width}x{header.height}",
             header,
         )
     return image

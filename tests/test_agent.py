@@ -165,6 +165,26 @@ def test_bad_images_in_the_source_are_counted_and_the_agent_goes_on(kafka, keyst
     assert len(frames_on_topic(kafka.bootstrap, "cam-folder")) == 16
 
 
+@pytest.mark.kafka
+def test_hostile_files_in_the_folder_are_refused_before_decoding_counted_per_reason_and_nothing_is_resent(
+        kafka, keystore, tmp_path):
+    """A good image, a corrupt .jpg, a 30000x30000 PNG header bomb (875 KB of it took 18.7 s and
+    5.2 GiB to decode), a .gif: the good image is sent exactly once, the rest counted per reason."""
+    from test_agent_sources import hostile_folder
+
+    folder = hostile_folder(tmp_path / "images")
+    keystore.enroll("cam-hostile")
+    agent = EdgeAgent(AgentSettings(camera_id="cam-hostile", source=str(folder)), keystore, kafka.bootstrap,
+                      max_frame_bytes=4 * 1024 * 1024, state_dir=tmp_path / "agent")
+    counters = agent.run()
+    assert counters.sent == counters.captured == 1
+    assert counters.source_errors == 4
+    for reason, n in {"bad_image": 1, "too_large": 1, "unsupported_format": 2}.items():
+        assert agent.metrics.counter("source_errors_total", reason=reason) == n, reason
+    assert 'tilestream_agent_source_errors_total{reason="too_large"} 1' in agent.render_metrics()
+    assert [seq for _, seq in frames_on_topic(kafka.bootstrap, "cam-hostile")] == [0]  # once, with the first seq
+
+
 @pytest.fixture
 def flaky_mjpeg_camera():
     """A real HTTP MJPEG camera that drops the connection after every 5 frames."""

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from stream_processor.imageinfo import ImageHeaderError, probe
+from tilestream.imageinfo import ImageHeaderError, probe
 from stream_processor.pipeline import ReplayGuard, decode_image
 from tilestream.crypto import FrameRejected
 from tilestream.envelope import FrameHeader
