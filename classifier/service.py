@@ -183,7 +183,7 @@ class ClassifierService:
                     commit()
                     last_commit = now
                 if self.models is not None and now - last_model_check >= 1.0:
-                    self._maybe_swap_model()
+                    self._maybe_swap_model(producer)
                     last_model_check = now
                 if now - last_metrics >= self.metrics_interval_s:
                     self._publish_metrics(producer, consumer, now - last_metrics)
@@ -216,14 +216,27 @@ class ClassifierService:
 
         threading.Thread(target=watch, name="classifier-watchdog", daemon=True).start()
 
-    def _maybe_swap_model(self) -> None:
-        """Between two batches: switch to a newer published model (same features only)."""
+    def _maybe_swap_model(self, producer=None) -> None:
+        """Between two batches: switch to a newer published model (same features only).
+
+        A refused model record (unsigned, bad signature, unknown key, outside the allow-list...)
+        never replaces the running model: it is counted, logged and dead-lettered (reason
+        ``model_refused``, the record's first 4 KiB as original).
+        """
         try:
             model = self.models.poll()
         except Exception as exc:  # noqa: BLE001 - keep serving the current model
+            model = None
             self.metrics.inc("models_refused_total")
             log.error(json.dumps({"event": "model_refused", "version": self.models.version, "error": str(exc)}))
-            return
+        for r in self.models.take_refusals():
+            self.metrics.inc("models_refused_total")
+            log.error(json.dumps({"event": "model_refused", "reason": r.reason, "offset": r.offset, "error": r.message}))
+            if producer is not None:
+                self.metrics.inc("dead_letters_total", reason="model_refused")
+                letter = DeadLetter("classifier", "model_refused", f"{r.reason}: {r.message} (record of {r.size} bytes)",
+                                    r.head, None, topics.MODELS, r.partition, r.offset)
+                producer.send(topics.DEAD_LETTERS, key=b"", value=letter.to_json())
         if model is None:
             return
         old = self.model
