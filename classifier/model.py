@@ -420,7 +420,12 @@ def check_estimator(est: Any, classes: list[str], cfg: FeatureConfig) -> None:
 
     from stream_processor.features import feature_length
 
-    n = feature_length(cfg)
+    try:
+        n = int(feature_length(cfg))
+    except Exception as exc:  # noqa: BLE001 - a feature configuration that does not compute is malformed
+        raise ModelRefused("malformed", f"the model's feature configuration has no feature length: {exc}"[:300]) from None
+    if not 0 < n <= 1_000_000:
+        raise ModelRefused("malformed", f"the model's feature configuration gives {n} features per tile")
     if type(est) is not Pipeline or not isinstance(est.steps, list) or not 1 <= len(est.steps) <= 2 \
             or getattr(est, "memory", None) is not None:
         raise ModelRefused("wrong_type", f"the model is a {_type_name(type(est))}, not a Pipeline of 1 or 2 steps")
