@@ -67,6 +67,7 @@ def main() -> None:
 
         store = KeyStore(tmp / "keys")
         store.init_cloud()
+        store.init_model_release()  # `classify --model` signs the model it publishes
         store.enroll("digits-cam")
         env = dict(os.environ, TILESTREAM_KAFKA_BOOTSTRAP=broker.bootstrap, TILESTREAM_KEYS_DIR=str(store.path),
                    TILESTREAM_HOME=str(tmp / "home"), TILESTREAM_CONFIG=str(config))

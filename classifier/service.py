@@ -44,7 +44,7 @@ from aiokafka.structs import TopicPartition
 from kafkaio import Connection, aio, connection
 from tilestream import topics
 from tilestream.metrics import Metrics, observe_gc_pauses
-from tilestream.records import StageMetrics
+from tilestream.records import DeadLetter, StageMetrics
 
 from classifier.registry import ModelWatcher
 from classifier.results import AnsweredFrames
@@ -75,6 +75,7 @@ class ClassifierService:
         observe_gc_pauses(self.metrics)
         self.instance = f"{socket.gethostname()}:{os.getpid()}"
         self._stop: asyncio.Event | None = None
+        self._stop_requested = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="classifier-cpu")
         self._busy = asyncio.Lock()
@@ -89,6 +90,7 @@ class ClassifierService:
     # -- control ------------------------------------------------------------------------
     def stop(self) -> None:
         """Thread- and signal-safe: ask the loop to finish (commit, leave the group, close)."""
+        self._stop_requested = True
         if self._loop is not None and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
 
@@ -115,6 +117,8 @@ class ClassifierService:
     async def serve(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
+        if self._stop_requested:  # stop() came before the loop existed
+            self._stop.set()
         consumer = aio.group_consumer(self.conn, self.group_id, client_id=f"{self.group_id}-consumer")
         producer = aio.producer(self.conn, client_id=f"{self.group_id}-producer")
         self._consumer = consumer
@@ -153,7 +157,7 @@ class ClassifierService:
                     last_commit = now
             if self.models is not None and now - last_model_check >= 1.0:
                 last_model_check = now
-                await self._maybe_swap_model(loop)
+                await self._maybe_swap_model(loop, producer)
             if now - last_metrics >= self.metrics_interval_s:
                 await self._publish_metrics(consumer, producer, now - last_metrics)
                 last_metrics = now
@@ -221,14 +225,28 @@ class ClassifierService:
         self.classifier.assembler.remember(ids)
         log.info(json.dumps({"event": "dedup_seeded", "frames": len(ids), "seconds": round(time.monotonic() - t0, 3)}))
 
-    async def _maybe_swap_model(self, loop) -> None:
-        """Between two batches: switch to a newer published model (same features only)."""
+    async def _maybe_swap_model(self, loop, producer) -> None:
+        """Between two batches: switch to a newer published model (same features only).
+
+        A refused model record (unsigned, bad signature, unknown key, outside the allow-list...)
+        never replaces the running model: it is counted, logged and dead-lettered (reason
+        ``model_refused``, the record's first 4 KiB as original).
+        """
         try:
             model = await loop.run_in_executor(self._cpu, self.models.poll)
         except Exception as exc:  # noqa: BLE001 - keep serving the current model
+            model = None
             self.metrics.inc("models_refused_total")
             log.error(json.dumps({"event": "model_refused", "version": self.models.version, "error": str(exc)}))
-            return
+        letters = []
+        for r in self.models.take_refusals():
+            self.metrics.inc("models_refused_total")
+            self.metrics.inc("dead_letters_total", reason="model_refused")
+            log.error(json.dumps({"event": "model_refused", "reason": r.reason, "offset": r.offset, "error": r.message}))
+            letter = DeadLetter.of("classifier", "model_refused", f"{r.reason}: {r.message} (record of {r.size} bytes)",
+                                   r.head, None, topics.MODELS, r.partition, r.offset)
+            letters.append(Output(topics.DEAD_LETTERS, b"", letter.to_json()))
+        await self._send(producer, letters)
         if model is None:
             return
         old = self.classifier.model

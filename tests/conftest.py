@@ -59,9 +59,10 @@ SUPPORTED_VERSIONS = [DEFAULT_VERSION, LEGACY_VERSION]
 
 @pytest.fixture
 def keystore(tmp_path: Path) -> KeyStore:
-    """Fresh keys for each test: a cloud key pair and one enrolled camera, ``cam-test``."""
+    """Fresh keys for each test: a cloud key pair, a model-release key and one enrolled camera, ``cam-test``."""
     store = KeyStore(tmp_path / "keys")
     store.init_cloud()
+    store.init_model_release()
     store.enroll("cam-test")
     return store
 

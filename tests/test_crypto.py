@@ -152,7 +152,7 @@ def test_rotated_cloud_key_still_opens_older_frames(keystore):
 
 def test_private_keys_are_0600(keystore):
     keys = list(keystore.path.rglob("*.key"))
-    assert len(keys) == 3  # cloud HPKE key, internal tile-job key, the camera's signing key
+    assert len(keys) == 4  # cloud HPKE key, internal tile-job key, the camera's signing key, the model-release key
     for k in keys:
         assert stat.S_IMODE(k.stat().st_mode) == 0o600
 

@@ -80,6 +80,7 @@ def live(kafka, scene_model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dashboard")
     keys = KeyStore(tmp / "keys")
     keys.init_cloud()
+    keys.init_model_release()
     keys.enroll(CAMERA)
     env = child_env(kafka.bootstrap, keys.path, tmp / "home")
     token = secrets.token_urlsafe(24)

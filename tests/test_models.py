@@ -27,10 +27,11 @@ def second_model(tmp_path_factory, vtest_path):
     return model.save(tmp_path_factory.mktemp("model2") / "scene2.skops")
 
 
-def test_a_model_for_other_features_is_refused_before_publishing(kafka, scene_model):
+def test_a_model_for_other_features_is_refused_before_publishing(kafka, keystore, scene_model):
     with pytest.raises(ModelMismatch, match="retrain"):
-        registry.publish(kafka.bootstrap, scene_model, name="mismatch", expected_digest=FeatureConfig(tile_size=32).digest())
-    watcher = registry.ModelWatcher(kafka.bootstrap, "mismatch")
+        registry.publish(kafka.bootstrap, scene_model, name="mismatch", expected_digest=FeatureConfig(tile_size=32).digest(),
+                         keystore=keystore)
+    watcher = registry.ModelWatcher(kafka.bootstrap, "mismatch", keys=keystore.model_release_public_keys())
     try:
         assert watcher.latest() == (0, None)
     finally:

@@ -3,6 +3,7 @@
     tilestream kafka start|stop|status|fetch   local Apache Kafka (deploy/local_kafka.py)
     tilestream samples fetch                   OpenCV sample data from Debian's opencv-doc
     tilestream keys init|enroll|rotate-device|rotate-cloud|revoke|list
+    tilestream keys init-release|rotate-release|trust-release|untrust-release   model-release key
     tilestream dashboard                       real-time web dashboard
     tilestream agent                           edge agent: source -> sealed frames -> Kafka
     tilestream process                         Faust stream processor (one worker)
@@ -111,6 +112,28 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
         print(f"revoked {', '.join(store.revoke(args.camera_id, args.key_id)) or 'nothing'}")
     elif args.action == "list":
         print(store.registry_path.read_text() if store.registry_path.exists() else "{}")
+    elif args.action == "init-release":
+        kid = store.init_model_release()
+        print(f"model release key {kid} in {store.path / 'release'}; classifiers elsewhere need "
+              f"{store.path / 'release' / (kid + '.pub')} (`tilestream keys trust-release --pub FILE`)")
+    elif args.action == "rotate-release":
+        print(f"models are now signed with release key {store.rotate_model_release()}; older release keys stay "
+              f"trusted until `tilestream keys untrust-release --key-id OLD` (publish the models again first)")
+    elif args.action == "trust-release":
+        if not args.pub:
+            print("error: keys trust-release needs --pub FILE", file=sys.stderr)
+            return 2
+        print(f"trusting model release key {store.trust_model_release(args.pub)}")
+    elif args.action == "untrust-release":
+        if not args.key_id:
+            print("error: keys untrust-release needs --key-id KID", file=sys.stderr)
+            return 2
+        try:
+            store.untrust_model_release(args.key_id)
+        except (KeyError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"model release key {args.key_id} is no longer trusted here")
     return 0
 
 
@@ -183,28 +206,40 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_classify(args: argparse.Namespace, settings: Settings) -> int:
     from classifier import registry
-    from classifier.model import TileModel
+    from classifier.model import ModelRefused, TileModel
     from classifier.service import ClassifierService
     from classifier.stage import FrameClassifier
+    from tilestream.keys import KeyStore
     from tilestream.metrics import Metrics, serve_http
 
     conn, digest, cs = _connection(args, settings), settings.features.digest(), settings.classifier
     bootstrap = conn.bootstrap
-    watcher = registry.ModelWatcher(bootstrap, args.model_name, expected_digest=digest)
+    store = KeyStore(settings.keys_path())
+    keys = store.model_release_keys()  # the classifier needs only the release public keys
+    watcher = registry.ModelWatcher(bootstrap, args.model_name, expected_digest=digest, keys=keys)
     path = args.model or cs.model_path
-    if path:
-        # The models topic is the registry: a model given as a file is published unless it is the newest.
-        file_model = TileModel.load(path, expected_digest=digest)
-        _, newest = watcher.latest()
-        if newest is None or registry.meta_of(newest)["model_id"] != file_model.model_id:
-            print(f"publishing {path} as version {registry.publish(bootstrap, path, args.model_name, digest)} "
-                  f"of model {args.model_name!r}", file=sys.stderr)
+    try:
+        if path:
+            # The models topic is the registry: a model given as a file is published (signed with the
+            # release private key of this machine's key directory) unless it is the newest.
+            file_model = TileModel.load(path, expected_digest=digest)
+            _, newest = watcher.latest()
+            if newest is None or registry.meta_of(newest, keys)["model_id"] != file_model.model_id:
+                version = registry.publish(bootstrap, path, args.model_name, digest, keystore=store)
+                print(f"publishing {path} as version {version} of model {args.model_name!r}", file=sys.stderr)
+            watcher.close()
+            watcher = registry.ModelWatcher(bootstrap, args.model_name, expected_digest=digest, keys=keys)
+    except (ModelRefused, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
         watcher.close()
-        watcher = registry.ModelWatcher(bootstrap, args.model_name, expected_digest=digest)
+        return 2
     model = watcher.poll()
     if model is None:
-        print(f"error: no model {args.model_name!r} on the models topic; give --model PATH "
+        refused = "; ".join(f"{r.reason}: {r.message}" for r in watcher.pending_refusals[-3:])
+        print(f"error: no usable model {args.model_name!r} on the models topic"
+              f"{' (refused: ' + refused + ')' if refused else ''}; give --model PATH "
               f"(train one with `tilestream train`)", file=sys.stderr)
+        watcher.close()
         return 2
     stage = FrameClassifier(model, Metrics("tilestream_classifier"), cs.frame_timeout_s)
     svc = ClassifierService(conn, stage, cs.group_id, cs.dedup_margin_s, cs.metrics_interval_s, models=watcher,
@@ -219,24 +254,35 @@ def cmd_classify(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
     from classifier import registry
+    from classifier.model import ModelRefused
+    from tilestream.keys import KeyStore
 
     bootstrap, digest = _bootstrap(args, settings), settings.features.digest()
+    store = KeyStore(settings.keys_path())
     if args.action == "publish":
         if not args.path:
             print("error: models publish needs a PATH", file=sys.stderr)
             return 2
-        version = registry.publish(bootstrap, args.path, args.model_name, digest)
+        try:
+            version = registry.publish(bootstrap, args.path, args.model_name, digest, keystore=store)
+        except (ModelRefused, FileNotFoundError) as exc:
+            print(f"error: refusing to publish {args.path}: {exc}", file=sys.stderr)
+            return 2
         print(f"published {args.path} as version {version} of model {args.model_name!r}")
     else:
-        watcher = registry.ModelWatcher(bootstrap, args.model_name)
+        keys = store.model_release_public_keys()
+        watcher = registry.ModelWatcher(bootstrap, args.model_name, keys=keys)
         try:
             version, data = watcher.latest()
+            refusals = watcher.take_refusals()
         finally:
             watcher.close()
+        for r in refusals:
+            print(f"refused record at offset {r.offset}: {r.reason}: {r.message}", file=sys.stderr)
         if data is None:
-            print(f"no model {args.model_name!r} published")
+            print(f"no verified model {args.model_name!r} published")
             return 3
-        print(json.dumps(registry.meta_of(data), indent=2))
+        print(json.dumps(registry.meta_of(data, keys), indent=2))
     return 0
 
 
@@ -295,10 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("action", choices=["fetch"])
     s.set_defaults(func=cmd_samples)
 
-    ks = sub.add_parser("keys", help="cloud key pair and device enrolment")
-    ks.add_argument("action", choices=["init", "enroll", "rotate-device", "rotate-cloud", "revoke", "list"])
+    ks = sub.add_parser("keys", help="cloud key pair, device enrolment and the model-release key")
+    ks.add_argument("action", choices=["init", "enroll", "rotate-device", "rotate-cloud", "revoke", "list",
+                                       "init-release", "rotate-release", "trust-release", "untrust-release"])
     ks.add_argument("camera_id", nargs="?")
     ks.add_argument("--key-id")
+    ks.add_argument("--pub", help="trust-release: a release public key file (release/<kid>.pub of the publisher)")
     ks.add_argument("--suite", choices=["x25519", "mlkem768-x25519"], default="x25519",
                     help="HPKE KEM of a new cloud key (mlkem768-x25519: hybrid post-quantum)")
     ks.set_defaults(func=cmd_keys)

@@ -48,6 +48,7 @@ def run_demo(settings: Settings, args: argparse.Namespace) -> int:
     keys_dir = Path(settings.keys_dir) if settings.keys_dir else cache_home() / "demo" / "keys-v2"
     store = KeyStore(keys_dir)
     store.init_cloud()
+    store.init_model_release()  # the demo publishes its scene model: one machine holds every key
     camera = settings.agent.camera_id
     if not (keys_dir / "devices" / camera / "current").exists():
         store.enroll(camera)

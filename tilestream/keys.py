@@ -8,6 +8,10 @@ A key directory holds::
     cloud/tile-<kid>.key   AES-256 key for tile jobs between cloud workers, mode 0600 (cloud only)
     devices/<camera>/<kid>.key   device Ed25519 private key, mode 0600 (device side only)
     devices/<camera>/current
+    release/<kid>.key      model-release Ed25519 private key, PEM, mode 0600 (where models are published only)
+    release/<kid>.pub      a trusted model-release public key, JSON {suite: "ed25519", ed25519: base64}
+                           (what classifiers verify model records with; copy it to every classifier)
+    release/current        key id `models publish` signs with now; older .pub files stay trusted
     registry.json          enrolled device public keys and their status (what the processor reads)
 
 Private keys are never logged and never leave this directory.
@@ -19,6 +23,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -134,6 +139,67 @@ class KeyStore:
         keys = {f.stem[len("tile-"):]: base64.b64decode(f.read_bytes()) for f in files}
         return files[-1].stem[len("tile-"):], keys
 
+    # -- model release keys -----------------------------------------------------------
+    # A key of its own, not the cloud key: whoever holds it decides what code-like artifact every
+    # classifier runs, so it can live on the machine models are published from, while classifiers
+    # (and the cloud key's machines) hold only its public keys.
+    def init_model_release(self) -> str:
+        """Create the model-release key pair unless one exists; returns the current key id (hex)."""
+        current = self.path / "release" / "current"
+        if current.exists():
+            return current.read_text().strip()
+        return self.rotate_model_release()
+
+    def rotate_model_release(self) -> str:
+        """Make a new release key current. The old public keys stay trusted, so the models signed
+        with them keep loading until they are published again and the old key is untrusted."""
+        private = ed25519.Ed25519PrivateKey.generate()
+        kid = key_id(private.public_key()).hex()
+        rdir = self.path / "release"
+        _write(rdir / f"{kid}.key", _private_pem(private), 0o600)
+        _write(rdir / f"{kid}.pub", _release_pub_json(private.public_key()), 0o644)
+        _write(rdir / "current", kid.encode(), 0o644)
+        return kid
+
+    def trust_model_release(self, pub_file: str | os.PathLike[str]) -> str:
+        """Trust a release public key file (``release/<kid>.pub`` of the publishing machine)."""
+        key = _read_release_pub(Path(pub_file))
+        kid = key_id(key).hex()
+        _write(self.path / "release" / f"{kid}.pub", _release_pub_json(key), 0o644)
+        return kid
+
+    def untrust_model_release(self, kid: str) -> None:
+        """Stop trusting release key ``kid`` (not the current one: rotate first)."""
+        rdir = self.path / "release"
+        current = (rdir / "current").read_text().strip() if (rdir / "current").exists() else None
+        if kid == current:
+            raise ValueError(f"release key {kid} is the current one: `tilestream keys rotate-release` first")
+        pub = rdir / f"{kid}.pub"
+        if not _RELEASE_KID.fullmatch(kid) or not pub.exists():
+            raise KeyError(f"release key {kid!r} is not trusted here")
+        pub.unlink()
+
+    def model_release_private_key(self) -> tuple[bytes, ed25519.Ed25519PrivateKey]:
+        rdir = self.path / "release"
+        kid = self._current(rdir, "no model release key: run `tilestream keys init-release` where models are published")
+        key = serialization.load_pem_private_key((rdir / f"{kid}.key").read_bytes(), password=None)
+        if not isinstance(key, ed25519.Ed25519PrivateKey) or key_id(key.public_key()).hex() != kid:
+            raise ValueError(f"{rdir / (kid + '.key')} is not the Ed25519 release key {kid}")
+        return bytes.fromhex(kid), key
+
+    def model_release_public_keys(self) -> dict[bytes, ed25519.Ed25519PublicKey]:
+        """Every trusted release public key now (key id -> key)."""
+        keys = {}
+        for f in sorted((self.path / "release").glob("*.pub"))[:MAX_RELEASE_KEYS]:
+            key = _read_release_pub(f)
+            if key_id(key).hex() == f.stem:  # a file named for another key is ignored
+                keys[bytes.fromhex(f.stem)] = key
+        return keys
+
+    def model_release_keys(self, check_every_s: float = 1.0) -> "ReleaseKeys":
+        """The trusted release public keys as a lookup that follows changes of ``release/``."""
+        return ReleaseKeys(self, check_every_s)
+
     # -- devices ----------------------------------------------------------------------
     def enroll(self, camera_id: str) -> str:
         """Create a device key pair for ``camera_id`` and register its public key."""
@@ -193,6 +259,53 @@ class KeyStore:
 
     def _save_registry(self, devices: dict[str, list[dict]]) -> None:
         _write(self.registry_path, json.dumps({"devices": devices}, indent=2, sort_keys=True).encode(), 0o644)
+
+
+MAX_RELEASE_KEYS = 64
+_RELEASE_KID = re.compile(r"[0-9a-f]{16}")
+
+
+def _release_pub_json(key: ed25519.Ed25519PublicKey) -> bytes:
+    return json.dumps({"suite": "ed25519", "ed25519": _b64(raw_public(key))}).encode()
+
+
+def _read_release_pub(path: Path) -> ed25519.Ed25519PublicKey:
+    with open(path, "rb") as fh:
+        blob = fh.read(4097)
+    try:
+        if len(blob) > 4096:
+            raise ValueError("too large")
+        d = json.loads(blob)
+        if d.get("suite") != "ed25519":
+            raise ValueError("not an ed25519 key")
+        return ed25519.Ed25519PublicKey.from_public_bytes(base64.b64decode(d["ed25519"], validate=True))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ValueError(f"{path} is not a tilestream release public key") from None
+
+
+class ReleaseKeys:
+    """Key id -> trusted release public key, re-read when ``release/`` changes (so a rotated or
+    untrusted key takes effect without restarting the classifier)."""
+
+    def __init__(self, store: KeyStore, check_every_s: float = 1.0):
+        self.store = store
+        self.check_every_s = check_every_s
+        self._checked = 0.0
+        self._mtime: float | None = None
+        self._keys: dict[bytes, ed25519.Ed25519PublicKey] = {}
+
+    def __call__(self, kid: bytes) -> ed25519.Ed25519PublicKey | None:
+        now = time.monotonic()
+        if now - self._checked >= self.check_every_s or self._mtime is None:
+            self._checked = now
+            try:
+                mtime = (self.store.path / "release").stat().st_mtime_ns
+            except FileNotFoundError:
+                mtime = None
+            if mtime != self._mtime:
+                self._keys = self.store.model_release_public_keys() if mtime is not None else {}
+                self._mtime = mtime
+        return self._keys.get(kid)
 
 
 class DeviceRegistry:
