@@ -35,7 +35,6 @@ import hashlib
 import json
 import re
 import struct
-import uuid
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +43,8 @@ from typing import Any, Callable, Mapping
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from kafkaio import Connection, clients
+from kafkaio.clients import RangeReader
 from tilestream import topics
 
 from classifier.model import MAX_META_BYTES, ModelRefused, TileModel, parse_meta
@@ -193,19 +194,15 @@ class ModelWatcher:
     records are counted in ``refused`` and kept (the newest 64) for :meth:`take_refusals`.
     """
 
-    def __init__(self, bootstrap: str, name: str = "default", expected_digest: str | None = None, *, keys: Keys):
-        from kafka import KafkaConsumer, TopicPartition
-
+    def __init__(self, where: Connection | str, name: str = "default", expected_digest: str | None = None, *,
+                 keys: Keys):
         self.name = name
         self.expected_digest = expected_digest
         self.keys = keys
-        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
-                                      client_id=f"tilestream-models-{uuid.uuid4().hex[:6]}",
-                                      fetch_max_bytes=MAX_RECORD_BYTES + 1024 * 1024,
-                                      max_partition_fetch_bytes=MAX_RECORD_BYTES + 1024 * 1024)
-        self.parts = [TopicPartition(topics.MODELS, p) for p in sorted(self.consumer.partitions_for_topic(topics.MODELS) or [0])]
-        self.consumer.assign(self.parts)
-        self.consumer.seek_to_beginning(*self.parts)
+        self.reader = RangeReader(where, topics.MODELS, client_id="tilestream-models",
+                                  fetch_max_bytes=MAX_RECORD_BYTES + 1024 * 1024,
+                                  max_partition_fetch_bytes=MAX_RECORD_BYTES + 1024 * 1024)
+        self.reader.seek("beginning")
         self.version = 0
         self.model_id: str | None = None
         self.refused = 0
@@ -233,24 +230,21 @@ class ModelWatcher:
         return newest[0], newest[1]
 
     def _scan(self) -> tuple[tuple[int, bytes | None], tuple[int | None, int | None]]:
-        end = self.consumer.end_offsets(self.parts)
         newest: tuple[int, bytes | None] = (self.version, None)
         where: tuple[int | None, int | None] = (None, None)
-        while any(self.consumer.position(tp) < end[tp] for tp in self.parts):
-            for records in self.consumer.poll(timeout_ms=1000).values():
-                for m in records:
-                    if m.key != self.name.encode() or not m.value:
-                        continue  # another model's record (its classifiers check it), or a tombstone
-                    try:
-                        meta, _ = verify_record(m.value, self.keys)
-                        if meta["name"] != self.name:
-                            raise ModelRefused("wrong_name", f"record under key {self.name!r} is signed for "
-                                                             f"model {meta['name']!r}")
-                    except ModelRefused as exc:
-                        self._refuse(exc, m.value, m.partition, m.offset)
-                        continue
-                    if meta["version"] > newest[0]:
-                        newest, where = (meta["version"], m.value), (m.partition, m.offset)
+        for m in self.reader.read_to_end():
+            if m.key != self.name.encode() or not m.value:
+                continue  # another model's record (its classifiers check it), or a tombstone
+            try:
+                meta, _ = verify_record(m.value, self.keys)
+                if meta["name"] != self.name:
+                    raise ModelRefused("wrong_name", f"record under key {self.name!r} is signed for "
+                                                     f"model {meta['name']!r}")
+            except ModelRefused as exc:
+                self._refuse(exc, m.value, m.partition, m.offset)
+                continue
+            if meta["version"] > newest[0]:
+                newest, where = (meta["version"], m.value), (m.partition, m.offset)
         return newest, where
 
     def poll(self) -> TileModel | None:
@@ -269,10 +263,10 @@ class ModelWatcher:
         return model
 
     def close(self) -> None:
-        self.consumer.close()
+        self.reader.close()
 
 
-def publish(bootstrap: str, path: str | Path, name: str = "default", expected_digest: str | None = None, *,
+def publish(where: Connection | str, path: str | Path, name: str = "default", expected_digest: str | None = None, *,
             keystore) -> int:
     """Sign the model at ``path`` with ``keystore``'s current release key and publish it as the next
     version of ``name``; returns that version.
@@ -280,22 +274,19 @@ def publish(bootstrap: str, path: str | Path, name: str = "default", expected_di
     Refuses (:class:`ModelRefused`) what classifiers would refuse: the record is verified with
     the keystore's own trusted release keys and loaded through every check before it is sent.
     """
-    from kafka import KafkaProducer
-
     if not _NAME.fullmatch(name):
         raise ModelRefused("malformed", f"model name {name[:80]!r} is not 1..64 characters of [A-Za-z0-9_.:-]")
     TileModel.load(path, expected_digest=expected_digest)  # refuse here what classifiers would refuse
     kid, key = keystore.model_release_private_key()
     keys = keystore.model_release_public_keys()
-    watcher = ModelWatcher(bootstrap, name, keys=keys)
+    watcher = ModelWatcher(where, name, keys=keys)
     try:
         version = watcher.latest()[0] + 1
     finally:
         watcher.close()
     record = pack(path, version, name, kid, key)
     unpack(record, expected_digest, keys, name)
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True,
-                             max_request_size=len(record) + 64 * 1024)
+    producer = clients.producer(where, "stage", max_request_size=len(record) + 64 * 1024)
     try:
         producer.send(topics.MODELS, key=name.encode(), value=record).get(timeout=60)
     finally:

@@ -16,7 +16,7 @@ from tilestream.metrics import setup_logging
 from dashboard.server import TOKEN_ENV, DashboardError, run_dashboard
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dashboard", description="tilestream real-time dashboard")
     p.add_argument("--bootstrap", help="Kafka bootstrap servers (default: [kafka] bootstrap, else the local broker)")
     p.add_argument("--config", help="TOML configuration file (default: $TILESTREAM_CONFIG)")
@@ -26,7 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--token-file", help="read the access token from this file")
     p.add_argument("--window", type=float, default=300.0, help="seconds of history read at start (default 300)")
     p.add_argument("--log-level", default=os.environ.get("TILESTREAM_LOG_LEVEL", "INFO"))
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     settings = load_settings(args.config)
     bootstrap = args.bootstrap or settings.kafka.bootstrap or f"{settings.kafka.host}:{settings.kafka.port}"

@@ -160,8 +160,12 @@ class EdgeAgent:
         self.metrics = Metrics("tilestream_agent")
         self._stop = threading.Event()  # stop capturing
         self._sender_stop = threading.Event()  # stop sending (after draining, or at shutdown)
-        self._acked_offsets_path = self.state_dir / "acked-offsets.json"
-        self._acked_offsets: dict[int, int] = self._load_offsets()
+        # Where reconciliation starts reading each partition (see _save_offsets).
+        self._reconcile_from_path = self.state_dir / "reconcile-from.json"
+        self._reconcile_from: dict[int, int] = self._load_offsets()
+        self._max_acked: dict[int, int] = {}
+        self._acked_past_head: dict[int, tuple[int, int]] = {}  # entry id -> (partition, offset)
+        self._send_lock = threading.Lock()
         self._producer = None
         self._connected = False
         self._last_prev: np.ndarray | None = None
@@ -300,7 +304,7 @@ class EdgeAgent:
         backoff = Backoff(0.5, s.backoff_max_s)
         in_flight: dict[int, object] = {}
         failed: list[int] = []
-        lock = threading.Lock()
+        lock = self._send_lock
         need_reconcile = self.spool.frames > 0  # frames left by a previous run may already be on the topic
         last_heartbeat = 0.0
         last_offsets_save = time.monotonic()
@@ -309,8 +313,8 @@ class EdgeAgent:
         def acked(entry_id: int, key: bytes, md) -> None:
             with lock:
                 in_flight.pop(entry_id, None)
-                prev = self._acked_offsets.get(md.partition, -1)
-                self._acked_offsets[md.partition] = max(prev, md.offset)
+                self._max_acked[md.partition] = max(self._max_acked.get(md.partition, -1), md.offset)
+                self._acked_past_head[entry_id] = (md.partition, md.offset)
             self.spool.ack(entry_id)
             self.counters.sent += 1
             self._connected = True
@@ -395,7 +399,7 @@ class EdgeAgent:
         present: set[bytes] = set()
         try:
             keys = {e.key: e.id for e in pending}
-            present = frames_on_topic(self.conn, {e.key: e.value for e in pending}, self._acked_offsets,
+            present = frames_on_topic(self.conn, {e.key: e.value for e in pending}, self._reconcile_from,
                                       _oldest_capture_ms(pending))
             for key in present:
                 self.spool.ack(keys[key])
@@ -433,15 +437,39 @@ class EdgeAgent:
     # -- state ------------------------------------------------------------------------------
     def _load_offsets(self) -> dict[int, int]:
         try:
-            return {int(k): int(v) for k, v in json.loads(self._acked_offsets_path.read_text()).items()}
-        except (OSError, ValueError):
+            return {int(k): int(v) for k, v in json.loads(self._reconcile_from_path.read_text()).items()}
+        except (OSError, ValueError, AttributeError):
+            pass
+        try:  # an older agent's acked-offsets.json: the last acknowledged offset per partition
+            old = json.loads((self.state_dir / "acked-offsets.json").read_text())
+            return {int(k): int(v) + 1 for k, v in old.items()}
+        except (OSError, ValueError, AttributeError):
             return {}
 
     def _save_offsets(self) -> None:
-        self._acked_offsets_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._acked_offsets_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self._acked_offsets))
-        tmp.replace(self._acked_offsets_path)
+        """Save, per partition, the first offset reconciliation must read after a crash.
+
+        After a crash the spool hands back every entry past its *persisted* head, and acks are
+        out of order across partitions: an entry acknowledged long ago can still be past the
+        head. So the start is the lowest offset of an acknowledged entry the persisted head
+        does not cover yet, else one past the highest acknowledged offset (entries not
+        acknowledged yet land after it: the idempotent producer keeps a partition in send
+        order). Saving "the last acknowledged offset" instead skipped such entries and sent
+        them twice after a SIGKILL (seen under load in the SIGKILL-while-draining test).
+        """
+        head = self.spool.persisted_head
+        with self._send_lock:
+            for eid in [e for e in self._acked_past_head if e <= head]:
+                del self._acked_past_head[eid]
+            start = {p: o + 1 for p, o in self._max_acked.items()}
+            for p, o in self._acked_past_head.values():
+                start[p] = min(start.get(p, o), o)
+        start = {**self._reconcile_from, **start}  # partitions not written to since keep their start
+        self._reconcile_from = start
+        self._reconcile_from_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._reconcile_from_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(start))
+        tmp.replace(self._reconcile_from_path)
 
     def health(self) -> dict:
         """``/healthz``. A failing camera is retried for ever and does not make the agent unhealthy

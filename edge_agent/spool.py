@@ -350,6 +350,11 @@ class Spool:
     # ------------------------------------------------------------------ public API
 
     @property
+    def persisted_head(self) -> int:
+        """The head as last written to the head file: after a crash, everything past it comes back."""
+        return self._head_written
+
+    @property
     def head(self) -> int:
         """Id of the newest entry that, with every older one, is acknowledged or dropped (-1: none)."""
         return self._head

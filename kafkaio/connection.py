@@ -96,20 +96,6 @@ class Connection:
                       sasl_plain_password=self.sasl_password)
         return kw
 
-    def faust_settings(self) -> dict[str, Any]:
-        """``faust.App`` keyword arguments: the broker URL list and its credentials."""
-        import faust
-
-        hosts = ";".join(f"kafka://{h.strip()}" for h in self.bootstrap.split(",") if h.strip())
-        out: dict[str, Any] = {"broker": hosts}
-        if self.sasl:
-            out["broker_credentials"] = faust.SASLCredentials(
-                username=self.sasl_username, password=self.sasl_password, ssl_context=self.ssl_context(),
-                mechanism=self.sasl_mechanism)
-        elif self.tls:
-            out["broker_credentials"] = faust.SSLCredentials(self.ssl_context())
-        return out
-
     def __str__(self) -> str:  # what logs show: never a secret
         return f"{self.bootstrap} ({self.security_protocol}{', ' + self.sasl_username if self.sasl else ''})"
 

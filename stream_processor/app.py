@@ -50,12 +50,26 @@ log = logging.getLogger("tilestream.processor")
 STAGES = ("verify", "open", "decode", "features")
 
 
+def faust_broker(conn: Connection) -> dict:
+    """``faust.App`` keyword arguments for the broker: its URL list and the connection's credentials
+    (the same TLS context and SASL user every other client of this process uses, from kafkaio)."""
+    hosts = ";".join(f"kafka://{h.strip()}" for h in conn.bootstrap.split(",") if h.strip())
+    out: dict = {"broker": hosts}
+    if conn.sasl:
+        out["broker_credentials"] = faust.SASLCredentials(
+            username=conn.sasl_username, password=conn.sasl_password, ssl_context=conn.ssl_context(),
+            mechanism=conn.sasl_mechanism)
+    elif conn.tls:
+        out["broker_credentials"] = faust.SSLCredentials(conn.ssl_context())
+    return out
+
+
 def create_app(settings: Settings, where: Connection | str, datadir: Path, web_port: int | None = None) -> faust.App:
     ps = settings.processor
     conn = connection(where)
     app = faust.App(
         ps.app_id,
-        **conn.faust_settings(),
+        **faust_broker(conn),
         datadir=str(datadir),
         web_port=web_port or ps.web_port,
         web_host="127.0.0.1",

@@ -155,7 +155,7 @@ def cmd_agent(args: argparse.Namespace, settings: Settings) -> int:
     if not a.source:
         print("error: no source (--source PATH|URL|DEVICE_INDEX or [agent] source in the config)", file=sys.stderr)
         return 2
-    agent = EdgeAgent(a, KeyStore(settings.keys_path()), _bootstrap(args, settings), settings.kafka.max_frame_bytes)
+    agent = EdgeAgent(a, KeyStore(settings.keys_path()), _connection(args, settings), settings.kafka.max_frame_bytes)
     if a.http_port:
         from types import SimpleNamespace
 
@@ -213,10 +213,9 @@ def cmd_classify(args: argparse.Namespace, settings: Settings) -> int:
     from tilestream.metrics import Metrics, serve_http
 
     conn, digest, cs = _connection(args, settings), settings.features.digest(), settings.classifier
-    bootstrap = conn.bootstrap
     store = KeyStore(settings.keys_path())
     keys = store.model_release_keys()  # the classifier needs only the release public keys
-    watcher = registry.ModelWatcher(bootstrap, args.model_name, expected_digest=digest, keys=keys)
+    watcher = registry.ModelWatcher(conn, args.model_name, expected_digest=digest, keys=keys)
     path = args.model or cs.model_path
     try:
         if path:
@@ -225,10 +224,10 @@ def cmd_classify(args: argparse.Namespace, settings: Settings) -> int:
             file_model = TileModel.load(path, expected_digest=digest)
             _, newest = watcher.latest()
             if newest is None or registry.meta_of(newest, keys)["model_id"] != file_model.model_id:
-                version = registry.publish(bootstrap, path, args.model_name, digest, keystore=store)
+                version = registry.publish(conn, path, args.model_name, digest, keystore=store)
                 print(f"publishing {path} as version {version} of model {args.model_name!r}", file=sys.stderr)
             watcher.close()
-            watcher = registry.ModelWatcher(bootstrap, args.model_name, expected_digest=digest, keys=keys)
+            watcher = registry.ModelWatcher(conn, args.model_name, expected_digest=digest, keys=keys)
     except (ModelRefused, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         watcher.close()
@@ -257,21 +256,21 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
     from classifier.model import ModelRefused
     from tilestream.keys import KeyStore
 
-    bootstrap, digest = _bootstrap(args, settings), settings.features.digest()
+    conn, digest = _connection(args, settings), settings.features.digest()
     store = KeyStore(settings.keys_path())
     if args.action == "publish":
         if not args.path:
             print("error: models publish needs a PATH", file=sys.stderr)
             return 2
         try:
-            version = registry.publish(bootstrap, args.path, args.model_name, digest, keystore=store)
+            version = registry.publish(conn, args.path, args.model_name, digest, keystore=store)
         except (ModelRefused, FileNotFoundError) as exc:
             print(f"error: refusing to publish {args.path}: {exc}", file=sys.stderr)
             return 2
         print(f"published {args.path} as version {version} of model {args.model_name!r}")
     else:
         keys = store.model_release_public_keys()
-        watcher = registry.ModelWatcher(bootstrap, args.model_name, keys=keys)
+        watcher = registry.ModelWatcher(conn, args.model_name, keys=keys)
         try:
             version, data = watcher.latest()
             refusals = watcher.take_refusals()
@@ -290,7 +289,7 @@ def cmd_results(args: argparse.Namespace, settings: Settings) -> int:
     from classifier.results import tail
 
     try:
-        for r in tail(_bootstrap(args, settings), camera_id=args.camera, from_beginning=args.from_beginning, max_results=args.max):
+        for r in tail(_connection(args, settings), camera_id=args.camera, from_beginning=args.from_beginning, max_results=args.max):
             print(format_result(r), flush=True)
     except KeyboardInterrupt:
         pass
