@@ -52,6 +52,7 @@ import json
 import os
 import re
 import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -315,3 +316,53 @@ def revoke_camera_user(admin, state_dir: Path, camera_id: str) -> int:
     creds["cameras"].pop(camera_id, None)
     _save_credentials(state_dir, creds)
     return removed
+
+
+def check_login(settings: dict, timeout_s: float = 15.0) -> None:
+    """Log in once with ``settings`` (kafka-python keywords); return if the broker accepts them.
+
+    Raises ``SecurityError`` with reason ``authentication_failed`` and the broker's own words
+    (e.g. "invalid credentials with SASL mechanism SCRAM-SHA-512") when it refuses the login,
+    ``unreachable`` when no broker answered within ``timeout_s`` (wrong port, a PLAINTEXT
+    client on the SASL_SSL port, a TLS failure). kafka-python itself only retries a refused
+    login until its bootstrap deadline and then reports "Unable to bootstrap"; the refusal
+    is visible only in its connection manager's log records, which is where this looks.
+    """
+    import logging
+
+    from kafka.admin import KafkaAdminClient
+    from kafka.errors import KafkaError, SaslAuthenticationFailedError
+
+    refused: list[Exception] = []
+
+    class _Refusals(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            args = record.args if isinstance(record.args, tuple) else ()
+            refused.extend(a for a in args if isinstance(a, SaslAuthenticationFailedError))
+
+    logger = logging.getLogger("kafka.net.manager")
+    handler, level = _Refusals(logging.WARNING), logger.level
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.WARNING:
+        logger.setLevel(logging.WARNING)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            # Short attempts: a refusal often reaches kafka-python as a bare disconnect (the
+            # broker closes right after its error response), so one attempt may not show it.
+            attempt_s = max(0.5, min(3.0, deadline - time.monotonic()))
+            try:
+                KafkaAdminClient(**settings, client_id="tilestream-login-check", bootstrap_timeout_ms=int(attempt_s * 1000),
+                                 request_timeout_ms=int(attempt_s * 1000)).close()
+                return
+            except KafkaError as exc:
+                who = settings.get("sasl_plain_username", "(no user)")
+                if refused:
+                    raise SecurityError(f"the broker refused the login of {who!r}: {refused[-1]}",
+                                        "authentication_failed") from exc
+                if time.monotonic() >= deadline:
+                    raise SecurityError(f"no broker at {settings.get('bootstrap_servers')} accepted a connection as "
+                                        f"{who!r} within {timeout_s:.0f}s ({exc})", "unreachable") from exc
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

@@ -553,6 +553,8 @@ class LocalKafka:
                 if _port_open(n.host, port):
                     raise KafkaError(f"{n.host}:{port} is already in use by another process; choose other ports (--port, --controller-port)")
         self._write_layout()
+        if self.secure:
+            self.state_dir.chmod(0o700)  # the metadata log holds the salted SCRAM credentials
         cluster_id = self._cluster_id()
         if len(nodes) > 1:
             # Format in parallel: each format is a JVM start (~3 s); in sequence that was 8 s of 18.
