@@ -175,6 +175,15 @@ def _pid_is_kafka(pid: int) -> bool:
     return b"kafka.Kafka" in cmdline
 
 
+def _is_stopped(pid: int) -> bool:
+    """True if ``pid`` is SIGSTOPped (state T in /proc/<pid>/stat)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2:].startswith(("T", "t"))
+
+
 def _tail(path: Path, lines: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -353,9 +362,10 @@ class LocalKafka:
 
     def add_camera(self, camera_id: str) -> dict:
         """A Kafka user for one camera with the agent's ACLs; returns its ``client_config``."""
-        from deploy.kafka_security import add_camera_user
+        from deploy.kafka_security import add_camera_user, camera_username
 
         self._require_secure()
+        camera_username(camera_id)  # refuse a bad id before connecting
         admin = self._admin()
         try:
             add_camera_user(admin, self.state_dir, camera_id)
@@ -613,11 +623,27 @@ class LocalKafka:
         self.stop()
         raise KafkaError(f"the broker did not answer within {timeout_s:.0f}s ({last_error}); see {self.log_path}")
 
+    def answering_bootstrap(self) -> str:
+        """The bootstrap string without nodes that are dead or SIGSTOPped.
+
+        A frozen node still accepts TCP connections (the kernel does), and a kafka-python
+        client whose bootstrap picks it waits out its 30 s request timeout and then fails
+        ("Unable to bootstrap"): the admin calls here must not stall on a node a test froze.
+        """
+        if self.brokers == 1:
+            return self.bootstrap
+        alive = []
+        for n in self.nodes:
+            info = _read_info(n.info_path)
+            if info is not None and _pid_is_kafka(info.pid) and not _is_stopped(info.pid):
+                alive.append(f"{n.host}:{n.port}")
+        return ",".join(alive) or self.bootstrap
+
     def _admin(self, **kw):
         from kafka.admin import KafkaAdminClient
 
-        return KafkaAdminClient(**self.client_config("admin"), client_id="tilestream-admin",
-                                request_timeout_ms=10000, **kw)
+        cfg = dict(self.client_config("admin"), bootstrap_servers=self.answering_bootstrap())
+        return KafkaAdminClient(**cfg, client_id="tilestream-admin", request_timeout_ms=10000, **kw)
 
     def _describe_cluster(self) -> dict:
         if not any(_port_open(n.host, n.port) for n in self.nodes):

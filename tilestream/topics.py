@@ -94,7 +94,8 @@ def ensure_topics(bootstrap: str, specs: Iterable[TopicSpec], replication: int =
         if new:
             # One request for all: the controller commits them together (one request per
             # topic took 1.5 s each on a 3-node cluster, 12 s for the pipeline's eight).
-            result = admin.create_topics(new, timeout_ms=30000, raise_errors=False)
+            # wait_for_metadata: a caller may describe or produce to the topics right away.
+            result = admin.create_topics(new, timeout_ms=30000, raise_errors=False, wait_for_metadata=True)
             for t in result["topics"]:
                 error = for_code(t["error_code"])
                 if error is NoError:
