@@ -327,6 +327,12 @@ def check_login(settings: dict, timeout_s: float = 15.0) -> None:
     client on the SASL_SSL port, a TLS failure). kafka-python itself only retries a refused
     login until its bootstrap deadline and then reports "Unable to bootstrap"; the refusal
     is visible only in its connection manager's log records, which is where this looks.
+
+    Best effort: the broker closes the connection right after its refusal, and kafka-python
+    3.0.12's transport discards bytes received in the same read as the EOF
+    (``kafka/net/transport.py`` ``_sock_recv`` -> ``abort``), so under CPU load every attempt
+    can look like a bare disconnect and this reports ``unreachable``. Kafka's Java client
+    always reports the refusal (tests/test_kafka_secure.py uses it for that reason).
     """
     import logging
 
