@@ -1,22 +1,60 @@
-"""A real single-node Apache Kafka (KRaft, broker+controller) on loopback, from Maven Central jars.
+"""A real Apache Kafka (KRaft, combined broker+controller nodes) on loopback, from Maven Central jars.
 
 ``tilestream kafka start|stop|status`` is this module. It
 
 1. resolves ``org.apache.kafka:kafka_2.13:<version>`` with its runtime dependencies and an
    explicit Log4j 2 backend (``deploy/kafka/pom.xml``) with ``mvn`` into the per-user cache
    ``~/.cache/tilestream/kafka/kafka-<version>/libs`` (never into the repo);
-2. writes ``server.properties`` into a state directory and formats the storage once;
-3. starts ``kafka.Kafka`` in its own session, logs to ``<state>/broker.log``;
-4. waits until the broker answers a real client request (DescribeCluster);
-5. creates the pipeline's topics (``tilestream.topics``) and prints the bootstrap address.
+2. writes ``server.properties`` per node into a state directory and formats the storage once;
+3. starts ``kafka.Kafka`` per node in its own session, logs to ``<node dir>/broker.log``;
+4. waits until every node answers a real client request (DescribeCluster lists all brokers
+   unfenced);
+5. (secure mode) creates the roles' ACLs; creates the pipeline's topics (``tilestream.topics``)
+   with the mode's replication factor and ``min.insync.replicas``; prints the bootstrap string.
 
-A second ``start`` reuses the broker that is already running. ``stop`` sends SIGTERM
-(Kafka shuts down cleanly on it) and SIGKILL only after a deadline.
+A second ``start`` reuses the nodes that are running (and starts the ones that are not).
+``stop`` sends SIGTERM to every node (Kafka shuts down cleanly on it) and SIGKILL only after
+a deadline. The mode of a state dir is recorded in ``<state>/layout.json`` at the first start,
+so ``status``/``stop`` need only ``--state-dir`` (or ``--port``).
+
+Modes (they combine: ``--brokers 3 --secure`` is a secured 3-node cluster)
+
+    tilestream kafka start                    one node, PLAINTEXT, the default for development
+        node 1  127.0.0.1:9092 (client, PLAINTEXT)  127.0.0.1:9093 (controller)
+        state   ~/.cache/tilestream/kafka/broker-9092/{server.properties,data,broker.log,broker.json}
+        topics  replication factor 1, min.insync.replicas 1
+
+    tilestream kafka start --brokers 3        three nodes, each its own JVM (-Xmx512m) and address
+        node i  127.0.0.<i>:9092 (client)  127.0.0.<i>:9093 (controller), i = 1, 2, 3
+                (the same port numbers on three loopback addresses: Linux routes all of
+                127/8 to lo, so no port juggling and every node looks like its own host)
+        state   <state>/node-<i>/{server.properties,data,broker.log,broker.json}
+        quorum  3 voters via ``controller.quorum.voters`` (static quorum: supported by 3.9 and
+                4.x alike; the node set is fixed, so KIP-853 reconfiguration buys nothing here)
+        topics  replication factor 3, min.insync.replicas 2 (acks=all survives one lost node);
+                internal topics (offsets, transactions) likewise
+        bootstrap 127.0.0.1:9092,127.0.0.2:9092,127.0.0.3:9092
+
+    tilestream kafka start --secure           one node, authenticated and authorized
+        node 1  127.0.0.1:9092 CLIENT     SASL_SSL, SCRAM-SHA-512, server cert only
+                127.0.0.1:9094 INTERNAL   SSL with required client certs (inter-broker)
+                127.0.0.1:9093 CONTROLLER SSL with required client certs
+                (INTERNAL defaults to controller port + 1; ``--internal-port``)
+        state   <state>/tls/{ca.pem,ca.key,node-<i>.keystore.pem}, <state>/credentials.json (0600)
+        authz   StandardAuthorizer, allow.everyone.if.no.acl.found=false,
+                super.users = User:admin;User:CN=tilestream-broker; one SCRAM user + ACLs per role
+                (deploy/kafka_security.py has the table and why the inter-broker listener is SSL)
+        clients ``LocalKafka.client_config(role)`` -> kafka-python keyword arguments
+
+Tests and operators can disturb single nodes: ``node_pids()``, ``kill_node(i, signal)``
+(SIGKILL / SIGSTOP / SIGCONT / SIGTERM), ``start_node(i)``, ``leader_of(topic, partition)``,
+``partition_state(topic, partition)`` and ``active_controller()`` (DescribeQuorum).
 """
 
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import os
 import shutil
@@ -26,7 +64,8 @@ import subprocess
 import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -36,6 +75,7 @@ from tilestream.topics import TopicSpec, ensure_topics, pipeline_topics
 DEFAULT_VERSION = "4.1.1"
 LEGACY_VERSION = "3.9.1"
 HERE = Path(__file__).resolve().parent / "kafka"
+MAX_BROKERS = 9  # node ids 1..9 on 127.0.0.<base>..<base+8>; 3 is what the project runs
 
 
 class KafkaError(RuntimeError):
@@ -51,20 +91,72 @@ class BrokerInfo:
     controller_port: int
     state_dir: str
     started_at: float
+    node_id: int = 1
+    bootstrap_servers: str = ""  # the whole cluster's; empty on a single node
 
     @property
     def bootstrap(self) -> str:
-        return f"{self.host}:{self.port}"
+        return self.bootstrap_servers or f"{self.host}:{self.port}"
 
     @property
     def log(self) -> str:
         return str(Path(self.state_dir) / "broker.log")
 
 
+@dataclass(frozen=True)
+class Node:
+    """One KRaft node (broker + controller) of the local cluster."""
+
+    node_id: int
+    host: str
+    port: int
+    controller_port: int
+    internal_port: int | None  # secure mode only: the SSL inter-broker listener
+    dir: Path
+
+    @property
+    def info_path(self) -> Path:
+        return self.dir / "broker.json"
+
+    @property
+    def log_path(self) -> Path:
+        return self.dir / "broker.log"
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def free_port_on(hosts: Iterable[str]) -> int:
+    """A port free on every address of ``hosts`` (for a cluster's same-port-per-node layout)."""
+    hosts = list(hosts)
+    for _ in range(100):
+        port = free_port(hosts[0])
+        if all(_bindable(h, port) for h in hosts[1:]):
+            return port
+    raise KafkaError(f"no port is free on all of {hosts}")
+
+
+def cluster_hosts(host: str, brokers: int) -> list[str]:
+    """127.0.0.1, 127.0.0.2, ... for ``brokers`` nodes counted up from ``host``."""
+    if brokers == 1:
+        return [host]
+    base = ipaddress.ip_address(host)
+    hosts = [str(base + i) for i in range(brokers)]
+    if not all(ipaddress.ip_address(h) in ipaddress.ip_network("127.0.0.0/8") for h in hosts):
+        raise KafkaError(f"a {brokers}-node cluster needs {brokers} loopback addresses from {host}; use 127.0.0.1")
+    return hosts
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -83,11 +175,31 @@ def _pid_is_kafka(pid: int) -> bool:
     return b"kafka.Kafka" in cmdline
 
 
+def _is_stopped(pid: int) -> bool:
+    """True if ``pid`` is SIGSTOPped (state T in /proc/<pid>/stat)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2:].startswith(("T", "t"))
+
+
 def _tail(path: Path, lines: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
+
+
+def _read_info(path: Path) -> BrokerInfo | None:
+    try:
+        return BrokerInfo(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _argfile_quote(arg: str) -> str:
+    return '"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 class LocalKafka:
@@ -99,7 +211,12 @@ class LocalKafka:
         controller_port: int = 9093,
         state_dir: str | os.PathLike[str] | None = None,
         progress: Callable[[str], None] = print,
+        brokers: int | None = None,
+        secure: bool | None = None,
+        internal_port: int | None = None,
     ):
+        """``brokers``/``secure``/``internal_port`` left as None take the state dir's recorded
+        layout (``layout.json``), else 1 node, PLAINTEXT, controller port + 1."""
         self.version = version
         self.host = host
         self.port = port
@@ -107,6 +224,20 @@ class LocalKafka:
         self.jars = cache_home() / "kafka" / f"kafka-{version}" / "libs"
         self.state_dir = Path(state_dir) if state_dir else cache_home() / "kafka" / f"broker-{port}"
         self.progress = progress
+        saved = self._saved_layout()
+        self._requested = {"brokers": brokers, "secure": secure, "internal_port": internal_port}
+        self.brokers = brokers if brokers is not None else int(saved.get("brokers", 1))
+        self.secure = secure if secure is not None else bool(saved.get("secure", False))
+        self.internal_port = (internal_port if internal_port is not None
+                              else saved.get("internal_port") or controller_port + 1)
+        if not 1 <= self.brokers <= MAX_BROKERS:
+            raise KafkaError(f"brokers must be 1..{MAX_BROKERS}, not {self.brokers}")
+        hosts = cluster_hosts(host, self.brokers)
+        self.nodes = [
+            Node(i + 1, h, port, controller_port, self.internal_port if self.secure else None,
+                 self.state_dir if self.brokers == 1 else self.state_dir / f"node-{i + 1}")
+            for i, h in enumerate(hosts)
+        ]
 
     @classmethod
     def from_settings(cls, kafka: KafkaSettings, **kw) -> "LocalKafka":
@@ -114,15 +245,54 @@ class LocalKafka:
 
     @property
     def bootstrap(self) -> str:
-        return f"{self.host}:{self.port}"
+        return ",".join(f"{n.host}:{n.port}" for n in self.nodes)
 
     @property
     def log_path(self) -> Path:
-        return self.state_dir / "broker.log"
+        return self.nodes[0].log_path
 
     @property
     def _info_path(self) -> Path:
-        return self.state_dir / "broker.json"
+        return self.nodes[0].info_path
+
+    @property
+    def replication_factor(self) -> int:
+        return min(3, self.brokers)
+
+    @property
+    def min_insync_replicas(self) -> int:
+        return min(2, self.brokers)
+
+    def node(self, node_id: int) -> Node:
+        if not 1 <= node_id <= len(self.nodes):
+            raise KafkaError(f"no node {node_id}: this cluster has nodes 1..{len(self.nodes)}")
+        return self.nodes[node_id - 1]
+
+    # -- layout ---------------------------------------------------------------------------
+    @property
+    def _layout_path(self) -> Path:
+        return self.state_dir / "layout.json"
+
+    def _saved_layout(self) -> dict:
+        try:
+            return json.loads(self._layout_path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _check_layout(self) -> None:
+        saved = self._saved_layout()
+        if not saved:
+            return
+        for key, want in self._requested.items():
+            if want is not None and key in saved and saved[key] != want and not (key == "internal_port" and not self.secure):
+                raise KafkaError(f"{self.state_dir} holds a {saved.get('brokers')}-node "
+                                 f"{'secure' if saved.get('secure') else 'PLAINTEXT'} Kafka "
+                                 f"({key}={saved[key]!r}); use another --state-dir for {key}={want!r}")
+
+    def _write_layout(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._layout_path.write_text(json.dumps({"brokers": self.brokers, "secure": self.secure,
+                                                 "internal_port": self.internal_port if self.secure else None}))
 
     # -- jars ---------------------------------------------------------------------------
     def ensure_jars(self) -> Path:
@@ -155,45 +325,169 @@ class LocalKafka:
         self.progress(f"resolved {len(list(self.jars.glob('*.jar')))} jars in {time.monotonic() - t0:.1f}s")
         return self.jars
 
-    # -- lifecycle ------------------------------------------------------------------------
-    def status(self) -> BrokerInfo | None:
-        """The running broker of this state dir, or None (a stale record is removed)."""
+    # -- security -------------------------------------------------------------------------
+    @property
+    def ca_file(self) -> Path:
+        return self.state_dir / "tls" / "ca.pem"
+
+    def _tls(self):
+        from deploy.kafka_security import ensure_tls
+
+        return ensure_tls(self.state_dir / "tls", {n.node_id: n.host for n in self.nodes})
+
+    def _credentials(self) -> dict:
+        from deploy.kafka_security import load_credentials
+
+        return load_credentials(self.state_dir)
+
+    def client_config(self, role: str | None = None, camera: str | None = None) -> dict:
+        """kafka-python keyword arguments to reach this Kafka as ``role`` (or as ``camera``).
+
+        PLAINTEXT: just ``bootstrap_servers``. Secure: SASL_SSL + SCRAM-SHA-512 with the
+        role's password from ``<state>/credentials.json`` and the local CA as ``ssl_cafile``.
+        """
+        if not self.secure:
+            return {"bootstrap_servers": self.bootstrap}
+        from deploy.kafka_security import SecurityError, camera_username, client_settings
+
+        creds = self._credentials()
+        if camera is not None:
+            if camera not in creds["cameras"]:
+                raise SecurityError(f"camera {camera!r} has no Kafka credential here", "unknown_camera")
+            return client_settings(self.bootstrap, self.ca_file, camera_username(camera), creds["cameras"][camera])
+        role = role or "admin"
+        if role not in creds["roles"]:
+            raise SecurityError(f"unknown role {role!r}; roles: {', '.join(creds['roles'])}", "unknown_role")
+        return client_settings(self.bootstrap, self.ca_file, role, creds["roles"][role])
+
+    def add_camera(self, camera_id: str) -> dict:
+        """A Kafka user for one camera with the agent's ACLs; returns its ``client_config``."""
+        from deploy.kafka_security import add_camera_user, camera_username
+
+        self._require_secure()
+        camera_username(camera_id)  # refuse a bad id before connecting
+        admin = self._admin()
         try:
-            info = BrokerInfo(**json.loads(self._info_path.read_text()))
-        except (OSError, ValueError, TypeError):
+            add_camera_user(admin, self.state_dir, camera_id)
+        finally:
+            admin.close()
+        return self.client_config(camera=camera_id)
+
+    def revoke_camera(self, camera_id: str) -> int:
+        """Delete the camera's ACLs and SCRAM credential; returns the number of ACLs removed."""
+        from deploy.kafka_security import revoke_camera_user
+
+        self._require_secure()
+        admin = self._admin()
+        try:
+            return revoke_camera_user(admin, self.state_dir, camera_id)
+        finally:
+            admin.close()
+
+    def _require_secure(self) -> None:
+        if not self.secure:
+            raise KafkaError(f"the Kafka of {self.state_dir} is not secured (start it with --secure)")
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def _node_status(self, node: Node) -> BrokerInfo | None:
+        info = _read_info(node.info_path)
+        if info is None:
             return None
         if _pid_is_kafka(info.pid) and _port_open(info.host, info.port):
             return info
         if not _pid_is_kafka(info.pid):
-            self._info_path.unlink(missing_ok=True)
+            node.info_path.unlink(missing_ok=True)
         return None
 
-    def _write_config(self) -> Path:
-        data = self.state_dir / "data"
+    def nodes_status(self) -> dict[int, BrokerInfo | None]:
+        return {n.node_id: self._node_status(n) for n in self.nodes}
+
+    def status(self) -> BrokerInfo | None:
+        """The running broker of this state dir, or None (a stale record is removed).
+
+        On a cluster: the first node that answers, with ``bootstrap`` the whole cluster's."""
+        if self.brokers == 1:
+            return self._node_status(self.nodes[0])
+        for info in self.nodes_status().values():
+            if info is not None:
+                return replace(info, bootstrap_servers=self.bootstrap)
+        return None
+
+    def node_pids(self) -> dict[int, int]:
+        """Node id -> pid of every node process alive (also a SIGSTOPped one)."""
+        out = {}
+        for n in self.nodes:
+            info = _read_info(n.info_path)
+            if info is not None and _pid_is_kafka(info.pid):
+                out[n.node_id] = info.pid
+        return out
+
+    def _write_config(self, node: Node | None = None) -> Path:
+        node = node or self.nodes[0]
+        data = node.dir / "data"
+        rf, isr = str(self.replication_factor), str(self.min_insync_replicas)
+        voters = ",".join(f"{n.node_id}@{n.host}:{n.controller_port}" for n in self.nodes)
+        h = node.host
+        if self.secure:
+            listeners = f"CLIENT://{h}:{node.port},INTERNAL://{h}:{node.internal_port},CONTROLLER://{h}:{node.controller_port}"
+            advertised = f"CLIENT://{h}:{node.port},INTERNAL://{h}:{node.internal_port}"
+            inter, protocols = "INTERNAL", "CLIENT:SASL_SSL,INTERNAL:SSL,CONTROLLER:SSL"
+        else:
+            listeners = f"PLAINTEXT://{h}:{node.port},CONTROLLER://{h}:{node.controller_port}"
+            advertised = f"PLAINTEXT://{h}:{node.port}"
+            inter, protocols = "PLAINTEXT", "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
         props = {
             "process.roles": "broker,controller",
-            "node.id": "1",
-            "controller.quorum.voters": f"1@{self.host}:{self.controller_port}",
-            "listeners": f"PLAINTEXT://{self.host}:{self.port},CONTROLLER://{self.host}:{self.controller_port}",
-            "advertised.listeners": f"PLAINTEXT://{self.host}:{self.port}",
+            "node.id": str(node.node_id),
+            "controller.quorum.voters": voters,
+            "listeners": listeners,
+            "advertised.listeners": advertised,
             "controller.listener.names": "CONTROLLER",
-            "inter.broker.listener.name": "PLAINTEXT",
-            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "inter.broker.listener.name": inter,
+            "listener.security.protocol.map": protocols,
             "log.dirs": str(data),
             "num.partitions": "1",
-            "offsets.topic.replication.factor": "1",
+            "offsets.topic.replication.factor": rf,
             "offsets.topic.num.partitions": "10",
-            "transaction.state.log.replication.factor": "1",
-            "transaction.state.log.min.isr": "1",
-            "share.coordinator.state.topic.replication.factor": "1",
-            "share.coordinator.state.topic.min.isr": "1",
+            "transaction.state.log.replication.factor": rf,
+            "transaction.state.log.min.isr": isr,
+            "share.coordinator.state.topic.replication.factor": rf,
+            "share.coordinator.state.topic.min.isr": isr,
             "group.initial.rebalance.delay.ms": "0",
             "auto.create.topics.enable": "true",
             "message.max.bytes": str(8 * 1024 * 1024),
             "replica.fetch.max.bytes": str(8 * 1024 * 1024),
             "log.retention.hours": "24",
         }
-        path = self.state_dir / "server.properties"
+        if self.brokers > 1:
+            props |= {
+                # Auto-created topics get the same durability as the pipeline's.
+                "default.replication.factor": rf,
+                "min.insync.replicas": isr,
+                "unclean.leader.election.enable": "false",
+            }
+        if self.secure:
+            tls = self._tls()
+            props |= {
+                "auto.create.topics.enable": "false",  # topics come from `ensure_topics` (admin) only
+                "ssl.keystore.type": "PEM",
+                "ssl.keystore.location": str(tls.keystores[node.node_id]),
+                "ssl.truststore.type": "PEM",
+                "ssl.truststore.location": str(tls.ca_cert),
+                "ssl.client.auth": "required",  # INTERNAL and CONTROLLER: only holders of a node cert
+                "listener.name.client.ssl.client.auth": "none",  # clients authenticate with SCRAM
+                "listener.name.client.sasl.enabled.mechanisms": "SCRAM-SHA-512",
+                "listener.name.client.scram-sha-512.sasl.jaas.config":
+                    "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+                "sasl.enabled.mechanisms": "SCRAM-SHA-512",
+                # A deleted credential ends a live session within 10 minutes (ACL removal is immediate).
+                "connections.max.reauth.ms": str(10 * 60 * 1000),
+                "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+                "allow.everyone.if.no.acl.found": "false",
+                "super.users": "User:admin;" + _broker_principal(),
+            }
+        node.dir.mkdir(parents=True, exist_ok=True)
+        path = node.dir / "server.properties"
         path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
         return path
 
@@ -203,79 +497,156 @@ class LocalKafka:
             raise KafkaError("`java` is not on PATH: Kafka needs Java 17 (apt-get install openjdk-17-jre-headless)")
         return [java, *args, "-cp", str(self.jars / "*")]
 
-    def _format(self, config: Path) -> None:
-        if (self.state_dir / "data" / "meta.properties").exists():
-            return
+    def _cluster_id(self) -> str:
+        """The id the formatted nodes already carry, else a new one (like Kafka's Uuid.randomUuid)."""
+        for n in self.nodes:
+            try:
+                for line in (n.dir / "data" / "meta.properties").read_text().splitlines():
+                    if line.startswith("cluster.id="):
+                        return line.split("=", 1)[1].strip()
+            except OSError:
+                continue
         cluster_id = "-"
-        while cluster_id.startswith("-"):  # like Kafka's Uuid.randomUuid: a leading "-" reads as an option
+        while cluster_id.startswith("-"):  # a leading "-" reads as an option
             cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
-        proc = subprocess.run(
-            self._java() + ["kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config)],
-            capture_output=True, text=True, stdin=subprocess.DEVNULL,
-        )
+        return cluster_id
+
+    def _format(self, config: Path, node: Node | None = None, cluster_id: str | None = None) -> None:
+        node = node or self.nodes[0]
+        if (node.dir / "data" / "meta.properties").exists():
+            return
+        args = ["kafka.tools.StorageTool", "format", "-t", cluster_id or self._cluster_id(), "-c", str(config)]
+        argfile = None
+        if self.secure:
+            from deploy.kafka_security import _write_private, scram_format_args
+
+            # The passwords go through a Java @argfile (0600, deleted at once), not the
+            # command line, which every local user can read in /proc.
+            argfile = node.dir / "format.args"
+            _write_private(argfile, "\n".join(_argfile_quote(a) for a in args + scram_format_args(self._credentials())).encode())
+            args = [f"@{argfile}"]
+        try:
+            proc = subprocess.run(self._java() + args, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        finally:
+            if argfile is not None:
+                argfile.unlink(missing_ok=True)
         if proc.returncode != 0:
-            raise KafkaError(f"formatting {self.state_dir / 'data'} failed:\n{proc.stdout}{proc.stderr}")
+            raise KafkaError(f"formatting {node.dir / 'data'} failed:\n{proc.stdout}{proc.stderr}")
 
     def start(self, topics: Iterable[TopicSpec] | None = None, timeout_s: float = 120.0) -> BrokerInfo:
-        info = self.status()
-        if info is not None:
+        live = self.nodes_status()
+        running = [i for i in live.values() if i is not None]
+        for info in running:
             if info.version != self.version:
                 raise KafkaError(
                     f"Apache Kafka {info.version} is already running at {info.bootstrap} (pid {info.pid}); "
                     f"stop it first to run {self.version}"
                 )
-            self.progress(f"reusing Apache Kafka {info.version} at {info.bootstrap} (pid {info.pid})")
+        if len(running) == len(self.nodes):
+            for info in running:
+                self.progress(f"reusing Apache Kafka {info.version} at {info.host}:{info.port} (pid {info.pid})")
         else:
-            info = self._launch(timeout_s)
+            self._launch([n for n in self.nodes if live[n.node_id] is None], timeout_s)
+        if self.secure:
+            self._apply_acls()
         self.create_topics(topics if topics is not None else pipeline_topics(KafkaSettings()))
+        info = self.status()
+        if info is None:
+            raise KafkaError(f"the Kafka of {self.state_dir} stopped right after start-up; see {self.log_path}")
         return info
 
-    def _launch(self, timeout_s: float) -> BrokerInfo:
+    def _launch(self, nodes: list[Node], timeout_s: float) -> None:
+        self._check_layout()
         self.ensure_jars()
-        for port in (self.port, self.controller_port):
-            if _port_open(self.host, port):
-                raise KafkaError(f"{self.host}:{port} is already in use by another process; choose other ports (--port, --controller-port)")
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        config = self._write_config()
-        self._format(config)
-        stdout = self.state_dir / "stdout.log"
+        for n in nodes:
+            for port in (n.port, n.controller_port) + ((n.internal_port,) if self.secure else ()):
+                if _port_open(n.host, port):
+                    raise KafkaError(f"{n.host}:{port} is already in use by another process; choose other ports (--port, --controller-port)")
+        self._write_layout()
+        if self.secure:
+            self.state_dir.chmod(0o700)  # the metadata log holds the salted SCRAM credentials
+        cluster_id = self._cluster_id()
+        if len(nodes) > 1:
+            # Format in parallel: each format is a JVM start (~3 s); in sequence that was 8 s of 18.
+            with ThreadPoolExecutor(len(nodes)) as pool:
+                list(pool.map(lambda n: self._format(self._write_config(n), n, cluster_id), nodes))
+        procs = {n.node_id: self._spawn(n, cluster_id) for n in nodes}
+        self._wait_ready(procs, timeout_s)
+
+    def _spawn(self, node: Node, cluster_id: str | None = None) -> subprocess.Popen:
+        node.dir.mkdir(parents=True, exist_ok=True)
+        config = self._write_config(node)
+        self._format(config, node, cluster_id)
+        stdout = node.dir / "stdout.log"
+        # One node keeps the heap it always had; a cluster runs three JVMs on a 2-core,
+        # shared machine, where 512 MB each is ample for test traffic.
+        heap = ("-Xms256m", "-Xmx1g") if self.brokers == 1 else ("-Xms128m", "-Xmx512m")
         cmd = self._java(
-            "-Xms256m", "-Xmx1g", "-XX:+UseG1GC", "-Djava.awt.headless=true",
+            *heap, "-XX:+UseG1GC", "-Djava.awt.headless=true",
             f"-Dlog4j2.configurationFile={HERE / 'log4j2.properties'}",
-            f"-Dtilestream.kafka.log={self.log_path}",
+            f"-Dtilestream.kafka.log={node.log_path}",
         ) + ["kafka.Kafka", str(config)]
-        self.progress(f"starting Apache Kafka {self.version} (KRaft) on {self.bootstrap}; log: {self.log_path}")
+        where = f"{node.host}:{node.port}" + (f" (node {node.node_id})" if self.brokers > 1 else "")
+        mode = "KRaft" + (", SASL_SSL" if self.secure else "")
+        self.progress(f"starting Apache Kafka {self.version} ({mode}) on {where}; log: {node.log_path}")
         with open(stdout, "ab") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        info = BrokerInfo(proc.pid, self.version, self.host, self.port, self.controller_port, str(self.state_dir), time.time())
-        self._info_path.write_text(json.dumps(asdict(info)))
+        info = BrokerInfo(proc.pid, self.version, node.host, node.port, node.controller_port, str(node.dir), time.time(),
+                          node.node_id, self.bootstrap if self.brokers > 1 else "")
+        node.info_path.write_text(json.dumps(asdict(info)))
+        return proc
+
+    def _wait_ready(self, procs: dict[int, subprocess.Popen], timeout_s: float) -> None:
         t0 = time.monotonic()
         deadline = t0 + timeout_s
         last_error: Exception | None = None
         while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                self._info_path.unlink(missing_ok=True)
-                raise KafkaError(
-                    f"the broker exited with code {proc.returncode} during start-up; see {self.log_path} and {stdout}:\n"
-                    + _tail(self.log_path) + "\n" + _tail(stdout)
-                )
+            for node_id, proc in procs.items():
+                if proc.poll() is not None:
+                    node = self.node(node_id)
+                    node.info_path.unlink(missing_ok=True)
+                    self.stop()
+                    raise KafkaError(
+                        f"the broker exited with code {proc.returncode} during start-up; see {node.log_path} and "
+                        f"{node.dir / 'stdout.log'}:\n" + _tail(node.log_path) + "\n" + _tail(node.dir / "stdout.log")
+                    )
             try:
-                self._describe_cluster()
+                up = self._unfenced_brokers()
+                missing = set(procs) - up
+                if missing:
+                    raise KafkaError(f"nodes {sorted(missing)} not registered yet")
                 self.progress(f"Apache Kafka {self.version} answers at {self.bootstrap} after {time.monotonic() - t0:.1f}s")
-                return info
+                return
             except Exception as exc:  # noqa: BLE001 - any client error means "not ready yet"
                 last_error = exc
                 time.sleep(0.25)
         self.stop()
         raise KafkaError(f"the broker did not answer within {timeout_s:.0f}s ({last_error}); see {self.log_path}")
 
-    def _admin(self):
+    def answering_bootstrap(self) -> str:
+        """The bootstrap string without nodes that are dead or SIGSTOPped.
+
+        A frozen node still accepts TCP connections (the kernel does), and a kafka-python
+        client whose bootstrap picks it waits out its 30 s request timeout and then fails
+        ("Unable to bootstrap"): the admin calls here must not stall on a node a test froze.
+        """
+        if self.brokers == 1:
+            return self.bootstrap
+        alive = []
+        for n in self.nodes:
+            info = _read_info(n.info_path)
+            if info is not None and _pid_is_kafka(info.pid) and not _is_stopped(info.pid):
+                alive.append(f"{n.host}:{n.port}")
+        return ",".join(alive) or self.bootstrap
+
+    def _admin(self, **kw):
         from kafka.admin import KafkaAdminClient
 
-        return KafkaAdminClient(bootstrap_servers=self.bootstrap, client_id="tilestream-admin", request_timeout_ms=10000)
+        cfg = dict(self.client_config("admin"), bootstrap_servers=self.answering_bootstrap())
+        return KafkaAdminClient(**cfg, client_id="tilestream-admin", request_timeout_ms=10000, **kw)
 
     def _describe_cluster(self) -> dict:
-        if not _port_open(self.host, self.port):
+        if not any(_port_open(n.host, n.port) for n in self.nodes):
             raise KafkaError("port not open yet")
         admin = self._admin()
         try:
@@ -283,8 +654,23 @@ class LocalKafka:
         finally:
             admin.close()
 
+    def _unfenced_brokers(self) -> set[int]:
+        return {b["broker_id"] for b in self._describe_cluster()["brokers"] if not b.get("is_fenced")}
+
+    def _apply_acls(self) -> None:
+        from deploy.kafka_security import apply_role_acls
+
+        admin = self._admin()
+        try:
+            n = apply_role_acls(admin)
+        finally:
+            admin.close()
+        self.progress(f"ACLs of roles in place ({n}); credentials: {self.state_dir / 'credentials.json'}, CA: {self.ca_file}")
+
     def create_topics(self, topics: Iterable[TopicSpec]) -> list[str]:
-        created = ensure_topics(self.bootstrap, topics)
+        created = ensure_topics(self.bootstrap, topics, self.replication_factor,
+                                min_insync_replicas=self.min_insync_replicas if self.brokers > 1 else None,
+                                client_config=self.client_config("admin") if self.secure else None)
         if created:
             self.progress(f"created topics: {', '.join(created)}")
         return created
@@ -297,29 +683,103 @@ class LocalKafka:
                          f"-Dtilestream.kafka.log={self.state_dir / 'tools.log'}") + [main_class, *args]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
 
-    def stop(self, timeout_s: float = 60.0) -> bool:
-        """Stop the broker of this state dir; True if one was running."""
+    # -- single nodes ---------------------------------------------------------------------
+    def kill_node(self, node_id: int, sig: int = signal.SIGKILL, timeout_s: float = 60.0) -> int:
+        """Send ``sig`` to one node; for SIGKILL/SIGTERM wait until it is gone. Returns its pid."""
+        node = self.node(node_id)
+        info = _read_info(node.info_path)
+        if info is None or not _pid_is_kafka(info.pid):
+            raise KafkaError(f"node {node_id} of {self.state_dir} is not running")
+        os.kill(info.pid, sig)
+        if sig in (signal.SIGKILL, signal.SIGTERM):
+            if sig == signal.SIGTERM:
+                os.kill(info.pid, signal.SIGCONT)  # a stopped JVM would never see the TERM
+            if not _wait_gone(info.pid, timeout_s):
+                raise KafkaError(f"node {node_id} (pid {info.pid}) is still alive {timeout_s:.0f}s after signal {sig}")
+            node.info_path.unlink(missing_ok=True)
+        return info.pid
+
+    def start_node(self, node_id: int, timeout_s: float = 120.0) -> BrokerInfo:
+        """(Re)start one node of this cluster and wait until it is a registered, unfenced broker."""
+        node = self.node(node_id)
+        info = self._node_status(node)
+        if info is None:
+            self.ensure_jars()
+            self._wait_ready({node_id: self._spawn(node, self._cluster_id())}, timeout_s)
+            info = self._node_status(node)
+        if info is None:
+            raise KafkaError(f"node {node_id} did not come up; see {node.log_path}")
+        return info
+
+    def partition_state(self, topic: str, partition: int) -> dict:
+        """``{"leader": id, "replicas": [...], "isr": [...]}`` from the cluster's metadata."""
+        admin = self._admin()
         try:
-            info = BrokerInfo(**json.loads(self._info_path.read_text()))
-        except (OSError, ValueError, TypeError):
-            return False
-        stopped = False
-        if _pid_is_kafka(info.pid):
+            for t in admin.describe_topics([topic]):
+                for p in t["partitions"]:
+                    if p["partition_index"] == partition:
+                        return {"leader": p["leader_id"], "replicas": list(p["replica_nodes"]), "isr": list(p["isr_nodes"])}
+        finally:
+            admin.close()
+        raise KafkaError(f"no partition {topic}-{partition}")
+
+    def leader_of(self, topic: str, partition: int) -> int:
+        """The node id leading ``topic``-``partition`` (-1 while it has none)."""
+        return self.partition_state(topic, partition)["leader"]
+
+    def active_controller(self) -> int:
+        """The node id of the KRaft quorum leader (DescribeQuorum)."""
+        admin = self._admin()
+        try:
+            quorum = admin.describe_metadata_quorum()
+        finally:
+            admin.close()
+        return quorum["topics"][0]["partitions"][0]["leader_id"]
+
+    def stop(self, timeout_s: float = 60.0) -> bool:
+        """Stop every node of this state dir; True if one was running."""
+        records = [(n, _read_info(n.info_path)) for n in self.nodes]
+        # Records of another layout under the same state dir (e.g. started with other --brokers).
+        for extra in sorted(self.state_dir.glob("node-*/broker.json")) + [self.state_dir / "broker.json"]:
+            if all(extra != n.info_path for n, _ in records):
+                info = _read_info(extra)
+                if info is not None:
+                    records.append((Node(info.node_id, info.host, info.port, info.controller_port, None, extra.parent), info))
+        live = [(n, i) for n, i in records if i is not None and _pid_is_kafka(i.pid)]
+        # All at once: a combined node waits for the quorum during its controlled shutdown,
+        # so stopping one by one would leave the last one waiting for a majority that is gone.
+        for _, info in live:
             os.kill(info.pid, signal.SIGTERM)
-            deadline = time.monotonic() + timeout_s
-            while _pid_is_kafka(info.pid) and time.monotonic() < deadline:
-                _reap(info.pid)
-                time.sleep(0.2)
-            if _pid_is_kafka(info.pid):
+            os.kill(info.pid, signal.SIGCONT)  # a SIGSTOPped node would never see the TERM
+        deadline = time.monotonic() + timeout_s
+        for _, info in live:
+            if not _wait_gone(info.pid, max(0.0, deadline - time.monotonic())):
                 self.progress(f"broker pid {info.pid} did not stop within {timeout_s:.0f}s; killing it")
                 os.kill(info.pid, signal.SIGKILL)
-                while _pid_is_kafka(info.pid):
-                    _reap(info.pid)
-                    time.sleep(0.1)
-            stopped = True
-            self.progress(f"stopped Apache Kafka {info.version} at {info.bootstrap}")
-        self._info_path.unlink(missing_ok=True)
-        return stopped
+                _wait_gone(info.pid, 60.0)
+        for _, info in live:
+            self.progress(f"stopped Apache Kafka {info.version} at {info.host}:{info.port}")
+        for n, info in records:
+            if info is not None:
+                n.info_path.unlink(missing_ok=True)
+        return bool(live)
+
+
+def _broker_principal() -> str:
+    from deploy.kafka_security import BROKER_PRINCIPAL
+
+    return BROKER_PRINCIPAL
+
+
+def _wait_gone(pid: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while _pid_is_kafka(pid):
+        _reap(pid)
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    _reap(pid)
+    return True
 
 
 def _reap(pid: int) -> None:

@@ -70,3 +70,34 @@ def test_port_in_use_is_a_clear_error(tmp_path):
         with pytest.raises(KafkaError, match=f"127.0.0.1:{busy} is already in use"):
             lk.start(topics=[])
     assert lk.status() is None
+
+
+def test_cluster_and_secure_options_are_checked_before_anything_starts(tmp_path):
+    from deploy.local_kafka import cluster_hosts
+
+    assert cluster_hosts("127.0.0.1", 3) == ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+    assert cluster_hosts("127.0.0.1", 1) == ["127.0.0.1"]
+    with pytest.raises(KafkaError, match="loopback"):
+        cluster_hosts("127.255.255.254", 3)
+    with pytest.raises(KafkaError, match="brokers must be 1..9"):
+        LocalKafka(DEFAULT_VERSION, state_dir=tmp_path / "z", brokers=0)
+    # A state dir keeps its mode: asking it for another one is a clear error, and a plain
+    # LocalKafka on it takes the recorded mode.
+    state = tmp_path / "k"
+    state.mkdir()
+    (state / "layout.json").write_text('{"brokers": 3, "secure": false, "internal_port": null}')
+    assert LocalKafka(DEFAULT_VERSION, state_dir=state).brokers == 3
+    lk = LocalKafka(DEFAULT_VERSION, port=free_port(), controller_port=free_port(), state_dir=state, brokers=1,
+                    progress=lambda m: None)
+    with pytest.raises(KafkaError, match="holds a 3-node PLAINTEXT Kafka"):
+        lk.start(topics=[])
+    assert lk.status() is None
+
+
+def test_cluster_status_when_down(tmp_path):
+    state = tmp_path / "k"
+    where = ["--port", str(free_port()), "--controller-port", str(free_port()), "--state-dir", str(state)]
+    down = cli("status", "--brokers", "3", *where)
+    assert down.returncode == 3 and "down" in down.stdout
+    bad = cli("status", "--brokers", "12", *where)
+    assert bad.returncode == 1 and "brokers must be 1..9" in bad.stderr
