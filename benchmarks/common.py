@@ -401,7 +401,8 @@ def warm_broker(bootstrap: str, seconds: float = 6.0, frame_bytes: int = 77_000,
     before anything is measured (a cold JVM costs several times the CPU per record)."""
     from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-    from tilestream.topics import TopicSpec, ensure_topics
+    from kafkaio.clients import ensure_topics
+    from tilestream.topics import TopicSpec
 
     topic = "bench-warmup"
     ensure_topics(bootstrap, [TopicSpec(topic, 6, {"retention.ms": str(600_000)})])

@@ -108,7 +108,8 @@ def python_consume(lk, topic: str, n: int) -> dict:
 
 def run(frames: int = 5000, quick: bool = False, broker=None) -> dict:
     from benchmarks.pipeline_bench import _nullctx
-    from tilestream.topics import TopicSpec, ensure_topics
+    from kafkaio.clients import ensure_topics
+    from tilestream.topics import TopicSpec
 
     if quick:
         frames = min(frames, 300)

@@ -70,7 +70,9 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from tilestream.config import KafkaSettings, cache_home
-from tilestream.topics import TopicSpec, ensure_topics, pipeline_topics
+from kafkaio import Connection
+from kafkaio.clients import ensure_topics
+from tilestream.topics import TopicSpec, pipeline_topics
 
 DEFAULT_VERSION = "4.1.1"
 LEGACY_VERSION = "3.9.1"
@@ -359,6 +361,15 @@ class LocalKafka:
         if role not in creds["roles"]:
             raise SecurityError(f"unknown role {role!r}; roles: {', '.join(creds['roles'])}", "unknown_role")
         return client_settings(self.bootstrap, self.ca_file, role, creds["roles"][role])
+
+    def connection(self, role: str | None = None, camera: str | None = None) -> Connection:
+        """The :class:`kafkaio.Connection` of ``role`` (or ``camera``): what tilestream's clients take."""
+        if not self.secure:
+            return Connection(self.bootstrap)
+        c = self.client_config(role, camera)
+        return Connection(c["bootstrap_servers"], c["security_protocol"], ssl_cafile=c["ssl_cafile"],
+                          sasl_mechanism=c["sasl_mechanism"], sasl_username=c["sasl_plain_username"],
+                          sasl_password=c["sasl_plain_password"])
 
     def add_camera(self, camera_id: str) -> dict:
         """A Kafka user for one camera with the agent's ACLs; returns its ``client_config``."""
@@ -668,9 +679,8 @@ class LocalKafka:
         self.progress(f"ACLs of roles in place ({n}); credentials: {self.state_dir / 'credentials.json'}, CA: {self.ca_file}")
 
     def create_topics(self, topics: Iterable[TopicSpec]) -> list[str]:
-        created = ensure_topics(self.bootstrap, topics, self.replication_factor,
-                                min_insync_replicas=self.min_insync_replicas if self.brokers > 1 else None,
-                                client_config=self.client_config("admin") if self.secure else None)
+        created = ensure_topics(self.connection("admin"), topics, self.replication_factor,
+                                min_insync_replicas=self.min_insync_replicas if self.brokers > 1 else None)
         if created:
             self.progress(f"created topics: {', '.join(created)}")
         return created

@@ -18,7 +18,8 @@ import pytest
 from deploy.local_kafka import DEFAULT_VERSION, LocalKafka, cluster_hosts, free_port_on
 from tests.conftest import wait_for
 from tilestream.config import KafkaSettings
-from tilestream.topics import TopicSpec, ensure_topics, pipeline_topics
+from kafkaio.clients import ensure_topics
+from tilestream.topics import TopicSpec, pipeline_topics
 
 pytestmark = pytest.mark.kafka
 

@@ -31,7 +31,8 @@ def run_demo(settings: Settings, args: argparse.Namespace) -> int:
     from tilestream import samples
     from tilestream.cli import default_model_path, format_result
     from tilestream.keys import KeyStore
-    from tilestream.topics import ensure_topics, pipeline_topics
+    from kafkaio.clients import ensure_topics
+    from tilestream.topics import pipeline_topics
 
     started_kafka = None
     bootstrap = args.bootstrap or settings.kafka.bootstrap

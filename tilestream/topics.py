@@ -17,8 +17,6 @@ envelope header, which is what latency is computed from.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable
-
 from tilestream.config import KafkaSettings
 
 FRAMES = "frames"
@@ -61,48 +59,3 @@ def pipeline_topics(kafka: KafkaSettings) -> list[TopicSpec]:
         TopicSpec(METRICS, 1, {"retention.ms": str(24 * 3600 * 1000)}),
         TopicSpec(MODELS, 1, {"cleanup.policy": "compact", "max.message.bytes": str(MAX_MODEL_BYTES)}),
     ]
-
-
-def ensure_topics(bootstrap: str, specs: Iterable[TopicSpec], replication: int = 1,
-                  min_insync_replicas: int | None = None, client_config: dict | None = None) -> list[str]:
-    """Create the topics of ``specs`` that do not exist yet; returns the names created.
-
-    ``replication`` copies of each partition; ``min_insync_replicas`` (a topic config, unless a
-    spec sets its own) is how many of them an ``acks=all`` write needs: 3 and 2 on a 3-broker
-    cluster, so one broker can fail without losing an acknowledged record or stopping writes.
-    ``client_config``: kafka-python keyword arguments for a secured cluster (SASL_SSL etc.,
-    see ``deploy.local_kafka.LocalKafka.client_config``); they override ``bootstrap``.
-    """
-    from kafka.admin import KafkaAdminClient, NewTopic
-    from kafka.errors import NoError, TopicAlreadyExistsError, for_code
-
-    if replication < 1 or (min_insync_replicas is not None and not 1 <= min_insync_replicas <= replication):
-        raise ValueError(f"need 1 <= min.insync.replicas ({min_insync_replicas}) <= replication ({replication})")
-    kw = {"bootstrap_servers": bootstrap, **(client_config or {})}
-    admin = KafkaAdminClient(**kw, client_id="tilestream-admin", request_timeout_ms=10000)
-    created: list[str] = []
-    new: list = []
-    try:
-        existing = set(admin.list_topics())
-        for spec in specs:
-            if spec.name in existing:
-                continue
-            configs = dict(spec.configs)
-            if min_insync_replicas is not None:
-                configs.setdefault("min.insync.replicas", str(min_insync_replicas))
-            new.append(NewTopic(spec.name, spec.partitions, replication, topic_configs=configs))
-        if new:
-            # One request for all: the controller commits them together (one request per
-            # topic took 1.5 s each on a 3-node cluster, 12 s for the pipeline's eight).
-            # wait_for_metadata: a caller may describe or produce to the topics right away.
-            result = admin.create_topics(new, timeout_ms=30000, raise_errors=False, wait_for_metadata=True)
-            for t in result["topics"]:
-                error = for_code(t["error_code"])
-                if error is NoError:
-                    created.append(t["name"])
-                elif error is not TopicAlreadyExistsError:
-                    raise error(f"creating topic {t['name']}: {t.get('error_message') or error.__name__}")
-    finally:
-        admin.close()
-    order = [n.name for n in new]
-    return sorted(created, key=order.index)  # in the order of ``specs``
