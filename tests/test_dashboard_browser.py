@@ -429,6 +429,8 @@ def test_health_metrics_and_a_log_without_the_token(live):
         text = r.read().decode()
     assert 'tilestream_dashboard_records_total{topic="results"}' in text
     assert "tilestream_dashboard_http_unauthorized_total" in text and "tilestream_dashboard_sse_clients" in text
+    # The strict record checks refuse nothing the real agent, processor and classifier wrote.
+    assert "records_refused_total" not in text, [line for line in text.splitlines() if "refused" in line]
     log = live.log_path.read_text()
     assert live.token not in log
     events = [json.loads(line) for line in log.splitlines() if line.strip()]  # structured: every line is JSON

@@ -216,8 +216,8 @@ def test_records_are_decoded_strictly_and_within_bounds():
     dl = decode(topics.DEAD_LETTERS, DeadLetter.of("p", "malformed", "m", b"ciphertext", "c/1").to_json())
     assert dl.reason == "malformed" and dl.original == b""  # never decoded: the dashboard does not show it
     sm = StageMetrics("processor", "w1", 1, 5.0, {"frames_total": 3.0}, {"frames_per_s": 1.5},
-                      {"frame": {"p50": 1.0}}, {"frames/0": 2}, "g", {"model_version": 2})
-    assert decode(topics.METRICS, sm.to_json()).consumer_lag == {"frames/0": 2}
+                      {"frame": {"p50": 1.0}}, {"frames/0": 2}, "g", {"model_version": 2, "assigned_partitions": [0, 1]})
+    assert decode(topics.METRICS, sm.to_json()).consumer_lag == {"frames/0": 2}  # the classifier's extra: a flat list
 
     def reason(topic, raw, limits=RecordLimits()):
         with pytest.raises(RecordError) as info:
@@ -233,6 +233,8 @@ def test_records_are_decoded_strictly_and_within_bounds():
     hb = json.loads(AgentHeartbeat("cam", "0.1", 0, 1.0, {"sent": 1}).to_json())
     assert reason(topics.HEARTBEATS, json.dumps(dict(hb, counters={f"k{i}": i for i in range(65)})).encode()) == "malformed"
     assert reason(topics.HEARTBEATS, json.dumps(dict(hb, counters={"sent": -1})).encode()) == "malformed"
+    sm.extra = {"nested": {"a": [1]}}
+    assert reason(topics.METRICS, sm.to_json()) == "malformed"
     # The dashboard's own bounds, each with its reason.
     assert reason(topics.RESULTS, _result(tiles=[TileLabel(i, i, 0, 1, 1, "x", 1.0) for i in range(5)]).to_json(),
                   RecordLimits(max_tiles=4)) == "too_many_tiles"

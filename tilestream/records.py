@@ -431,12 +431,16 @@ def _int_value(v: Any) -> int:
     return v
 
 
-def _scalar_value(v: Any) -> Any:
-    if v is None or type(v) in (bool, int) or (type(v) is float and abs(v) <= MAX_NUMBER):  # noqa: E721
+def _is_scalar(v: Any) -> bool:
+    return (v is None or type(v) in (bool, int) or (type(v) is float and abs(v) <= MAX_NUMBER)  # noqa: E721
+            or (isinstance(v, str) and len(v) <= MAX_ID_LEN))
+
+
+def _extra_value(v: Any) -> Any:
+    """A scalar, or a flat list of at most MAX_MAP_ENTRIES scalars (e.g. the classifier's assigned partitions)."""
+    if _is_scalar(v) or (isinstance(v, list) and len(v) <= MAX_MAP_ENTRIES and all(_is_scalar(x) for x in v)):
         return v
-    if isinstance(v, str) and len(v) <= MAX_ID_LEN:
-        return v
-    raise RecordError(f"extra values must be scalars (strings of at most {MAX_ID_LEN} characters)")
+    raise RecordError(f"extra values must be scalars or flat lists of them (strings of at most {MAX_ID_LEN} characters)")
 
 
 def _tile_label(t: Any, n_tiles: int) -> TileLabel:
@@ -527,4 +531,4 @@ def _stage_metrics_from_bytes(cls, data: bytes | str, max_bytes: int = MAX_STAGE
                latency_ms=_str_map(d, "latency_ms", quantiles, 64, MAX_ID_LEN),
                consumer_lag=_str_map(d, "consumer_lag", _int_value, key_len=260, optional=True),
                group=_opt_str(d, "group", 255, "") or "",
-               extra=_str_map(d, "extra", _scalar_value, 64, MAX_ID_LEN, optional=True))
+               extra=_str_map(d, "extra", _extra_value, 64, MAX_ID_LEN, optional=True))
