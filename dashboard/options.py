@@ -32,18 +32,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-sse-clients", type=int, default=100, help="open event streams at most (default 100)")
     p.add_argument("--session-hours", type=float, default=12.0, help="lifetime of a signed-in session (default 12)")
     p.add_argument("--window", type=float, default=300.0, help="seconds of history read at start (default 300)")
+    p.add_argument("--max-record-bytes", type=int, default=256 * 1024,
+                   help="larger results, heartbeats and metrics records are ignored and counted (default 262144)")
+    p.add_argument("--max-tiles", type=int, default=4096, help="results listing more tiles are ignored and counted (default 4096)")
+    p.add_argument("--max-snapshot-bytes", type=int, default=4 * 1024 * 1024,
+                   help="JSON budget of one snapshot; cameras beyond it are left out and counted (default 4194304)")
 
 
 def run(args: argparse.Namespace, where) -> int:
     """Start the dashboard from parsed options (blocking); 2 on a refused configuration."""
     from dashboard.auth import DashboardError, load_token
+    from dashboard.feed import RecordLimits
     from dashboard.server import run_dashboard
+    from dashboard.state import StateConfig
 
     try:
         token = None if args.token_file else load_token(None)
+        try:
+            limits = RecordLimits(max_record_bytes=args.max_record_bytes, max_tiles=args.max_tiles)
+        except ValueError as exc:
+            raise DashboardError(str(exc)) from None
+        if args.max_snapshot_bytes < 64 * 1024:
+            raise DashboardError("--max-snapshot-bytes must be at least 65536")
         run_dashboard(where, args.host, args.port, token, token_file=args.token_file, allowed_hosts=args.allowed_host,
                       window_s=args.window, max_sse_clients=args.max_sse_clients,
-                      session_ttl_s=args.session_hours * 3600.0)
+                      session_ttl_s=args.session_hours * 3600.0, limits=limits,
+                      state_config=StateConfig(max_snapshot_bytes=args.max_snapshot_bytes))
     except DashboardError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -324,14 +324,16 @@ def create_app(
 def run_dashboard(where: Connection | str, host: str, port: int, token: str | None = None, thumbnails: bool = False, *,
                   token_file: str | None = None, allowed_hosts: Iterable[str] = (), window_s: float = 300.0,
                   snapshot_interval_s: float = 0.5, max_sse_clients: int = MAX_SSE_CLIENTS,
-                  session_ttl_s: float = SESSION_TTL_S) -> None:
+                  session_ttl_s: float = SESSION_TTL_S, limits: RecordLimits | None = None,
+                  state_config: StateConfig | None = None) -> None:
     """Serve the dashboard until SIGINT/SIGTERM (blocking). Raises DashboardError on a refused configuration."""
     if not logging.getLogger().handlers:
         setup_logging(os.environ.get("TILESTREAM_LOG_LEVEL", "INFO"))
     quiet_kafka_logs()
     app = create_app(where, token, token_file=token_file, host=host, allowed_hosts=allowed_hosts,
                      thumbnails=thumbnails, window_s=window_s, snapshot_interval_s=snapshot_interval_s,
-                     max_sse_clients=max_sse_clients, session_ttl_s=session_ttl_s)
+                     max_sse_clients=max_sse_clients, session_ttl_s=session_ttl_s, limits=limits,
+                     state_config=state_config)
     if not (token or token_file):
         log.warning(json.dumps({"event": "no_token", "message": f"no token: anyone on this machine can open the dashboard on {host}"}))
     elif token is not None and len(token) < 16:

@@ -467,3 +467,39 @@ def test_the_token_is_not_accepted_from_argv(argv, tmp_path):
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "--token is not accepted" in done.stderr and "--token-file" in done.stderr
     assert TOKEN not in done.stderr + done.stdout  # refused without echoing it
+
+
+def test_the_cli_takes_the_token_from_a_file(tmp_path):
+    """``python -m dashboard --token-file``: the file's token opens the dashboard, and it never reaches the log
+    (no broker here: the dashboard serves, degraded, while its feed retries)."""
+    from deploy.local_kafka import free_port
+
+    path = tmp_path / "token"
+    path.write_text(TOKEN + "\n")
+    path.chmod(0o600)
+    port = free_port()
+    env = dict(os.environ, TILESTREAM_HOME=str(tmp_path))
+    env.pop("TILESTREAM_DASHBOARD_TOKEN", None)
+    log_path = tmp_path / "dashboard.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "dashboard", "--bootstrap", f"127.0.0.1:{free_port()}",
+                                 "--port", str(port), "--token-file", str(path)],
+                                env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        def get(path_, headers=None):
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                conn.request("GET", path_, headers=headers or {})
+                return conn.getresponse().status
+            except OSError:
+                return None
+
+        wait_for(lambda: proc.poll() is not None or get("/login") == 200, 60, "the dashboard to listen")
+        assert proc.poll() is None, log_path.read_text()
+        assert get("/api/snapshot") == 401
+        assert get("/api/snapshot", {"Authorization": f"Bearer {TOKEN}"}) == 200
+        assert get("/api/snapshot", {"Authorization": f"Bearer {TOKEN}", "Host": "evil.example"}) == 421
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert TOKEN not in log_path.read_text()
