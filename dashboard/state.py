@@ -19,6 +19,13 @@ What is aggregated (see :meth:`DashboardState.snapshot` for the exact shape):
   original record: it is not needed and it is not ours to show);
 * a pipeline-wide latency histogram and quantiles, the model(s) in use.
 
+Bounded whatever the input: records arrive already checked (dashboard.feed), and the state adds
+its own caps — cameras, stage instances, models, dead-letter reasons, a tile grid's cells — and a
+byte budget for the whole snapshot (``max_snapshot_bytes``): when the JSON of the cameras, stage
+instances or lag rows would not fit, the rest of them is left out of that snapshot and counted
+under ``totals.omitted`` (the totals still count every camera). Without it, one forged result
+of 10,000 tiles at distinct positions made a 225 MB snapshot.
+
 Quantiles are nearest-rank (``sorted[ceil(q * n) - 1]``): of 1..100 ms, p50 is 50, p95 is 95,
 p99 is 99 — exact values that were observed, never interpolated.
 """
@@ -26,6 +33,7 @@ p99 is 99 — exact values that were observed, never interpolated.
 from __future__ import annotations
 
 import collections
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -60,20 +68,25 @@ def latency_bucket(latency_ms: float) -> int:
     return len(LATENCY_BUCKETS_MS)
 
 
-def tile_grid(tiles: list[TileLabel]) -> dict[str, Any] | None:
+def tile_grid(tiles: list[TileLabel], max_cells: int = 16_384) -> dict[str, Any] | None:
     """The tiles of one frame as a compact grid: columns/rows from the distinct x/y positions.
 
     ``cells`` has ``rows * cols`` characters, row by row; each is an index (``_CODES``) into
-    ``labels``, or ``.`` where no tile sits (a missing tile of an incomplete frame).
+    ``labels``, or ``.`` where no tile sits (a missing tile of an incomplete frame). ``labels``
+    lists at most len(_CODES) labels (the others are ``?``); a grid of more than ``max_cells``
+    cells is not drawn (None).
     """
     if not tiles:
         return None
     xs = sorted({t.x for t in tiles})
     ys = sorted({t.y for t in tiles})
+    if len(xs) * len(ys) > max_cells:
+        return None
     col = {x: i for i, x in enumerate(xs)}
     row = {y: i for i, y in enumerate(ys)}
     labels = sorted({t.label for t in tiles})
     code = {label: (_CODES[i] if i < len(_CODES) else "?") for i, label in enumerate(labels)}
+    labels = labels[:len(_CODES)]
     cells = ["."] * (len(xs) * len(ys))
     for t in tiles:
         cells[row[t.y] * len(xs) + col[t.x]] = code[t.label]
@@ -85,6 +98,23 @@ def tile_grid(tiles: list[TileLabel]) -> dict[str, Any] | None:
         "width": max(t.x + t.w for t in tiles),
         "height": max(t.y + t.h for t in tiles),
     }
+
+
+def json_size(value: Any) -> int:
+    """Bytes of ``value`` as compact JSON (how the server sends it)."""
+    return len(json.dumps(value, separators=(",", ":")))
+
+
+def fit(items: list, budget: int) -> tuple[list, int]:
+    """The longest prefix of ``items`` whose compact JSON fits in ``budget`` bytes, and its size."""
+    out, used = [], 0
+    for item in items:
+        n = json_size(item) + 1  # and a comma
+        if used + n > budget:
+            break
+        out.append(item)
+        used += n
+    return out, used
 
 
 def camera_of(frame_id: str | None) -> str | None:
@@ -108,6 +138,11 @@ class StateConfig:
     max_samples_total: int = 50_000  # pipeline-wide latency samples kept
     forget_camera_after_s: float = 3600.0
     forget_stage_after_s: float = 600.0
+    max_stages: int = 256  # (stage, instance) pairs tracked; reports of more are counted, not kept
+    max_models: int = 64  # (model id, version) pairs tracked
+    max_grid_cells: int = 16_384  # a tile grid larger than this is not drawn
+    max_lag_rows: int = 1000  # consumer-lag rows in one snapshot
+    max_snapshot_bytes: int = 4 * 1024 * 1024  # JSON budget of one snapshot (100 busy cameras: ~150 KB)
 
 
 @dataclass
@@ -146,6 +181,7 @@ class DashboardState:
         self.config = config or StateConfig()
         self.cameras: dict[str, _Camera] = {}
         self.cameras_refused = 0  # results/heartbeats of new cameras beyond max_cameras
+        self.stages_refused = 0  # metrics of new stage instances beyond max_stages
         self.stages: dict[tuple[str, str], tuple[StageMetrics, float]] = {}
         self.models: dict[tuple[str, int], _Model] = {}
         self.results_total = 0
@@ -200,6 +236,8 @@ class DashboardState:
         key = (r.model_id, int(r.model_version))
         model = self.models.get(key)
         if model is None:
+            if len(self.models) >= cfg.max_models:  # forget the model seen longest ago
+                del self.models[min(self.models, key=lambda k: self.models[k].last_seen)]
             model = self.models[key] = _Model(r.model_id, int(r.model_version))
         model.frames += 1
         model.last_seen = max(model.last_seen, seen_at)
@@ -238,6 +276,9 @@ class DashboardState:
         self._seen(seen_at)
         key = (m.stage, m.instance)
         old = self.stages.get(key)
+        if old is None and len(self.stages) >= self.config.max_stages:
+            self.stages_refused += 1
+            return
         if old is None or seen_at >= old[1]:
             self.stages[key] = (m, seen_at)
 
@@ -307,7 +348,7 @@ class DashboardState:
         }
         if r is not None:
             if cam._grid_key is not r:
-                cam._grid_key, cam._grid = r, tile_grid(r.tiles)
+                cam._grid_key, cam._grid = r, tile_grid(r.tiles, cfg.max_grid_cells)
             view.update({
                 "seq": r.seq,
                 "label": r.label,
@@ -375,7 +416,8 @@ class DashboardState:
                 "stage": stage,
                 "instances": instances,
                 "fresh": sum(1 for i in instances if i["fresh"]),
-                "rates": {k: round(v, 3) for k, v in sorted(rates.items())},
+                # a flood of made-up rate names over many instances must not make the sum huge
+                "rates": {k: round(v, 3) for k, v in sorted(rates.items())[:64]},
             })
         lag_rows = []
         totals: dict[str, int] = collections.defaultdict(int)
@@ -414,10 +456,10 @@ class DashboardState:
         )
         current = max(self.models.values(), key=lambda m: m.last_seen, default=None)
         online = sum(1 for c in cameras if c["status"] == "online")
-        return {
+        snap = {
             "type": "snapshot",
             "generated_at": round(now, 3),
-            "cameras": cameras,
+            "cameras": [],  # filled by _within_budget
             "totals": {
                 "cameras": len(cameras),
                 "online": online,
@@ -427,10 +469,11 @@ class DashboardState:
                 "agent_fps": round(sum((c.get("agent") or {}).get("fps", 0.0) for c in cameras if c["status"] == "online"), 2),
                 "dead_letters": self.dead_letters_total,
                 "cameras_refused": self.cameras_refused,
+                "stages_refused": self.stages_refused,
             },
             "pipeline": {
-                "stages": stages,
-                "lag": lag,
+                "stages": [],  # filled by _within_budget
+                "lag": [],
                 "lag_totals": lag_totals,
                 "model": None if current is None else {"model_id": current.model_id, "model_version": current.model_version},
                 "models": [{"model_id": m.model_id, "model_version": m.model_version, "frames": m.frames,
@@ -451,3 +494,36 @@ class DashboardState:
                 "recent": sorted(reversed(self._dead_recent), key=lambda d: d["seen_at"], reverse=True),
             },
         }
+        return self._within_budget(snap, cameras, stages, lag[:cfg.max_lag_rows], omitted_lag=max(0, len(lag) - cfg.max_lag_rows))
+
+    def _within_budget(self, snap: dict[str, Any], cameras: list, stages: list, lag: list, omitted_lag: int) -> dict[str, Any]:
+        """``snap`` with as many cameras, stage instances and lag rows as fit in max_snapshot_bytes.
+
+        Everything else in a snapshot is bounded by the caps of StateConfig (reasons, minutes,
+        recent letters, models); stage instances get a quarter of what is left, lag rows an
+        eighth, cameras the rest. What did not fit is counted in ``totals.omitted``.
+        """
+        snap["totals"]["omitted"] = {"cameras": 0, "stage_instances": 0, "lag_rows": 0}
+        remaining = self.config.max_snapshot_bytes - json_size(snap) - 256  # 256: room for the omitted counts
+        stage_budget, used = max(0, remaining // 4), 0
+        kept_stages, omitted_instances = [], 0
+        for st in stages:
+            shell = dict(st, instances=[])
+            n = json_size(shell) + 1
+            if used + n > stage_budget:
+                omitted_instances += len(st["instances"])
+                continue
+            used += n
+            shell["instances"], n = fit(st["instances"], stage_budget - used)
+            used += n
+            omitted_instances += len(st["instances"]) - len(shell["instances"])
+            kept_stages.append(shell)
+        remaining -= used
+        kept_lag, used = fit(lag, max(0, remaining // 8))
+        remaining -= used
+        kept_cameras, _ = fit(cameras, max(0, remaining))
+        snap["cameras"] = kept_cameras
+        snap["pipeline"]["stages"], snap["pipeline"]["lag"] = kept_stages, kept_lag
+        snap["totals"]["omitted"] = {"cameras": len(cameras) - len(kept_cameras), "stage_instances": omitted_instances,
+                                     "lag_rows": omitted_lag + len(lag) - len(kept_lag)}
+        return snap

@@ -277,10 +277,11 @@ def test_live_camera_counters_latency_and_a_tampered_frame(live, browser, vtest_
         wait_for(lambda: number(browser.find_element(By.ID, "kpi-rate").text) > 0, 15, "results/s in the header")
 
         # The tampered frame: in the dead-letters panel with its reason and frame id.
-        def tampered_row():
-            for tr in browser.find_elements(By.CSS_SELECTOR, "#dead-recent tbody tr"):
-                cells = [td.text for td in tr.find_elements(By.TAG_NAME, "td")]
-                if tr.get_attribute("data-reason") == "bad_signature" and cells[3] == f"{CAMERA}/0":
+        def tampered_row():  # read in one script run: the table is re-rendered as letters arrive
+            for reason, cells in browser.execute_script(
+                    "return [...document.querySelectorAll('#dead-recent tbody tr')]"
+                    ".map(tr => [tr.dataset.reason || null, [...tr.cells].map(td => td.textContent.trim())])"):
+                if reason == "bad_signature" and len(cells) > 3 and cells[3] == f"{CAMERA}/0":
                     return cells
             return None
 
@@ -307,16 +308,18 @@ def test_live_camera_counters_latency_and_a_tampered_frame(live, browser, vtest_
 
 def test_stage_rates_and_consumer_lag_from_the_metrics_topic(live, browser):
     """The processor and classifier publish StageMetrics; the stages and lag tables show them."""
+    # The tables are re-rendered with every snapshot that changes them (ages change every time), so
+    # they are read in one script run on the page's thread: element by element, a row may be replaced
+    # between finding it and reading it (StaleElementReferenceException).
+    table = "return [...document.querySelectorAll(arguments[0] + ' tbody tr')].map(tr => [...tr.cells].map(td => td.textContent.trim()))"
+
     def stages():
-        rows = browser.find_elements(By.CSS_SELECTOR, "#stages tbody tr")
-        return {r.find_elements(By.TAG_NAME, "td")[0].text: [td.text for td in r.find_elements(By.TAG_NAME, "td")] for r in rows}
+        return {row[0]: row for row in browser.execute_script(table, "#stages") if row}
 
     got = wait_for(lambda: (s := stages()) and {"processor", "classifier"} <= set(s) and s, 30,
                    "processor and classifier rows in the stages table")
     assert got["processor"][1].endswith("/1") and got["classifier"][1].endswith("/1")
-    lag_groups = wait_for(lambda: {tr.find_elements(By.TAG_NAME, "td")[0].text
-                                   for tr in browser.find_elements(By.CSS_SELECTOR, "#lag tbody tr")}, 30,
-                          "consumer lag rows")
+    lag_groups = wait_for(lambda: {row[0] for row in browser.execute_script(table, "#lag") if row}, 30, "consumer lag rows")
     assert lag_groups
 
 
@@ -429,6 +432,8 @@ def test_health_metrics_and_a_log_without_the_token(live):
         text = r.read().decode()
     assert 'tilestream_dashboard_records_total{topic="results"}' in text
     assert "tilestream_dashboard_http_unauthorized_total" in text and "tilestream_dashboard_sse_clients" in text
+    # The strict record checks refuse nothing the real agent, processor and classifier wrote.
+    assert "records_refused_total" not in text, [line for line in text.splitlines() if "refused" in line]
     log = live.log_path.read_text()
     assert live.token not in log
     events = [json.loads(line) for line in log.splitlines() if line.strip()]  # structured: every line is JSON

@@ -271,3 +271,32 @@ def test_camera_flood_is_bounded_and_idle_cameras_are_forgotten():
     snap = s.snapshot(T0 + 1)
     assert snap["totals"]["cameras"] == 10 and snap["totals"]["cameras_refused"] == 5
     assert s.snapshot(T0 + 200)["totals"]["cameras"] == 0
+
+
+def test_stage_model_and_grid_floods_are_bounded():
+    s = DashboardState(StateConfig(max_stages=5, max_models=3))
+    for i in range(20):
+        s.add_stage_metrics(StageMetrics(stage="processor", instance=f"w{i}", at_ns=0, interval_s=5.0, counters={},
+                                         rates={f"r{i}-{k}": 1.0 for k in range(40)}, latency_ms={}), T0 + 19)
+        s.add_result(result(model_id=f"model-{i}", model_version=1), T0 + i)
+    snap = s.snapshot(T0 + 20)
+    st = snap["pipeline"]["stages"][0]
+    assert len(st["instances"]) == 5 and snap["totals"]["stages_refused"] == 15
+    assert len(st["rates"]) == 64  # 5 instances x 40 made-up rate names, summed: at most 64 shown
+    assert len(s.models) == 3 and snap["pipeline"]["model"]["model_id"] == "model-19"
+    # A grid's cells and labels are bounded: distinct x and y for every tile is not drawn at all.
+    assert tile_grid([TileLabel(i, i, i, 1, 1, "x", 1.0) for i in range(200)], max_cells=10_000) is None
+    many = tile_grid([TileLabel(i, i, 0, 1, 1, f"label-{i:03d}", 1.0) for i in range(100)])
+    assert len(many["labels"]) == 62 and many["cells"].count("?") == 38
+
+
+def test_snapshot_budget_leaves_out_cameras_and_counts_them():
+    s = DashboardState(StateConfig(max_snapshot_bytes=64 * 1024))
+    for n in range(200):
+        s.add_result(result(camera=f"cam-{n:03d}"), T0)
+    snap = s.snapshot(T0 + 1)
+    assert len(json.dumps(snap, separators=(",", ":"))) <= 64 * 1024
+    omitted = snap["totals"]["omitted"]["cameras"]
+    assert snap["totals"]["cameras"] == 200 and 0 < omitted < 200 and len(snap["cameras"]) == 200 - omitted
+    assert [c["id"] for c in snap["cameras"]] == [f"cam-{n:03d}" for n in range(200 - omitted)]  # sorted prefix
+    assert snap["totals"]["online"] == 200  # the totals still count every camera

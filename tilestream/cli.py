@@ -316,15 +316,9 @@ def format_result(r) -> str:
 
 
 def cmd_dashboard(args: argparse.Namespace, settings: Settings) -> int:
-    from dashboard.server import TOKEN_ENV, DashboardError, run_dashboard
+    from dashboard.options import run
 
-    token = args.token or os.environ.get(TOKEN_ENV) or None
-    try:
-        run_dashboard(_bootstrap(args, settings), args.host, args.port, token)
-    except DashboardError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run(args, _connection(args, settings))
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
@@ -426,10 +420,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max", type=int, default=0)
     r.set_defaults(func=cmd_results)
 
-    db = sub.add_parser("dashboard", help="real-time web dashboard (reads only Kafka)")
-    db.add_argument("--host", default="127.0.0.1")
-    db.add_argument("--port", type=int, default=8080)
-    db.add_argument("--token", help="access token (default $TILESTREAM_DASHBOARD_TOKEN); required off loopback")
+    from dashboard.options import add_arguments as dashboard_arguments
+
+    db = sub.add_parser("dashboard", help="real-time web dashboard (reads only Kafka)", allow_abbrev=False)
+    dashboard_arguments(db)  # the token: $TILESTREAM_DASHBOARD_TOKEN or --token-file, never an argument
     db.set_defaults(func=cmd_dashboard)
 
     d = sub.add_parser("demo", help="agent + processor + classifier on vtest.avi, printing results")

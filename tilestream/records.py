@@ -72,6 +72,23 @@ MAX_ID_LEN = 128
 MAX_SIDE = 65_535
 _I64 = 2**63 - 1
 
+# -- strict, bounded readers of the records operators consume -------------------------------------
+# Added next to the tolerant ``from_json`` (kept as it was for the pipeline's own round trips):
+# ``from_bytes`` is how a consumer that must trust nothing (the dashboard) reads these topics.
+# Every field is typed and bounded, unknown fields are ignored (the results schema says consumers
+# must), and anything else raises RecordError (reason ``malformed``) or RecordTooLarge (reason
+# ``too_large`` / ``too_many_tiles``). The bounds are generous for what the stages write (a
+# 108-tile result is ~9 KB; a 4K frame in 32 px tiles, 8,100 tiles, ~650 KB) and small enough
+# that one record cannot cost more than a few MB of memory once parsed.
+MAX_RESULT_BYTES = 2 * 1024 * 1024
+MAX_HEARTBEAT_BYTES = 64 * 1024
+MAX_STAGE_METRICS_BYTES = 256 * 1024
+MAX_LABEL_LEN = 64  # class names, stage names, reasons, counter names
+MAX_TEXT_LEN = 1000  # a dead letter's message (DeadLetter.of cuts it there)
+MAX_CLASSES = 256  # entries of a result's probabilities
+MAX_MAP_ENTRIES = 256  # counters, rates, consumer lag, extra of one record
+MAX_NUMBER = 1e15  # no rate, latency or counter of ours comes near; rejects inf and absurd values
+
 
 class RecordError(Refused):
     """A record from the wire that does not follow its contract (reason ``malformed``)."""
@@ -234,11 +251,18 @@ class FrameResult:
         d["tiles"] = [TileLabel(**t) for t in d["tiles"]]
         return cls(**d)
 
+    @classmethod
+    def from_bytes(cls, data: bytes | str, max_bytes: int = MAX_RESULT_BYTES, max_tiles: int = MAX_TILES) -> "FrameResult":
+        """Strict and bounded (see MAX_RESULT_BYTES): raises RecordError / RecordTooLarge."""
+        return _frame_result_from_bytes(cls, data, max_bytes, max_tiles)
+
 
 # What a dead letter keeps of the original record: enough to inspect and replay any legitimate
 # frame (4 MiB frames + envelope), while the letter stays under the dead-letters topic's limit
 # (max_frame_bytes + 64 KiB) after base64 (4/3). Larger originals keep their head, size and digest.
 MAX_DEAD_LETTER_ORIGINAL = 3 * 1024 * 1024
+# base64 of the largest kept original (4/3) plus the letter's other fields
+MAX_DEAD_LETTER_BYTES = (MAX_DEAD_LETTER_ORIGINAL + 2) // 3 * 4 + 64 * 1024
 
 
 @dataclass
@@ -276,6 +300,12 @@ class DeadLetter:
         d["original"] = base64.b64decode(d["original"])
         return cls(**d)
 
+    @classmethod
+    def from_bytes(cls, data: bytes | str, max_bytes: int = MAX_DEAD_LETTER_BYTES,
+                   keep_original: bool = True) -> "DeadLetter":
+        """Strict and bounded; ``keep_original=False`` leaves ``original`` as b"" (checked, not decoded)."""
+        return _dead_letter_from_bytes(cls, data, max_bytes, keep_original)
+
 
 @dataclass
 class AgentHeartbeat:
@@ -297,6 +327,11 @@ class AgentHeartbeat:
     def from_json(cls, data: bytes | str) -> "AgentHeartbeat":
         return cls(**json.loads(data))
 
+    @classmethod
+    def from_bytes(cls, data: bytes | str, max_bytes: int = MAX_HEARTBEAT_BYTES) -> "AgentHeartbeat":
+        """Strict and bounded: raises RecordError / RecordTooLarge."""
+        return _heartbeat_from_bytes(cls, data, max_bytes)
+
 
 @dataclass
 class StageMetrics:
@@ -317,3 +352,183 @@ class StageMetrics:
     @classmethod
     def from_json(cls, data: bytes | str) -> "StageMetrics":
         return cls(**json.loads(data))
+
+    @classmethod
+    def from_bytes(cls, data: bytes | str, max_bytes: int = MAX_STAGE_METRICS_BYTES) -> "StageMetrics":
+        """Strict and bounded: raises RecordError / RecordTooLarge."""
+        return _stage_metrics_from_bytes(cls, data, max_bytes)
+
+
+class RecordTooLarge(RecordError):
+    """A record over a size or count bound; ``reason`` says which (``too_large`` by default)."""
+
+    def __init__(self, message: str, reason: str = "too_large"):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _check_size(data: Any, max_bytes: int, what: str) -> None:
+    if isinstance(data, (bytes, bytearray, str)) and len(data) > max_bytes:
+        raise RecordTooLarge(f"{what} of {len(data)} bytes exceeds {max_bytes}")
+
+
+def _num(d: dict, key: str, lo: float = -MAX_NUMBER, hi: float = MAX_NUMBER, default: Any = None) -> float:
+    v = d.get(key, default)
+    if type(v) not in (int, float) or not lo <= v <= hi:  # noqa: E721 - bool is not a number here; NaN fails both
+        raise RecordError(f"{key} must be a number in [{lo}, {hi}]")
+    return float(v)
+
+
+def _bool(d: dict, key: str) -> bool:
+    v = d.get(key)
+    if type(v) is not bool:  # noqa: E721
+        raise RecordError(f"{key} must be true or false")
+    return v
+
+
+def _opt_str(d: dict, key: str, max_len: int = MAX_ID_LEN, default: str | None = None) -> str | None:
+    v = d.get(key, default)
+    if v is None or v == default:
+        return v
+    if not isinstance(v, str) or len(v) > max_len:
+        raise RecordError(f"{key} must be a string of at most {max_len} characters")
+    return v
+
+
+def _opt_int(d: dict, key: str, lo: int = 0, hi: int = _I64, default: int | None = None) -> int | None:
+    if d.get(key, default) is None:
+        return None
+    return _int({key: d.get(key, default)}, key, lo, hi)
+
+
+def _str_map(d: dict, key: str, value: Any, max_entries: int = MAX_MAP_ENTRIES, key_len: int = MAX_LABEL_LEN,
+             optional: bool = False) -> dict:
+    """A JSON object of at most ``max_entries`` string keys, each value checked by ``value(v) -> v``."""
+    m = d.get(key)
+    if m is None and optional:
+        return {}
+    if not isinstance(m, dict) or len(m) > max_entries:
+        raise RecordError(f"{key} must be an object of at most {max_entries} entries")
+    out = {}
+    for k, v in m.items():
+        if not 0 < len(k) <= key_len:
+            raise RecordError(f"{key} keys must be 1 to {key_len} characters")
+        out[k] = value(v)
+    return out
+
+
+def _number_value(lo: float = -MAX_NUMBER, hi: float = MAX_NUMBER):
+    def check(v: Any) -> float:
+        if type(v) not in (int, float) or not lo <= v <= hi:  # noqa: E721
+            raise RecordError(f"values must be numbers in [{lo}, {hi}]")
+        return float(v)
+    return check
+
+
+def _int_value(v: Any) -> int:
+    if type(v) is not int or not 0 <= v <= _I64:  # noqa: E721
+        raise RecordError("values must be non-negative integers")
+    return v
+
+
+def _is_scalar(v: Any) -> bool:
+    return (v is None or type(v) in (bool, int) or (type(v) is float and abs(v) <= MAX_NUMBER)  # noqa: E721
+            or (isinstance(v, str) and len(v) <= MAX_ID_LEN))
+
+
+def _extra_value(v: Any) -> Any:
+    """A scalar, or a flat list of at most MAX_MAP_ENTRIES scalars (e.g. the classifier's assigned partitions)."""
+    if _is_scalar(v) or (isinstance(v, list) and len(v) <= MAX_MAP_ENTRIES and all(_is_scalar(x) for x in v)):
+        return v
+    raise RecordError(f"extra values must be scalars or flat lists of them (strings of at most {MAX_ID_LEN} characters)")
+
+
+def _tile_label(t: Any, n_tiles: int) -> TileLabel:
+    if not isinstance(t, dict):
+        raise RecordError("each tile must be an object")
+    return TileLabel(index=_int(t, "index", 0, n_tiles - 1), x=_int(t, "x", 0, MAX_SIDE), y=_int(t, "y", 0, MAX_SIDE),
+                     w=_int(t, "w", 1, MAX_SIDE), h=_int(t, "h", 1, MAX_SIDE), label=_str(t, "label", MAX_LABEL_LEN),
+                     probability=_num(t, "probability", 0.0, 1.0))
+
+
+def _frame_result_from_bytes(cls, data: bytes | str, max_bytes: int = MAX_RESULT_BYTES,
+                             max_tiles: int = MAX_TILES) -> "FrameResult":
+    """Strict and bounded (see the comment above MAX_RESULT_BYTES); ``max_tiles`` bounds the tiles
+    listed (reason ``too_many_tiles``), the frame's ``n_tiles`` stays within :data:`MAX_TILES`."""
+    _check_size(data, max_bytes, "result")
+    d = parse_json_object(data, max_bytes, "result")
+    if d.get("schema_version") != RESULT_SCHEMA_VERSION or type(d.get("schema_version")) is not int:  # noqa: E721
+        raise RecordError(f"schema_version must be {RESULT_SCHEMA_VERSION}")
+    n_tiles = _int(d, "n_tiles", 1, MAX_TILES)
+    tiles, missing = d.get("tiles"), d.get("missing_tiles")
+    if not isinstance(tiles, list) or not isinstance(missing, list):
+        raise RecordError("tiles and missing_tiles must be lists")
+    if len(tiles) > min(max_tiles, n_tiles):
+        raise RecordTooLarge(f"{len(tiles)} tiles exceed {min(max_tiles, n_tiles)}", "too_many_tiles")
+    if len(missing) > n_tiles or any(type(i) is not int or not 0 <= i < n_tiles for i in missing):  # noqa: E721
+        raise RecordError("missing_tiles must list at most n_tiles tile indices")
+    camera_id, seq = _str(d, "camera_id"), _int(d, "seq")
+    frame_id = _str(d, "frame_id")
+    if frame_id != f"{camera_id}/{seq}":
+        raise RecordError("frame_id must be camera_id/seq")
+    probabilities = _str_map(d, "probabilities", _number_value(0.0, 1.0), MAX_CLASSES)
+    if not probabilities:
+        raise RecordError("probabilities must not be empty")
+    return cls(camera_id=camera_id, seq=seq, frame_id=frame_id, capture_ns=_int(d, "capture_ns"),
+               result_ns=_int(d, "result_ns"), latency_ms=_num(d, "latency_ms"), label=_str(d, "label", MAX_LABEL_LEN),
+               probabilities=probabilities, tiles=[_tile_label(t, n_tiles) for t in tiles],
+               complete=_bool(d, "complete"), n_tiles=n_tiles, missing_tiles=list(missing),
+               model_id=_str(d, "model_id"), model_version=_int(d, "model_version", 1))
+
+
+def _dead_letter_from_bytes(cls, data: bytes | str, max_bytes: int = MAX_DEAD_LETTER_BYTES,
+                            keep_original: bool = True) -> "DeadLetter":
+    """Strict and bounded; ``keep_original=False`` checks the original's size but does not decode it
+    (a reader that never shows it, the dashboard, keeps ``b""``)."""
+    _check_size(data, max_bytes, "dead letter")
+    d = parse_json_object(data, max_bytes, "dead letter")
+    original = d.get("original")
+    if not isinstance(original, str) or len(original) > (MAX_DEAD_LETTER_ORIGINAL + 2) // 3 * 4:
+        raise RecordError("original must be base64 of at most MAX_DEAD_LETTER_ORIGINAL bytes")
+    raw = b""
+    if keep_original:
+        try:
+            raw = base64.b64decode(original, validate=True)
+        except ValueError:
+            raise RecordError("original is not base64") from None
+    return cls(stage=_str(d, "stage", MAX_LABEL_LEN), reason=_str(d, "reason", MAX_LABEL_LEN),
+               message=_opt_str(d, "message", MAX_TEXT_LEN, "") or "", original=raw,
+               frame_id=_opt_str(d, "frame_id"), source_topic=_opt_str(d, "source_topic", 249),
+               source_partition=_opt_int(d, "source_partition", 0, 2**31 - 1),
+               source_offset=_opt_int(d, "source_offset"), at_ns=_int(d, "at_ns"),
+               original_size=_int({"original_size": d.get("original_size", -1)}, "original_size", -1),
+               original_sha256=_opt_str(d, "original_sha256", 64, "") or "")
+
+
+def _heartbeat_from_bytes(cls, data: bytes | str, max_bytes: int = MAX_HEARTBEAT_BYTES) -> "AgentHeartbeat":
+    """Strict and bounded: ids and counter names bounded, counters non-negative integers."""
+    _check_size(data, max_bytes, "heartbeat")
+    d = parse_json_object(data, max_bytes, "heartbeat")
+    return cls(camera_id=_str(d, "camera_id"), agent_version=_str(d, "agent_version", MAX_LABEL_LEN),
+               at_ns=_int(d, "at_ns"), interval_s=_num(d, "interval_s", 0.0, 86_400.0),
+               counters=_str_map(d, "counters", _int_value, 64), spool_frames=_opt_int(d, "spool_frames", default=0) or 0,
+               spool_bytes=_opt_int(d, "spool_bytes", default=0) or 0, fps=_num(d, "fps", 0.0, 1e6, 0.0),
+               status=_str({"status": d.get("status", "running")}, "status", 32))
+
+
+def _stage_metrics_from_bytes(cls, data: bytes | str, max_bytes: int = MAX_STAGE_METRICS_BYTES) -> "StageMetrics":
+    """Strict and bounded: at most MAX_MAP_ENTRIES counters, rates, lag entries and extras, scalars only in extra."""
+    _check_size(data, max_bytes, "stage metrics")
+    d = parse_json_object(data, max_bytes, "stage metrics")
+    number = _number_value()
+
+    def quantiles(v: Any) -> dict:
+        return _str_map({"q": v}, "q", number, 16)
+
+    return cls(stage=_str(d, "stage", MAX_LABEL_LEN), instance=_str(d, "instance"), at_ns=_int(d, "at_ns"),
+               interval_s=_num(d, "interval_s", 0.0, 86_400.0), counters=_str_map(d, "counters", number, key_len=MAX_ID_LEN),
+               rates=_str_map(d, "rates", number, key_len=MAX_ID_LEN),
+               latency_ms=_str_map(d, "latency_ms", quantiles, 64, MAX_ID_LEN),
+               consumer_lag=_str_map(d, "consumer_lag", _int_value, key_len=260, optional=True),
+               group=_opt_str(d, "group", 255, "") or "",
+               extra=_str_map(d, "extra", _extra_value, 64, MAX_ID_LEN, optional=True))
