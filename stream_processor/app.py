@@ -35,8 +35,6 @@ from pathlib import Path
 
 import faust
 
-from kafka.errors import ClusterAuthorizationFailedError, TopicAuthorizationFailedError
-
 from kafkaio import Connection, connection
 from kafkaio.clients import ensure_topics
 from tilestream import topics
@@ -255,12 +253,11 @@ def run_worker(settings: Settings, where: Connection | str, datadir: Path, web_p
     datadir.mkdir(parents=True, exist_ok=True)
     conn = connection(where)
     k = settings.kafka
-    try:
+    if conn.security_protocol == "PLAINTEXT":
+        # A local, unsecured broker: the worker creates what is missing. On a secured cluster the
+        # topics are the admin's (`tilestream kafka start`); a worker's principal may not create them.
         ensure_topics(conn, topics.pipeline_topics(k), k.replication_factor,
                       k.min_insync_replicas if k.replication_factor > 1 else None)
-    except (TopicAuthorizationFailedError, ClusterAuthorizationFailedError):
-        # On a secured cluster the admin creates the topics (`tilestream kafka start`); a worker may not.
-        log.info(json.dumps({"event": "topics_not_created", "why": "not authorized; the admin creates them"}))
     app = create_app(settings, conn, datadir, web_port)
     worker = Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
     worker.spinner = None  # a terminal spinner has no place in service logs
