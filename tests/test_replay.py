@@ -101,6 +101,12 @@ def test_two_workers_converge_and_the_race_is_bounded_to_marks_in_flight():
     assert check(b, 10, 0, 1).kind == "redelivery"  # and a's own record is still a's redelivery
 
 
+def test_the_mark_format_keeps_every_field_even_at_the_limits():
+    for places in ([], [(9, 1), (3, 2), (2 ** 64 - 1, 3), (0, 10 ** 12)]):  # seqs going down, u64 wrap-around
+        m = Mark(F, 2, "cam/ü", NO_BAND, 2 ** 64 - 1, (1 << 64) - 7, 64, NOW, places)
+        assert decode_mark(*encode_mark(m, "k1", KEYS["k1"]), KEYS) == m
+
+
 def test_marks_from_anyone_else_are_refused():
     st = state()
     v = check(st, 1, 0, 0)
