@@ -10,13 +10,16 @@ tile and features in a thread pool (``run_in_executor``) so the event loop keeps
 heartbeats, commits and rebalances -> send the tile records. Agent concurrency stays 1
 (faust-streaming #606).
 
-Replays: :class:`ReplayGuard` remembers where each verified frame id was first seen
-(partition:offset) for ``replay_window_s``. The same id at the same offset again is a
-redelivery and is processed again; the same id at another offset is a replay and goes to
-dead-letters. The memory is per worker (a Faust table would survive rebalances, but its
-recovery is one more rebalance path; frames are keyed by frame id, so copies of a frame meet
-in one partition). A replay a worker cannot know about still yields no second result: the
-classifier reads back what it already answered.
+Replays: :mod:`stream_processor.replay` (its docstring has the design). Per camera a durable
+record of accepted seqs on the compacted ``replay-marks`` topic, read by every worker at start,
+after every rebalance and every ``replay_sync_interval_s``, plus a capture-time window: a frame
+accepted before is ``replay`` on any partition, any worker, after any restart; one captured
+more than ``max_frame_age_s`` before it reached Kafka is ``stale``. The same record re-read
+(same partition and offset: Faust's redelivery after a crash) is processed again. Tile jobs
+are checked the same way per band. Not a Faust table: the windowed table that was here before
+had its changelog recovered on every rebalance, which paused the frames partitions and lost
+frames in 2-worker runs; a group-less reader of a plain compacted topic has no part in
+rebalancing.
 
 Delivery: at least once. Faust commits a frame's offset after its tile records were handed
 to the producer; a worker killed before that commit has its frames re-read by the next owner.
@@ -42,13 +45,14 @@ from tilestream.config import Settings
 from tilestream.crypto import FrameRejected
 from tilestream.keys import DeviceRegistry, KeyStore
 from tilestream.metrics import Metrics, observe_gc_pauses
-from tilestream.records import DeadLetter, StageMetrics, TileBatch
+from tilestream.records import DeadLetter, StageMetrics
 
-from stream_processor import tilejobs, transport
-from stream_processor.pipeline import FrameProcessor, ReplayGuard, StageTimes
+from stream_processor import replay, tilejobs, transport
+from stream_processor.pipeline import FrameProcessor, StageTimes
 
 log = logging.getLogger("tilestream.processor")
 STAGES = ("verify", "open", "decode", "features")
+UNSYNCED = object()  # consumer generation before the first read of replay-marks
 
 
 def faust_broker(conn: Connection) -> dict:
@@ -96,7 +100,9 @@ def create_app(settings: Settings, where: Connection | str, datadir: Path, web_p
     dead_letters = app.topic(topics.DEAD_LETTERS, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     metrics_topic = app.topic(topics.METRICS, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
 
-    replays = ReplayGuard(ps.replay_window_s)
+    marks_topic = app.topic(topics.REPLAY_MARKS, key_type=bytes, value_type=bytes, key_serializer="raw",
+                            value_serializer="raw")
+    replays = replay.ReplayState(ps.replay_window_seqs, ps.max_frame_age_s, ps.max_clock_skew_s)
 
     keystore = KeyStore(settings.keys_path())
     processor = FrameProcessor(
@@ -107,6 +113,10 @@ def create_app(settings: Settings, where: Connection | str, datadir: Path, web_p
         max_pixels=ps.max_image_pixels,
     )
     tile_key_id, tile_keys = keystore.tile_keys()
+    mark_keys = replay.derive_mark_keys(tile_keys)
+    marks_reader = replay.MarksFollower(conn, mark_keys)
+    marks_io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tilestream-marks")  # one reader thread
+    marks_sync: dict = {"generation": UNSYNCED, "lock": None}
     n_bands = ps.fanout_bands or settings.kafka.tile_jobs_partitions
     executor = ThreadPoolExecutor(max_workers=ps.workers_threads, thread_name_prefix="tilestream-cpu")
     metrics = Metrics("tilestream_processor")
@@ -132,22 +142,69 @@ def create_app(settings: Settings, where: Connection | str, datadir: Path, web_p
         letter = DeadLetter.of(stage, rej.reason, str(rej), event.value, fid, msg.topic, msg.partition, msg.offset)
         await dead_letters.send(key=(fid or "").encode(), value=letter.to_json())
 
+    async def read_marks() -> None:
+        """Fold what was added to replay-marks into the state (read in its own thread, merged on the loop)."""
+        if marks_sync["lock"] is None:
+            marks_sync["lock"] = asyncio.Lock()
+        async with marks_sync["lock"]:
+            marks = await asyncio.get_running_loop().run_in_executor(marks_io, marks_reader.read_new)
+            replay.merge_all(replays, marks)
+            metrics.set("replay_marks_refused", float(marks_reader.refused))
+
+    async def replay_state_for(generation: int) -> replay.ReplayState:
+        """The replay state, read to the end of replay-marks first after a start or a rebalance.
+        Fail closed: until that read succeeds nothing is checked (retried; Faust keeps the membership)."""
+        delay = 0.5
+        while marks_sync["generation"] != generation:
+            try:
+                await read_marks()
+                marks_sync["generation"] = generation
+            except Exception as exc:  # noqa: BLE001 - broker away / topic missing: wait, retry
+                log.warning(json.dumps({"event": "replay_marks_unreadable", "error": str(exc), "retry_in_s": delay}))
+                await asyncio.sleep(delay)
+                delay = min(10.0, delay * 2)
+        return replays
+
+    async def write_mark(verdict: replay.Verdict) -> None:
+        if verdict.mark is not None:
+            key, value = replay.encode_mark(verdict.mark, tile_key_id, mark_keys[tile_key_id])
+            await marks_topic.send(key=key, value=value)
+
+    @app.timer(interval=ps.replay_sync_interval_s)
+    async def follow_replay_marks():
+        if marks_sync["generation"] is not UNSYNCED:  # after the first full read: only what other workers added
+            try:
+                await read_marks()
+            except Exception as exc:  # noqa: BLE001 - retried on the next tick
+                log.warning(json.dumps({"event": "replay_marks_unreadable", "error": str(exc)}))
+
+    def ref_ns(msg) -> int | None:
+        # The broker's append time when the record carries it (LogAppendTime = 1): no writer sets it.
+        if getattr(msg, "timestamp_type", None) == 1 and msg.timestamp:
+            return int(msg.timestamp * 1e9)
+        return time.time_ns()
+
     @app.agent(frames)
     async def process_frames(stream):
         loop = asyncio.get_running_loop()
         async for event in stream.events():
             msg = event.message
             t0 = time.perf_counter()
+            verdict = None
             try:
                 env = processor.verify(event.value)
-                first = replays.check(env.header.frame_id, msg.partition, msg.offset, time.monotonic())
-                if first is not None:
-                    raise FrameRejected("replay", f"frame {env.header.frame_id} at {msg.partition}:{msg.offset} "
-                                                  f"was already seen at {first[0]}:{first[1]}", env.header)
+                h = env.header
+                state = await replay_state_for(msg.generation_id)
+                verdict = state.check(h.camera_id, replay.NO_BAND, h.seq, h.capture_ns, topics.FRAMES, msg.partition,
+                                      msg.offset, ref_ns(msg))
+                if verdict.refused:
+                    raise FrameRejected(verdict.kind, f"frame {h.frame_id}: {verdict.detail}", h)
                 t1 = time.perf_counter()
                 records, jobs, times = await loop.run_in_executor(executor, open_frame, env)
             except FrameRejected as rej:
                 await dead_letter(rej, event)
+                if verdict is not None:  # accepted, then refused by a later stage: a copy is still a replay
+                    await write_mark(verdict)
                 continue
             if jobs is not None:
                 for key, job in jobs:
@@ -157,6 +214,7 @@ def create_app(settings: Settings, where: Connection | str, datadir: Path, web_p
                 for rec in records:
                     await tile_features.send(key=rec.frame_id.encode(), value=rec.to_bytes())
                 metrics.inc("tiles_total", sum(len(r.tiles) for r in records))
+            await write_mark(verdict)  # accept-then-mark; handed to the producer before this offset can commit
             metrics.inc("frames_total")
             times.verify = t1 - t0
             for stage in STAGES:
@@ -164,21 +222,30 @@ def create_app(settings: Settings, where: Connection | str, datadir: Path, web_p
             metrics.observe("frame_seconds", time.perf_counter() - t0)
             metrics.observe("capture_to_features_seconds", max(0.0, (time.time_ns() - env.header.capture_ns) / 1e9))
 
-    def compute_job(record: bytes) -> TileBatch:
+    def compute_job(record: bytes):
         job, band = tilejobs.open_job(record, tile_keys)
-        return tilejobs.job_features(job, band, settings.features, processor.digest)
+        tilejobs.check_binding(job)
+        return job, band
 
     @app.agent(tile_jobs)
     async def compute_tile_jobs(stream):
         loop = asyncio.get_running_loop()
         async for event in stream.events():
+            msg = event.message
             t0 = time.perf_counter()
             try:
-                batch = await loop.run_in_executor(executor, compute_job, event.value)
+                job, band = await loop.run_in_executor(executor, compute_job, event.value)
+                state = await replay_state_for(msg.generation_id)
+                verdict = replay.check_job(state, job, msg.partition, msg.offset, time.time_ns())
+                if verdict.refused:
+                    raise FrameRejected(verdict.kind, f"tile job {job.frame_id}#{job.band}: {verdict.detail}")
+                batch = await loop.run_in_executor(executor, tilejobs.job_features, job, band, settings.features,
+                                                   processor.digest)
             except FrameRejected as rej:
                 await dead_letter(rej, event, stage="tiles")
                 continue
             await tile_features.send(key=batch.frame_id.encode(), value=batch.to_bytes())
+            await write_mark(verdict)
             metrics.inc("tiles_total", len(batch.tiles))
             metrics.observe("tile_job_seconds", time.perf_counter() - t0)
 

@@ -2,12 +2,12 @@
 
 :class:`FrameProcessor` is what the Faust agent runs in its executor; training and the
 benchmarks call the same :func:`image_tile_features`, so a model never sees features
-computed another way than the ones it is served.
+computed another way than the ones it is served. Replay protection is
+:mod:`stream_processor.replay`.
 """
 
 from __future__ import annotations
 
-import collections
 import time
 from dataclasses import dataclass
 from typing import Callable, Mapping
@@ -129,33 +129,3 @@ class FrameProcessor:
         if not tiles:
             raise FrameRejected("bad_image", f"frame {header.frame_id}: {header.width}x{header.height} yields no tiles", header)
         return [TileBatch.make(header, len(tiles), tiles, self.digest, now)]
-
-
-class ReplayGuard:
-    """Where each verified frame id was first seen (partition, offset), for ``window_s`` seconds.
-
-    The same id at the same place again is a redelivery (processed again; downstream drops
-    repeats); the same id anywhere else is a replay. Frames are keyed by frame id, so every
-    copy of a frame lands in the same partition and, between rebalances, in the same worker.
-    Bounded: at most ``capacity`` ids, oldest forgotten first.
-    """
-
-    def __init__(self, window_s: float, capacity: int = 1_000_000):
-        self.window_s = window_s
-        self.capacity = capacity
-        self._seen: "collections.OrderedDict[str, tuple[int, int, float]]" = collections.OrderedDict()
-
-    def check(self, frame_id: str, partition: int, offset: int, now: float) -> tuple[int, int] | None:
-        """None if fine (and remembered); else where the frame was first seen (a replay)."""
-        while self._seen:
-            oldest, (_, _, t) = next(iter(self._seen.items()))
-            if now - t <= self.window_s and len(self._seen) < self.capacity:
-                break
-            del self._seen[oldest]
-        first = self._seen.get(frame_id)
-        if first is None:
-            self._seen[frame_id] = (partition, offset, now)
-            return None
-        if (first[0], first[1]) == (partition, offset):
-            return None
-        return first[0], first[1]

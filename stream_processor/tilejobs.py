@@ -8,6 +8,13 @@ AESGCM; random 96-bit nonce) under the cloud's internal tile key, with the job h
 associated data. A tile worker opens the job and computes exactly the features the whole
 frame would have given (same tile grid, same padding; tested).
 
+Binding to the frame: everything that names the job — frame id, camera, seq, capture time,
+band, and ``made_ns`` (when the processor made it) — is in that associated data, so a job
+cannot be moved to another frame or band, and :func:`check_binding` refuses a header whose
+frame id is not its (camera, seq). Before computing, the tile worker checks (camera, band, seq)
+against the replay state (:mod:`stream_processor.replay`): a copied job is ``replay`` and
+produces no second feature set; a job made more than ``max_frame_age_s`` ago is ``stale``.
+
 Record layout: ``b"TSTJ" | u8 version | u32 header length | header JSON | nonce (12) | ciphertext``.
 Pure functions; no Kafka here.
 """
@@ -26,7 +33,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from tilestream.config import FeatureConfig
 from tilestream.crypto import FrameRejected
-from tilestream.envelope import FrameHeader
+from tilestream.envelope import FrameHeader, frame_id
 from tilestream.records import TileBatch
 
 from stream_processor.features import tile_features
@@ -35,6 +42,7 @@ from stream_processor.tiling import Tile, extract_tile, tile_grid
 MAGIC = b"TSTJ"
 VERSION = 1
 _HEAD = struct.Struct(">4sBI")
+MAX_BANDS = 4096
 
 
 @dataclass
@@ -53,6 +61,7 @@ class TileJob:
     first_tile: int  # tile indices [first_tile, last_tile) of the frame's grid
     last_tile: int
     key_id: str
+    made_ns: int = 0  # when the processor made the job (0: a job from before this field)
 
 
 def bands(tiles: list[Tile], height: int, n_bands: int) -> list[tuple[int, int, int, int]]:
@@ -85,7 +94,7 @@ def make_jobs(header: FrameHeader, gray: np.ndarray, cfg: FeatureConfig, n_bands
     split = bands(tiles, gray.shape[0], n_bands)
     for i, (first, last, y0, y1) in enumerate(split):
         job = TileJob(header.frame_id, header.camera_id, header.seq, header.capture_ns, gray.shape[1], gray.shape[0],
-                      len(tiles), i, len(split), y0, y1 - y0, first, last, key_id)
+                      len(tiles), i, len(split), y0, y1 - y0, first, last, key_id, time.time_ns())
         head = json.dumps(asdict(job), separators=(",", ":")).encode()
         nonce = os.urandom(12)
         band = np.ascontiguousarray(gray[y0:y1])
@@ -119,6 +128,18 @@ def open_job(record: bytes, keys: dict[str, bytes]) -> tuple[TileJob, np.ndarray
     if len(data) != job.band_height * job.frame_width:
         raise FrameRejected("malformed", f"tile job {job.frame_id}#{job.band}: band size does not match its header")
     return job, np.frombuffer(data, np.uint8).reshape(job.band_height, job.frame_width)
+
+
+def check_binding(job: TileJob) -> None:
+    """An opened (authenticated) job must name one frame consistently; raises FrameRejected("malformed")."""
+    ints = (job.seq, job.capture_ns, job.band, job.n_bands, job.made_ns)
+    if not all(type(v) is int for v in ints) or not isinstance(job.camera_id, str):  # noqa: E721
+        raise FrameRejected("malformed", f"tile job {job.frame_id!r}: header fields of the wrong type")
+    if job.frame_id != frame_id(job.camera_id, job.seq):
+        raise FrameRejected("malformed", f"tile job names frame {job.frame_id!r} but camera {job.camera_id!r} "
+                                         f"seq {job.seq}")
+    if not 0 <= job.band < job.n_bands <= MAX_BANDS:
+        raise FrameRejected("malformed", f"tile job {job.frame_id}: band {job.band} of {job.n_bands}")
 
 
 def job_features(job: TileJob, band: np.ndarray, cfg: FeatureConfig, digest: str) -> TileBatch:

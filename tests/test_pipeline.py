@@ -4,6 +4,7 @@ classifier -> results, on a real Apache Kafka (4.x and 3.9.x), with real vtest.a
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 from pathlib import Path
 
@@ -47,7 +48,8 @@ def test_encrypted_frames_become_exactly_one_result_each(version, kafka_any, key
         # the worker keeps going.
         from kafka import KafkaProducer
 
-        header, good = agent.seal(next(iter_video_frames(str(vtest_path), max_frames=1)), 1)
+        # Captured now: a frame captured long ago would be `stale` (stream_processor/replay.py).
+        header, good = agent.seal(next(iter_video_frames(str(vtest_path), max_frames=1)), time.time_ns())
         tampered = bytearray(good)
         tampered[len(good) // 2] ^= 0xFF
         producer = KafkaProducer(bootstrap_servers=bootstrap)

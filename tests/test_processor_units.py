@@ -1,4 +1,6 @@
-"""Pure parts of the processor: image-header limits (decompression bombs) and replay memory."""
+"""Pure parts of the processor: image-header limits (decompression bombs), the Faust ack guard.
+
+Replay memory: tests/test_replay.py."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import numpy as np
 import pytest
 
 from tilestream.imageinfo import ImageHeaderError, probe
-from stream_processor.pipeline import ReplayGuard, decode_image
+from stream_processor.pipeline import decode_image
 from tilestream.crypto import FrameRejected
 from tilestream.envelope import FrameHeader
 
@@ -59,17 +61,6 @@ def test_an_image_that_lies_about_its_size_or_kind_is_bad():
         decode_image(truncated, header(10, 10), 4 << 20, 40_000_000)
     assert exc.value.reason == "bad_image"
     assert decode_image(buf.tobytes(), header(10, 10), 4 << 20, 40_000_000).shape == (10, 10)
-
-
-def test_replay_guard_tells_redelivery_from_replay():
-    g = ReplayGuard(window_s=60, capacity=3)
-    assert g.check("c/1", 0, 10, now=0.0) is None
-    assert g.check("c/1", 0, 10, now=1.0) is None  # redelivery of the same record
-    assert g.check("c/1", 0, 11, now=2.0) == (0, 10)  # the same frame again, elsewhere: replay
-    assert g.check("c/1", 0, 12, now=61.0) is None  # outside the window: remembered anew
-    for i in range(2, 6):
-        g.check(f"c/{i}", 0, i, now=62.0)
-    assert len(g._seen) <= 3
 
 
 def test_the_faust_ack_hole_our_transport_guards_is_still_there_and_the_guard_is_plugged_in(tmp_path):

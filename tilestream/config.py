@@ -160,8 +160,17 @@ class ProcessorSettings:
     web_port: int = 6066
     workers_threads: int = 2
     max_image_pixels: int = 40_000_000
-    # A frame id seen again at another offset within this window is a replay (dead letter).
-    replay_window_s: float = 1800.0
+    # Replay protection (stream_processor/replay.py): a frame captured more than max_frame_age_s
+    # before it reached Kafka (broker append time), or more than max_clock_skew_s after, is
+    # `stale`; 6 h outlasts an afternoon's edge network outage (spooled frames), a processor
+    # outage does not age the backlog, and a frame copied days later is refused. A (camera, seq)
+    # accepted before is `replay`, and so is a seq more than replay_window_seqs below the camera's
+    # highest (65536: 43 min of reordering between partitions at 25 fps). Marks of other workers
+    # are read every replay_sync_interval_s.
+    max_frame_age_s: float = 6 * 3600.0
+    max_clock_skew_s: float = 120.0
+    replay_window_seqs: int = 65536
+    replay_sync_interval_s: float = 0.5
     metrics_interval_s: float = 2.0
     # How fast a dead worker's partitions move to the others (Faust's default is 60 s).
     session_timeout_s: float = 10.0

@@ -7,6 +7,7 @@
     heartbeats     agent -> dashboard      AgentHeartbeat JSON, key = camera id
     metrics        stages -> dashboard     StageMetrics JSON snapshots, key = stage/instance
     models         `models publish` -> classifiers  the model registry (compacted), key = model name
+    replay-marks   processor -> processor  durable replay marks (compacted, HMAC'd), key = source|partition|band|camera
 
 The frames topic uses ``LogAppendTime``: the broker stamps records with its own clock,
 so a camera whose clock is hours off is never rejected by Kafka 4's
@@ -27,6 +28,7 @@ DEAD_LETTERS = "dead-letters"
 HEARTBEATS = "heartbeats"
 METRICS = "metrics"
 MODELS = "models"
+REPLAY_MARKS = "replay-marks"
 MAX_MODEL_BYTES = 64 * 1024 * 1024
 
 
@@ -58,4 +60,8 @@ def pipeline_topics(kafka: KafkaSettings) -> list[TopicSpec]:
         TopicSpec(HEARTBEATS, 1, {"retention.ms": str(24 * 3600 * 1000)}),
         TopicSpec(METRICS, 1, {"retention.ms": str(24 * 3600 * 1000)}),
         TopicSpec(MODELS, 1, {"cleanup.policy": "compact", "max.message.bytes": str(MAX_MODEL_BYTES)}),
+        # One partition: every worker reads all of it anyway. Segments roll every 10 min so the
+        # cleaner can compact them, which bounds what a worker reads at startup (stream_processor/replay.py).
+        TopicSpec(REPLAY_MARKS, 1, {"cleanup.policy": "compact", "max.message.bytes": str(2 * 1024 * 1024),
+                                    "segment.ms": str(600 * 1000), "min.cleanable.dirty.ratio": "0.2"}),
     ]
