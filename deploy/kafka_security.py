@@ -213,6 +213,7 @@ def _acl_table(role: str) -> list[tuple[str, str, str, str]]:
     elif role == "processor":
         topic(t.FRAMES, "READ")
         topic(t.TILE_JOBS, "READ", "WRITE")
+        topic(t.REPLAY_MARKS, "READ", "WRITE")  # only the processor may write marks (erasing one re-opens a replay)
         for name in (t.TILE_FEATURES, t.DEAD_LETTERS, t.METRICS):
             topic(name, "WRITE")
         topic(PROCESSOR_APP_ID + "-", "CREATE", "READ", "WRITE", "DESCRIBE", "DESCRIBE_CONFIGS", pattern="PREFIXED")

@@ -20,11 +20,12 @@ from deploy.local_kafka import DEFAULT_VERSION, LocalKafka, free_port
 
 pytestmark = pytest.mark.kafka
 
-TOPICS = ("frames", "tile-jobs", "tile-features", "results", "dead-letters", "heartbeats", "metrics", "models")
+TOPICS = ("frames", "tile-jobs", "tile-features", "results", "dead-letters", "heartbeats", "metrics", "models",
+          "replay-marks")
 # role -> topics it may write; every other topic must refuse it.
 WRITES = {
     "agent": {"frames", "heartbeats"},
-    "processor": {"tile-features", "tile-jobs", "dead-letters", "metrics"},
+    "processor": {"tile-features", "tile-jobs", "dead-letters", "metrics", "replay-marks"},
     "classifier": {"results", "dead-letters", "metrics"},
     "dashboard": set(),
     "publisher": {"models"},
@@ -32,7 +33,7 @@ WRITES = {
 # role -> topics it may read.
 READS = {
     "agent": {"frames"},
-    "processor": {"frames", "tile-jobs"},
+    "processor": {"frames", "tile-jobs", "replay-marks"},
     "classifier": {"tile-features", "models", "results"},
     "dashboard": {"results", "metrics", "heartbeats", "dead-letters"},
     "publisher": {"models"},
