@@ -33,7 +33,9 @@ rtsp:
 demo: setup
 	$(BIN)/tilestream demo
 
+# The layering (README "Layers": which package may import which) is checked first, then the suite.
 test: setup
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 BENCH_STAMP := $(VENV)/.bench-$(shell cat pyproject.toml | sha256sum | cut -c1-12)

@@ -37,7 +37,7 @@ from edge_agent.agent import EdgeAgent
 from edge_agent.encode import encode_image
 from edge_agent.sources import iter_capture
 from edge_agent.spool import Spool
-from tilestream import samples
+import sampledata as samples
 from tilestream.config import AgentSettings
 from tilestream.keys import KeyStore
 

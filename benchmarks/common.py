@@ -243,7 +243,7 @@ class EncodedFrame:
 def vtest_encoded(n: int, quality: int = VTEST_JPEG_QUALITY) -> list[EncodedFrame]:
     """The first ``n`` frames of vtest.avi (looping) encoded as the agent does (JPEG, BGR)."""
     from edge_agent.encode import encode_image
-    from tilestream import samples
+    import sampledata as samples
 
     out: list[EncodedFrame] = []
     video = samples.path("vtest.avi")
@@ -261,7 +261,7 @@ def digit_sheets(n: int, seed: int = 0, digits=None) -> list[tuple["object", "ob
     each a different random arrangement; returns [(sheet uint8 (1000, 2000), labels int (50, 100))]."""
     import numpy as np
 
-    from tilestream import samples
+    import sampledata as samples
 
     images, labels = digits if digits is not None else samples.load_digits()
     rng = np.random.default_rng(seed)

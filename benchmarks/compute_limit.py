@@ -141,7 +141,7 @@ def measure(name: str, images, encoding: str, quality: int, cfg, model, store, s
 
 def vtest_workload(n: int, store, progress_fn=progress):
     from classifier.train import train_scene_model
-    from tilestream import samples
+    import sampledata as samples
     from tilestream.config import FeatureConfig
 
     cfg = FeatureConfig(**VTEST_CFG_KW)
@@ -155,7 +155,7 @@ def vtest_workload(n: int, store, progress_fn=progress):
 def digits_workload(n: int, progress_fn=progress):
     from classifier.model import TileModel
     from stream_processor.features import tile_features
-    from tilestream import samples
+    import sampledata as samples
     from tilestream.config import FeatureConfig
 
     cfg = FeatureConfig(**DIGITS_CFG_KW)

@@ -27,8 +27,8 @@ from classifier.train import DIGITS_FEATURES, digits_split, train_digits
 from edge_agent.agent import EdgeAgent
 from tilestream.config import AgentSettings
 from tilestream.keys import KeyStore
-from tilestream.procs import Children, start_cloud_stages
-from tilestream.samples import load_digits
+from tilestream_cli.procs import Children, start_cloud_stages
+from sampledata import load_digits
 
 SHEET = 10  # digits per side
 

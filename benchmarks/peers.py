@@ -177,7 +177,7 @@ def run(frames: int = 160, quix_frames: int = 300, quix: bool = True, e2e_fps: f
         compute_limit_fps: float | None = None, quick: bool = False, broker=None) -> dict:
     from benchmarks.compute_limit import measure
     from benchmarks.pipeline_bench import _nullctx, prepare_model
-    from tilestream import samples
+    import sampledata as samples
     from tilestream.config import FeatureConfig
 
     if quick:

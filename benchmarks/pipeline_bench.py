@@ -5,7 +5,7 @@
 
 Everything runs on this machine's cores: a local Apache Kafka 4.1.1 (KRaft), `tilestream
 process` workers and one `tilestream classify`, started as child processes exactly as
-operators start them (``tilestream.procs.Children``), plus this process, which plays the
+operators start them (``tilestream_cli.procs.Children``), plus this process, which plays the
 cameras (frames sealed as the agent seals them, published with the agent's producer settings)
 and reads `results`.
 
@@ -72,7 +72,7 @@ class Stage:
 
     def start(self, workers: int, model_path: Path | None, classifier: bool = True, tag: str = "") -> None:
         from deploy.local_kafka import free_port
-        from tilestream.procs import Children, wait_http
+        from tilestream_cli.procs import Children, wait_http
 
         self.children = Children()
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -568,7 +568,7 @@ def profile_burst(b: Bench, stage: Stage, n: int, camera: str, tag: str) -> dict
 
 def prepare_model(tmp: Path, cfg=None, progress_fn=progress) -> tuple[Path, object]:
     from classifier.train import train_scene_model
-    from tilestream import samples
+    import sampledata as samples
     from tilestream.config import FeatureConfig
 
     cfg = cfg or FeatureConfig()
@@ -593,7 +593,7 @@ def run(frames: int = 800, workers=(1, 2), seconds: float = 25.0, loads=(0.5, 0.
         encoded = vtest_encoded(POOL_FRAMES)
         if compute_limit_fps is None:
             from benchmarks.compute_limit import measure
-            from tilestream import samples
+            import sampledata as samples
             from tilestream.config import FeatureConfig
 
             progress("compute limit in this run (60 vtest frames, one thread)")

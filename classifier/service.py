@@ -43,7 +43,7 @@ from aiokafka.structs import TopicPartition
 
 from kafkaio import Connection, aio, connection
 from tilestream import topics
-from tilestream.metrics import Metrics, observe_gc_pauses
+from tilestream.metrics import observe_gc_pauses
 from tilestream.records import DeadLetter, StageMetrics
 
 from classifier.registry import ModelWatcher

@@ -32,7 +32,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from tilestream.config import FeatureConfig
-from tilestream.samples import iter_video_frames, load_digits
+from sampledata import iter_video_frames, load_digits
 
 from classifier.model import KINDS, TileModel, confusion_png, confusion_text, make_estimator
 from stream_processor.features import feature_length, tile_features
@@ -187,7 +187,7 @@ def _check_digit_cfg(cfg: FeatureConfig) -> None:
 
 def _digits_features(cfg: FeatureConfig, path: Path | str | None) -> tuple[np.ndarray, np.ndarray, float]:
     """``(X, y, seconds spent in image_tile_features)`` for the whole digit sheet."""
-    from tilestream.samples import path as sample_path
+    from sampledata import path as sample_path
 
     _check_digit_cfg(cfg)
     sheet_path = Path(path) if path is not None else sample_path("digits.png")
@@ -210,7 +210,7 @@ def _digits_features(cfg: FeatureConfig, path: Path | str | None) -> tuple[np.nd
 def digits_dataset(cfg: FeatureConfig, path: Path | str | None = None, progress: Callable[[str], None] = print) -> tuple[np.ndarray, np.ndarray]:
     """``(X, y)`` for all 5,000 digits in sheet order (class labels ``"0"``..``"9"``).
 
-    The sheet (``tilestream.samples.path("digits.png")`` unless ``path``) goes through
+    The sheet (``sampledata.path("digits.png")`` unless ``path``) goes through
     :func:`image_tile_features` with ``cfg`` (``tile_size=20``, ``overlap=0``), i.e. the
     processor's code path; each tile is checked to be the digit :func:`load_digits` cuts.
     """

@@ -69,7 +69,7 @@ def keystore(tmp_path: Path) -> KeyStore:
 
 @pytest.fixture(scope="session")
 def vtest_path() -> Path:
-    from tilestream import samples
+    import sampledata as samples
 
     return samples.path("vtest.avi")
 

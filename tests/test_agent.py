@@ -15,7 +15,7 @@ import pytest
 from edge_agent.agent import EdgeAgent, changed_enough, encode_within, thumbnail
 from tilestream import envelope, topics
 from tilestream.config import AgentSettings
-from tilestream.samples import iter_video_frames
+from sampledata import iter_video_frames
 
 from conftest import child_env, read_topic, wait_for
 
@@ -112,7 +112,7 @@ def test_sigkill_while_draining_then_restart_loses_and_repeats_nothing(kafka_any
 
     # 1. Broker down: the agent captures n frames into its spool and gives up draining after 1 s.
     broker.stop()
-    first = subprocess.run([sys.executable, "-m", "tilestream", "agent", "--source", str(vtest_path), "--max-frames",
+    first = subprocess.run([sys.executable, "-m", "tilestream_cli", "agent", "--source", str(vtest_path), "--max-frames",
                             str(n), "--max-side", "320", "--drain-timeout-s", "1", *common],
                            env=env, capture_output=True, text=True, timeout=300)
     done = json.loads(first.stdout.strip().splitlines()[-1])
@@ -121,7 +121,7 @@ def test_sigkill_while_draining_then_restart_loses_and_repeats_nothing(kafka_any
     # 2. Broker up: drain one frame at a time and SIGKILL the agent half-way.
     broker.start(topics=[])
     env_slow = dict(env, TILESTREAM_AGENT_MAX_IN_FLIGHT="1")
-    drain = subprocess.Popen([sys.executable, "-m", "tilestream", "agent", "--source", str(empty), "--drain-timeout-s",
+    drain = subprocess.Popen([sys.executable, "-m", "tilestream_cli", "agent", "--source", str(empty), "--drain-timeout-s",
                               "300", *common], env=env_slow, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              start_new_session=True)
     try:
@@ -136,7 +136,7 @@ def test_sigkill_while_draining_then_restart_loses_and_repeats_nothing(kafka_any
     assert 30 <= partial < n, f"the kill did not land mid-drain ({partial}/{n} on the topic)"
 
     # 3. Restart: the rest is sent, nothing twice.
-    third = subprocess.run([sys.executable, "-m", "tilestream", "agent", "--source", str(empty), "--drain-timeout-s",
+    third = subprocess.run([sys.executable, "-m", "tilestream_cli", "agent", "--source", str(empty), "--drain-timeout-s",
                             "120", *common], env=env, capture_output=True, text=True, timeout=300)
     done = json.loads(third.stdout.strip().splitlines()[-1])
     print(f"after the SIGKILL at {partial}/{n}: restart sent {done['sent']}, found {done['already_on_topic']} already on the topic")

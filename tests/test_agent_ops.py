@@ -2,7 +2,7 @@
 process with the broker up and down, its /healthz and /metrics over HTTP, a real RTSP camera, and
 cameras that are not there (an RTSP URL with no server, a V4L2 device index with no device).
 
-Everything runs against the module's real Kafka broker; the CLI tests start ``python -m tilestream
+Everything runs against the module's real Kafka broker; the CLI tests start ``python -m tilestream_cli
 agent`` as a child process and talk to it only through signals, HTTP, its stdout/stderr, its state
 directory and Kafka.
 """
@@ -86,13 +86,13 @@ def http_get(url: str) -> tuple[int, str, str]:
 
 
 class AgentProcess:
-    """``python -m tilestream agent ...`` as a child process, its output in files (a full pipe would block it)."""
+    """``python -m tilestream_cli agent ...`` as a child process, its output in files (a full pipe would block it)."""
 
     def __init__(self, tmp: Path, name: str, bootstrap: str, keys_dir: Path, args: list[str], env: dict | None = None,
                  http: bool = True):
         self.http_port = free_port() if http else 0
         self.out, self.err = tmp / f"{name}.out", tmp / f"{name}.err"
-        cmd = [sys.executable, "-m", "tilestream", "agent", *args]
+        cmd = [sys.executable, "-m", "tilestream_cli", "agent", *args]
         if http:
             cmd += ["--http-port", str(self.http_port)]
         full_env = dict(child_env(bootstrap, keys_dir, tmp / "home"), **(env or {}))

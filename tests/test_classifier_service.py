@@ -21,7 +21,7 @@ from classifier.stage import FrameClassifier
 from edge_agent.agent import EdgeAgent
 from tilestream.config import AgentSettings
 from tilestream.metrics import Metrics
-from tilestream.procs import Children, start_cloud_stages
+from tilestream_cli.procs import Children, start_cloud_stages
 
 from conftest import child_env, wait_for
 

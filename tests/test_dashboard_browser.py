@@ -30,7 +30,7 @@ from deploy.local_kafka import free_port
 from tilestream import topics
 from tilestream.config import AgentSettings
 from tilestream.keys import KeyStore
-from tilestream.procs import Children, wait_http
+from tilestream_cli.procs import Children, wait_http
 from tilestream.records import AgentHeartbeat, FrameResult, TileLabel
 
 from conftest import child_env, wait_for
@@ -242,7 +242,7 @@ def test_wrong_token_is_refused_and_the_login_form_signs_in(live, browser):
 
 def test_live_camera_counters_latency_and_a_tampered_frame(live, browser, vtest_path):
     from edge_agent.agent import EdgeAgent
-    from tilestream.samples import iter_video_frames
+    from sampledata import iter_video_frames
 
     browser.get(f"{live.url}/?token={live.token}")  # the ?token= way in: redirected to / without it
     wait_for(lambda: browser.current_url.rstrip("/") == live.url, 10, "the redirect that drops ?token=")

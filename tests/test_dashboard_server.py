@@ -459,7 +459,7 @@ def test_token_file_rules(tmp_path):
 @pytest.mark.parametrize("argv", [
     [sys.executable, "-m", "dashboard", "--token", TOKEN],
     [sys.executable, "-m", "dashboard", f"--token={TOKEN}"],
-    [sys.executable, "-m", "tilestream", "dashboard", "--token", TOKEN],
+    [sys.executable, "-m", "tilestream_cli", "dashboard", "--token", TOKEN],
 ])
 def test_the_token_is_not_accepted_from_argv(argv, tmp_path):
     env = dict(os.environ, TILESTREAM_HOME=str(tmp_path))

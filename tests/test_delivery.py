@@ -19,7 +19,7 @@ from edge_agent.agent import EdgeAgent
 from stream_processor.tiling import tile_grid
 from tilestream import topics
 from tilestream.config import AgentSettings
-from tilestream.procs import Children, start_cloud_stages
+from tilestream_cli.procs import Children, start_cloud_stages
 from tilestream.records import TileBatch
 
 from conftest import child_env, read_topic, wait_for

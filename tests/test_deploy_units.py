@@ -39,7 +39,7 @@ def test_each_unit_command_parses_and_its_settings_load(unit):
     [exec_start] = unit_lines(unit, "ExecStart")
     argv = shlex.split(exec_start)
     if argv[0].endswith("/tilestream"):
-        from tilestream.cli import build_parser
+        from tilestream_cli import build_parser
 
         build_parser().parse_args(argv[1:])  # exits (SystemExit) on an unknown flag
     else:

@@ -91,7 +91,7 @@ def test_what_encoders_write_passes_with_its_size(ext):
 
 
 def test_a_progressive_jpeg_of_a_real_frame_passes_with_its_scans_counted(vtest_path):
-    from tilestream.samples import iter_video_frames
+    from sampledata import iter_video_frames
 
     frame = next(iter(iter_video_frames(str(vtest_path), max_frames=1)))
     data = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes()

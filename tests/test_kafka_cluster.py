@@ -25,7 +25,7 @@ pytestmark = pytest.mark.kafka
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tilestream", "kafka", *args], capture_output=True, text=True, timeout=240)
+    return subprocess.run([sys.executable, "-m", "tilestream_cli", "kafka", *args], capture_output=True, text=True, timeout=240)
 
 
 @pytest.fixture(scope="module")

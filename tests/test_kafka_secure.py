@@ -41,7 +41,7 @@ READS = {
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tilestream", "kafka", *args], capture_output=True, text=True, timeout=180)
+    return subprocess.run([sys.executable, "-m", "tilestream_cli", "kafka", *args], capture_output=True, text=True, timeout=180)
 
 
 @pytest.fixture(scope="module")

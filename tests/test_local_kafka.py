@@ -14,7 +14,7 @@ from tilestream.topics import pipeline_topics
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tilestream", "kafka", *args], capture_output=True, text=True, timeout=180)
+    return subprocess.run([sys.executable, "-m", "tilestream_cli", "kafka", *args], capture_output=True, text=True, timeout=180)
 
 
 @pytest.mark.kafka

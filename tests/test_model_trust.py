@@ -415,19 +415,19 @@ def test_models_publish_refuses_a_gadget_and_needs_the_release_key(kafka, keysto
     env = child_env(kafka.bootstrap, keystore.path, tmp_path / "home")
     marker = tmp_path / "pwned"
     gadget = _gadget(tmp_path, marker, good[1].meta())
-    out = subprocess.run([sys.executable, "-m", "tilestream", "models", "publish", str(gadget), "--model-name", "cli"],
+    out = subprocess.run([sys.executable, "-m", "tilestream_cli", "models", "publish", str(gadget), "--model-name", "cli"],
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "untrusted_type" not in out.stdout and "outside the allow-list" in out.stderr, out.stderr
     assert not marker.exists()
     bare = KeyStore(tmp_path / "no-release")
     bare.init_cloud()
     env_bare = child_env(kafka.bootstrap, bare.path, tmp_path / "home")
-    out = subprocess.run([sys.executable, "-m", "tilestream", "models", "publish", str(good[0]), "--model-name", "cli"],
+    out = subprocess.run([sys.executable, "-m", "tilestream_cli", "models", "publish", str(good[0]), "--model-name", "cli"],
                          env=env_bare, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "init-release" in out.stderr, out.stderr
-    out = subprocess.run([sys.executable, "-m", "tilestream", "models", "publish", str(good[0]), "--model-name", "cli"],
+    out = subprocess.run([sys.executable, "-m", "tilestream_cli", "models", "publish", str(good[0]), "--model-name", "cli"],
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "as version 1" in out.stdout, out.stderr
-    out = subprocess.run([sys.executable, "-m", "tilestream", "models", "show", "--model-name", "cli"],
+    out = subprocess.run([sys.executable, "-m", "tilestream_cli", "models", "show", "--model-name", "cli"],
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and json.loads(out.stdout)["model_id"] == good[1].model_id, out.stderr

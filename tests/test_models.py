@@ -16,7 +16,7 @@ from classifier.results import tail
 from classifier.train import train_scene_model
 from edge_agent.agent import EdgeAgent
 from tilestream.config import AgentSettings, FeatureConfig
-from tilestream.procs import Children, start_cloud_stages
+from tilestream_cli.procs import Children, start_cloud_stages
 
 from conftest import child_env, wait_for
 
@@ -75,7 +75,7 @@ def test_publishing_a_model_switches_the_running_classifier_without_losing_or_re
         sender = threading.Thread(target=send(half).run, daemon=True)
         sender.start()
         wait_for(lambda: len(seen) >= 15, 120, "15 results from the first model")
-        out = subprocess.run([sys.executable, "-m", "tilestream", "models", "publish", str(second_model)], env=env,
+        out = subprocess.run([sys.executable, "-m", "tilestream_cli", "models", "publish", str(second_model)], env=env,
                              capture_output=True, text=True, timeout=120)
         assert "as version 2" in out.stdout, out.stderr[-2000:]
         wait_for(lambda: model_version(port) == 2, 60, "the classifier to switch to version 2")

@@ -19,9 +19,9 @@ from edge_agent.encode import encode_image
 from stream_processor.tiling import tile_grid
 from tilestream import topics
 from tilestream.config import AgentSettings
-from tilestream.procs import Children, start_cloud_stages
+from tilestream_cli.procs import Children, start_cloud_stages
 from tilestream.records import DeadLetter, TileBatch
-from tilestream.samples import iter_video_frames
+from sampledata import iter_video_frames
 
 from conftest import SUPPORTED_VERSIONS, child_env, read_topic
 

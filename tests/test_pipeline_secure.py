@@ -16,7 +16,7 @@ from edge_agent.agent import EdgeAgent
 from kafkaio import Connection
 from kafkaio.connection import PASSWORD_ENV
 from tilestream.config import AgentSettings
-from tilestream.procs import Children, wait_http
+from tilestream_cli.procs import Children, wait_http
 
 from conftest import wait_for
 
@@ -50,7 +50,7 @@ def test_the_pipeline_runs_over_sasl_ssl_with_one_principal_per_role(secure_kafk
     base = dict(os.environ, TILESTREAM_KEYS_DIR=str(keystore.path), TILESTREAM_HOME=str(tmp_path / "home"))
     base.pop(PASSWORD_ENV, None)
 
-    publish = subprocess.run([sys.executable, "-m", "tilestream", "models", "publish", str(scene_model)],
+    publish = subprocess.run([sys.executable, "-m", "tilestream_cli", "models", "publish", str(scene_model)],
                              env=role_env(lk.connection("publisher"), base), capture_output=True, text=True, timeout=180)
     assert publish.returncode == 0, publish.stderr[-2000:]
 

@@ -228,7 +228,7 @@ def batches(bootstrap: str, frame_id: str) -> list:
 
 def start_processor(children, env, tmp_path, name: str):
     from deploy.local_kafka import free_port
-    from tilestream.procs import wait_http
+    from tilestream_cli.procs import wait_http
 
     port = free_port()
     proc = children.start(name, ["process", "--http-port", str(port), "--datadir", str(tmp_path / name)], env)
@@ -245,8 +245,8 @@ def test_replays_after_a_restart_or_on_another_partition_and_stale_frames_are_re
     from kafkaio import clients
     from tilestream import topics
     from tilestream.config import AgentSettings
-    from tilestream.procs import Children
-    from tilestream.samples import iter_video_frames
+    from tilestream_cli.procs import Children
+    from sampledata import iter_video_frames
 
     from conftest import child_env, wait_for
 
@@ -304,8 +304,8 @@ def test_a_replayed_tile_job_produces_no_second_feature_set(kafka, keystore, vte
     from kafkaio import clients
     from tilestream import topics
     from tilestream.config import AgentSettings
-    from tilestream.procs import Children
-    from tilestream.samples import iter_video_frames
+    from tilestream_cli.procs import Children
+    from sampledata import iter_video_frames
 
     from conftest import child_env, read_topic, wait_for
 

@@ -1,4 +1,4 @@
-"""tilestream.samples: real fetch of OpenCV's sample data from Debian's opencv-doc, and the loaders.
+"""sampledata: real fetch of OpenCV's sample data from Debian's opencv-doc, and the loaders.
 
 One real fetch (real apt-get download + dpkg-deb) into a session tmp cache is shared by the
 tests; the failure paths are driven by monkeypatching shutil.which / subprocess.run.
@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tilestream import samples
-from tilestream.samples import SampleChecksumError, SamplesUnavailable
+import sampledata as samples
+from sampledata import SampleChecksumError, SamplesUnavailable
 
 
 def _sha(p: Path) -> str:

@@ -17,9 +17,9 @@ from tilestream import topics
 from tilestream.config import AgentSettings, FeatureConfig
 from tilestream.crypto import FrameRejected
 from tilestream.envelope import FrameHeader
-from tilestream.procs import Children, start_cloud_stages
+from tilestream_cli.procs import Children, start_cloud_stages
 from tilestream.records import TileBatch
-from tilestream.samples import iter_video_frames
+from sampledata import iter_video_frames
 
 from conftest import child_env, read_topic, wait_for
 

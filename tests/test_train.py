@@ -20,7 +20,7 @@ from classifier.train import (
     train_folder,
 )
 from stream_processor.features import feature_length, tile_features
-from tilestream import samples
+import sampledata as samples
 from tilestream.config import FeatureConfig
 
 

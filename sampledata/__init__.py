@@ -60,7 +60,7 @@ class SampleChecksumError(SamplesUnavailable):
 
 def checksums() -> dict[str, str]:
     """Expected SHA-256 of each sample, read from the packaged ``samples.sha256``."""
-    text = resources.files("tilestream").joinpath("samples.sha256").read_text(encoding="utf-8")
+    text = resources.files("sampledata").joinpath("samples.sha256").read_text(encoding="utf-8")
     out: dict[str, str] = {}
     for line in text.splitlines():
         line = line.strip()

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from tilestream.config import Settings, cache_home
-from tilestream.procs import Children, wait_http
+from tilestream_cli.procs import Children, wait_http
 
 
 def _say(msg: str) -> None:
@@ -28,8 +28,9 @@ def _say(msg: str) -> None:
 def run_demo(settings: Settings, args: argparse.Namespace) -> int:
     from classifier.results import tail
     from deploy.local_kafka import LocalKafka, free_port
-    from tilestream import samples
-    from tilestream.cli import default_model_path, format_result
+    import sampledata as samples
+    from tilestream_cli.models import default_model_path
+    from tilestream_cli.results import format_result
     from tilestream.keys import KeyStore
     from kafkaio.clients import ensure_topics
     from tilestream.topics import pipeline_topics
@@ -62,7 +63,7 @@ def run_demo(settings: Settings, args: argparse.Namespace) -> int:
     try:
         if not model_path.exists():
             _say(f"training the scene model once (cached at {model_path}) ...")
-            subprocess.run([sys.executable, "-m", "tilestream", "train", "--out", str(model_path)], env=env, check=True)
+            subprocess.run([sys.executable, "-m", "tilestream_cli", "train", "--out", str(model_path)], env=env, check=True)
         web_port, metrics_port = free_port(), free_port()
         logs = cache_home() / "demo"
         logs.mkdir(parents=True, exist_ok=True)
@@ -117,3 +118,14 @@ def run_demo(settings: Settings, args: argparse.Namespace) -> int:
             started_kafka.stop()
         elif not interrupted:
             _say(f"the local Kafka at {bootstrap} was already running and is left running")
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    return run_demo(settings, args)
+
+
+def register(sub) -> None:
+    d = sub.add_parser("demo", help="agent + processor + classifier on vtest.avi, printing results")
+    d.add_argument("--frames", type=int, default=200, help="frames of vtest.avi to send (0: whole file)")
+    d.add_argument("--no-realtime", action="store_true", help="send as fast as possible instead of at the file's fps")
+    d.set_defaults(func=cmd_demo)

@@ -17,7 +17,7 @@ class Children:
         self.procs: list[tuple[str, subprocess.Popen]] = []
 
     def start(self, name: str, argv: list[str], env: dict[str, str], **kw) -> subprocess.Popen:
-        proc = subprocess.Popen([sys.executable, "-m", "tilestream", *argv], env=env, start_new_session=True, **kw)
+        proc = subprocess.Popen([sys.executable, "-m", "tilestream_cli", *argv], env=env, start_new_session=True, **kw)
         self.procs.append((name, proc))
         return proc
 

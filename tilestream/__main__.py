@@ -1,5 +1,0 @@
-import sys
-
-from tilestream.cli import main
-
-sys.exit(main())

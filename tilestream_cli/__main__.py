@@ -1,0 +1,5 @@
+import sys
+
+from tilestream_cli import main
+
+sys.exit(main())
