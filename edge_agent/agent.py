@@ -39,7 +39,7 @@ from tilestream.metrics import Metrics
 from tilestream.records import AgentHeartbeat
 
 from edge_agent.encode import encode_image, resize_max_side
-from edge_agent.sources import Backoff, FolderProgress, SourceError, open_source, resilient
+from edge_agent.sources import Backoff, FolderProgress, open_source, resilient
 from edge_agent.spool import Spool, SpoolFull
 
 log = logging.getLogger("tilestream.agent")
