@@ -34,7 +34,7 @@ from kafkaio import Connection, clients, connection
 from tilestream import __version__, crypto, envelope, topics
 from tilestream.config import AgentSettings, cache_home
 from tilestream.envelope import FrameHeader
-from tilestream.keys import KeyStore
+from tilestream.keys import DeviceKeys
 from tilestream.metrics import Metrics
 from tilestream.records import AgentHeartbeat
 
@@ -143,7 +143,7 @@ class EdgeAgent:
     def __init__(
         self,
         settings: AgentSettings,
-        keystore: KeyStore,
+        keystore: DeviceKeys,
         where: Connection | str,
         max_frame_bytes: int,
         state_dir: Path | None = None,
