@@ -462,6 +462,7 @@ class EdgeAgent:
             self.metrics.set(name if name == "last_seq" else f"{name}_total", value)
         self.metrics.set("spool_frames", self.spool.frames)
         self.metrics.set("spool_bytes", self.spool.live_bytes)
+        self.metrics.set("spool_head_rebuilt_total", self.spool.head_rebuilt)
         self.metrics.set("connected", 1.0 if self._connected else 0.0)
         return self.metrics.render()
 
