@@ -587,8 +587,14 @@ def _check_devices(devices: object) -> dict[str, list[dict]]:
             raise RegistryRefused("malformed", f"registry: bad device {str(camera_id)[:80]!r}")
         for e in entries:
             if (not isinstance(e, dict) or not isinstance(e.get("key_id"), str) or not _KID.fullmatch(e["key_id"])
-                    or not isinstance(e.get("public_key"), str) or e.get("status") not in ("active", "revoked")):
+                    or not isinstance(e.get("public_key"), str) or len(e["public_key"]) != 44
+                    or e.get("status") not in ("active", "revoked")):
                 raise RegistryRefused("malformed", f"registry: bad key entry of {camera_id!r}")
+            try:
+                if len(base64.b64decode(e["public_key"], validate=True)) != 32:
+                    raise ValueError
+            except ValueError:
+                raise RegistryRefused("malformed", f"registry: bad public key of {camera_id!r}") from None
     return devices
 
 
