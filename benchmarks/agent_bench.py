@@ -198,7 +198,7 @@ def main() -> None:
     threads: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory() as tmp, local_broker() as broker:
         store = KeyStore(Path(tmp) / "keys")
-        store.init_cloud()
+        store.init()
         store.enroll("bench-cam")
         sealer = EdgeAgent(AgentSettings(camera_id="bench-cam", source=video, jpeg_quality=80), store,
                            broker.bootstrap, MAX_FRAME_BYTES, state_dir=Path(tmp) / "sealer")

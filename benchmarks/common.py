@@ -199,11 +199,12 @@ def self_peak_rss_mib() -> float:
 
 
 def bench_keys(path: Path, cameras: Sequence[str] = ("bench-cam",)):
-    """A fresh key directory: the cloud key pair, the model-release key and the given cameras enrolled."""
+    """A fresh key directory: the cloud, admin and tile-job keys, the model-release key and the given
+    cameras enrolled (their bundles in bundles/ next to it)."""
     from tilestream.keys import KeyStore
 
     store = KeyStore(path)
-    store.init_cloud()
+    store.init()
     store.init_model_release()  # `classify --model` signs the model it publishes
     for cam in cameras:
         store.enroll(cam)

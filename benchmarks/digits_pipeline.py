@@ -66,7 +66,7 @@ def main() -> None:
             truth[s] = held_labels[s * per:(s + 1) * per]
 
         store = KeyStore(tmp / "keys")
-        store.init_cloud()
+        store.init()
         store.init_model_release()  # `classify --model` signs the model it publishes
         store.enroll("digits-cam")
         env = dict(os.environ, TILESTREAM_KAFKA_BOOTSTRAP=broker.bootstrap, TILESTREAM_KEYS_DIR=str(store.path),

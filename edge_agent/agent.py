@@ -34,7 +34,7 @@ from kafkaio import Connection, clients, connection
 from tilestream import __version__, crypto, envelope, topics
 from tilestream.config import AgentSettings, cache_home
 from tilestream.envelope import FrameHeader
-from tilestream.keys import KeyStore
+from tilestream.keys import DeviceKeys
 from tilestream.metrics import Metrics
 from tilestream.records import AgentHeartbeat
 
@@ -143,7 +143,7 @@ class EdgeAgent:
     def __init__(
         self,
         settings: AgentSettings,
-        keystore: KeyStore,
+        keystore: DeviceKeys,
         where: Connection | str,
         max_frame_bytes: int,
         state_dir: Path | None = None,
@@ -490,6 +490,7 @@ class EdgeAgent:
             self.metrics.set(name if name == "last_seq" else f"{name}_total", value)
         self.metrics.set("spool_frames", self.spool.frames)
         self.metrics.set("spool_bytes", self.spool.live_bytes)
+        self.metrics.set("spool_head_rebuilt_total", self.spool.head_rebuilt)
         self.metrics.set("connected", 1.0 if self._connected else 0.0)
         return self.metrics.render()
 

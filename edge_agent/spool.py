@@ -39,7 +39,7 @@ yet behind the head, and entries acknowledged after the last head write (at most
 the duplicates recognisable downstream.
 
 Counters (plain attributes, per process): ``appended``, ``acked``, ``dropped``,
-``full_rejections``, ``torn_records_discarded``, ``corrupt_records_skipped``; gauges:
+``full_rejections``, ``torn_records_discarded``, ``corrupt_records_skipped``, ``head_rebuilt``; gauges:
 ``frames`` (entries neither acknowledged nor dropped), ``in_flight``, ``live_bytes`` (bytes
 of entries past the head: what ``max_bytes`` bounds) and ``bytes`` (size of the segment
 files on disk). ``bytes`` may exceed ``max_bytes`` by at most one segment (the partly
@@ -64,8 +64,17 @@ handed out, so a sender that keeps up never reads back what was just written; th
 is what survives a crash, and whatever is not cached (a backlog, a retry) is read from disk
 and CRC-checked.
 
-``head``  JSON ``{"version": 1, "acked_through": <id>, "last_seq": <seq>}`` written
+``head``  JSON ``{"version": 2, "acked_through": <id>, "last_seq": <seq>, "crc32c": <c>}`` written
 atomically (temp file + ``os.replace``): every entry with id <= ``acked_through`` is gone.
+``c`` is the CRC-32C of ``HEAD_CRC_CONTEXT + acked_through + last_seq`` (two i64 LE). One wrong
+number here would drop every spooled frame (an ``acked_through`` above them) or stop the agent
+from starting at all (one that is not a 64-bit integer), so a head that does not check -- bad
+CRC, not JSON, a number out of range, or an ``acked_through`` above every id the segments
+know of -- is counted in ``head_rebuilt``, logged, and rebuilt from the segment records
+(which carry their own CRC): the head is put just before the oldest record on disk, so
+nothing is lost and at worst some acknowledged frames are sent again (at least once; the
+agent's reconciliation drops the ones already on the topic). Version 1 heads (no CRC,
+written before) are read with the same range checks.
 ``.lock`` the process lock. A segment is written by one process only; each open starts a
 new segment (named after the next entry id, so even an empty spool remembers its ids).
 
@@ -142,6 +151,9 @@ _MAX_FIELD = 2**32 - 1
 _SEG_PREFIX = "seg-"
 _SEG_SUFFIX = ".log"
 HEAD_FILE = "head"
+HEAD_CRC_CONTEXT = b"tilestream/spool-head/2\x00"
+_HEAD_NUMS = struct.Struct("<qq")
+_MAX_ID = 2**63 - 1
 LOCK_FILE = ".lock"
 
 _fdatasync = getattr(os, "fdatasync", os.fsync)
@@ -202,6 +214,10 @@ class _Rec:
 
     def __lt__(self, other: "_Rec") -> bool:  # for the heap of released entries
         return self.id < other.id
+
+
+def _head_crc(head: int, last_seq: int) -> int:
+    return crc32c(HEAD_CRC_CONTEXT + _HEAD_NUMS.pack(head, last_seq))
 
 
 def _seg_name(first_id: int) -> str:
@@ -296,6 +312,7 @@ class Spool:
         self.full_rejections = 0
         self.torn_records_discarded = 0
         self.corrupt_records_skipped = 0
+        self.head_rebuilt = 0
         self.frames = 0
         self.in_flight = 0
         self.live_bytes = 0
@@ -761,7 +778,8 @@ class Spool:
                 return
             path = self.directory / HEAD_FILE
             tmp = self.directory / (HEAD_FILE + ".tmp")
-            data = json.dumps({"version": 1, "acked_through": head, "last_seq": last_seq}).encode()
+            data = json.dumps({"version": 2, "acked_through": head, "last_seq": last_seq,
+                               "crc32c": _head_crc(head, last_seq)}).encode()
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
                 os.write(fd, data)
@@ -775,20 +793,37 @@ class Spool:
                 self._head_durable = head
             self._head_written = head
 
-    def _read_head(self) -> tuple[int, int]:
+    def _read_head(self) -> tuple[int, int] | None:
+        """(acked_through, last_seq) of the head file, (-1, -1) without one, None if it does not check."""
         path = self.directory / HEAD_FILE
         try:
-            d = json.loads(path.read_bytes())
-            return int(d["acked_through"]), int(d.get("last_seq", -1))
+            with open(path, "rb") as fh:
+                blob = fh.read(4097)
         except FileNotFoundError:
             return -1, -1
-        except (ValueError, KeyError, TypeError) as e:
-            # Only possible with fsync="never" and a power loss: re-deliver rather than lose.
+        except OSError as e:
             log.error(json.dumps({"event": "spool_head_unreadable", "path": str(path), "error": str(e)}))
-            return -1, -1
+            return None
+        try:
+            if len(blob) > 4096:
+                raise ValueError("larger than 4096 bytes")
+            d = json.loads(blob)
+            head, last_seq, version = d["acked_through"], d.get("last_seq", -1), d.get("version")
+            for v in (head, last_seq):
+                if type(v) is not int or not -1 <= v <= _MAX_ID:
+                    raise ValueError(f"{str(v)[:40]!r} is not an entry id or seq")
+            if version == 2:
+                if d.get("crc32c") != _head_crc(head, last_seq):
+                    raise ValueError("CRC-32C does not match")
+            elif version != 1:
+                raise ValueError(f"unknown version {str(version)[:20]!r}")
+            return head, last_seq
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            log.error(json.dumps({"event": "spool_head_unreadable", "path": str(path), "error": str(e)}))
+            return None
 
     def _recover(self) -> None:
-        head, last_seq = self._read_head()
+        read = self._read_head()
         try:
             (self.directory / (HEAD_FILE + ".tmp")).unlink()
         except FileNotFoundError:
@@ -798,15 +833,13 @@ class Spool:
             name = p.name
             if name.startswith(_SEG_PREFIX) and name.endswith(_SEG_SUFFIX):
                 digits = name[len(_SEG_PREFIX):-len(_SEG_SUFFIX)]
-                if digits.isdigit():
+                if digits.isdigit() and int(digits) <= _MAX_ID:
                     found.append((int(digits), p))
         found.sort()
 
-        floor = head + 1  # next id is above every id ever used, also of deleted segments
+        # Pass 1: check every record (independent of the head).
         after_id = -1
-        keep: list[tuple[_Segment, list[tuple[int, int, int, int, int]]]] = []
-        remove: list[Path] = []
-        last_empty: tuple[int, Path] | None = None
+        scanned: list[tuple[int, Path, list[tuple[int, int, int, int, int]], int]] = []
         for i, (first_id, path) in enumerate(found):
             newest = i == len(found) - 1
             data = path.read_bytes()
@@ -823,10 +856,37 @@ class Spool:
                 os.truncate(path, end)
             if corrupt:
                 log.error(json.dumps({"event": "spool_corrupt_span", "segment": path.name, "spans": corrupt}))
-            floor = max(floor, first_id)
             if recs:
                 after_id = recs[-1][3]
-                floor = max(floor, after_id + 1)
+            scanned.append((first_id, path, recs, end))
+
+        # The head: trusted only if it checks and is not above every id the segments know of
+        # (segments behind the head are deleted only up to the newest, which names the next id).
+        known = max([first_id - 1 for first_id, *_ in scanned] + [r[-1][3] for _, _, r, _ in scanned if r] + [-1])
+        if read is not None and scanned and read[0] > known:
+            log.error(json.dumps({"event": "spool_head_unreadable", "path": str(self.directory / HEAD_FILE),
+                                  "error": f"acked_through {read[0]} is above every entry id on disk ({known})"}))
+            read = None
+        rebuilt = read is None
+        if rebuilt:
+            oldest = min((r[0][3] for _, _, r, _ in scanned if r), default=known + 1)
+            head, last_seq = oldest - 1, -1
+            self.head_rebuilt += 1
+            log.error(json.dumps({"event": "spool_head_rebuilt", "path": str(self.directory / HEAD_FILE),
+                                  "acked_through": head, "note": "every record on disk is pending again"}))
+        else:
+            head, last_seq = read
+
+        # Pass 2: keep what is past the head.
+        floor = head + 1  # next id is above every id ever used, also of deleted segments
+        keep: list[tuple[_Segment, list[tuple[int, int, int, int, int]]]] = []
+        remove: list[Path] = []
+        last_empty: tuple[int, Path] | None = None
+        for i, (first_id, path, recs, end) in enumerate(scanned):
+            newest = i == len(scanned) - 1
+            floor = max(floor, first_id)
+            if recs:
+                floor = max(floor, recs[-1][3] + 1)
                 last_seq = max(last_seq, max(r[4] for r in recs))
             if recs and recs[-1][3] > head:
                 seg = _Segment(first_id, path, -1, end, 0, recs[-1][3])
@@ -838,8 +898,10 @@ class Spool:
 
         self._next_id = floor
         self._head = head
-        self._head_written = self._head_durable = head
+        self._head_written = self._head_durable = -2 if rebuilt else head
         self._last_seq = last_seq
+        if rebuilt:  # replace the bad file now, before anything relies on it
+            self._write_head(head, last_seq, durable=self.fsync != "never")
         # Segments entirely behind the (persisted) head, or empty: delete.
         if last_empty is not None and last_empty[0] != floor:
             remove.append(last_empty[1])

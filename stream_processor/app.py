@@ -43,7 +43,7 @@ from kafkaio.clients import ensure_topics
 from tilestream import topics
 from tilestream.config import Settings
 from tilestream.crypto import FrameRejected
-from tilestream.keys import DeviceRegistry, KeyStore
+from tilestream.keys import KeyStore
 from tilestream.metrics import Metrics, observe_gc_pauses
 from tilestream.records import DeadLetter, StageMetrics
 
@@ -104,10 +104,14 @@ def create_app(settings: Settings, where: Connection | str, datadir: Path, web_p
                             value_serializer="raw")
     replays = replay.ReplayState(ps.replay_window_seqs, ps.max_frame_age_s, ps.max_clock_skew_s)
 
+    metrics = Metrics("tilestream_processor")
+    # Keys: the cloud private keys, the admin-signed device registry (refused and counted in
+    # registry_refused_total if it does not verify) and the shared tile-job key, which the worker
+    # never makes itself (TileKeyMissing: `tilestream keys tile-key create`, copied to every host).
     keystore = KeyStore(settings.keys_path())
     processor = FrameProcessor(
         keystore.cloud_private_keys(),
-        DeviceRegistry(keystore.registry_path),
+        keystore.device_registry(metrics=metrics),
         settings.features,
         max_bytes=settings.kafka.max_frame_bytes,
         max_pixels=ps.max_image_pixels,
@@ -119,7 +123,6 @@ def create_app(settings: Settings, where: Connection | str, datadir: Path, web_p
     marks_sync: dict = {"generation": UNSYNCED, "lock": None}
     n_bands = ps.fanout_bands or settings.kafka.tile_jobs_partitions
     executor = ThreadPoolExecutor(max_workers=ps.workers_threads, thread_name_prefix="tilestream-cpu")
-    metrics = Metrics("tilestream_processor")
     observe_gc_pauses(metrics)
     instance = f"{socket.gethostname()}:{os.getpid()}"
     app.tilestream_metrics = metrics  # type: ignore[attr-defined]

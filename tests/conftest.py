@@ -59,9 +59,11 @@ SUPPORTED_VERSIONS = [DEFAULT_VERSION, LEGACY_VERSION]
 
 @pytest.fixture
 def keystore(tmp_path: Path) -> KeyStore:
-    """Fresh keys for each test: a cloud key pair, a model-release key and one enrolled camera, ``cam-test``."""
+    """Fresh keys for each test: the cloud, admin and tile-job keys, a model-release key and one
+    enrolled camera, ``cam-test``, whose device bundle is in ``tmp_path/bundles`` (outside the key
+    directory; where ``tilestream agent`` looks by default with ``TILESTREAM_KEYS_DIR`` = ``keystore.path``)."""
     store = KeyStore(tmp_path / "keys")
-    store.init_cloud()
+    store.init()
     store.init_model_release()
     store.enroll("cam-test")
     return store

@@ -107,7 +107,9 @@ def test_sigkill_while_draining_then_restart_loses_and_repeats_nothing(kafka_any
     empty = tmp_path / "no-new-images"
     empty.mkdir()
     env = child_env(broker.bootstrap, keystore.path, tmp_path / "home")
-    common = ["--camera-id", "cam-test", "--state-dir", str(tmp_path / "agent")]
+    # A camera of its own: the module's broker already holds cam-test frames of the outage test.
+    keystore.enroll("cam-kill")
+    common = ["--camera-id", "cam-kill", "--state-dir", str(tmp_path / "agent")]
     n = 400
 
     # 1. Broker down: the agent captures n frames into its spool and gives up draining after 1 s.
@@ -125,14 +127,14 @@ def test_sigkill_while_draining_then_restart_loses_and_repeats_nothing(kafka_any
                               "300", *common], env=env_slow, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              start_new_session=True)
     try:
-        wait_for(lambda: len(frames_on_topic(broker.bootstrap, "cam-test")) >= 30, 120, "the drain to be under way")
+        wait_for(lambda: len(frames_on_topic(broker.bootstrap, "cam-kill")) >= 30, 120, "the drain to be under way")
         drain.send_signal(signal.SIGKILL)
         drain.wait(10)
     finally:
         if drain.poll() is None:
             drain.kill()
             drain.wait()
-    partial = len(frames_on_topic(broker.bootstrap, "cam-test"))
+    partial = len(frames_on_topic(broker.bootstrap, "cam-kill"))
     assert 30 <= partial < n, f"the kill did not land mid-drain ({partial}/{n} on the topic)"
 
     # 3. Restart: the rest is sent, nothing twice.
@@ -141,7 +143,7 @@ def test_sigkill_while_draining_then_restart_loses_and_repeats_nothing(kafka_any
     done = json.loads(third.stdout.strip().splitlines()[-1])
     print(f"after the SIGKILL at {partial}/{n}: restart sent {done['sent']}, found {done['already_on_topic']} already on the topic")
     assert done["sent"] + done["already_on_topic"] >= n - partial, third.stderr[-2000:]
-    assert_exactly_once_in_order(frames_on_topic(broker.bootstrap, "cam-test"), list(range(n)))
+    assert_exactly_once_in_order(frames_on_topic(broker.bootstrap, "cam-kill"), list(range(n)))
 
 
 @pytest.mark.kafka

@@ -114,8 +114,8 @@ def test_frame_sealed_to_another_cloud_key_is_refused(keystore, tmp_path):
 
 
 def test_unknown_and_revoked_devices_are_refused(keystore, tmp_path):
-    stranger = KeyStore(tmp_path / "stranger")
-    stranger.init_cloud()
+    stranger = KeyStore(tmp_path / "stranger", bundle_dir=tmp_path / "stranger-bundles")
+    stranger.init()
     stranger.enroll("cam-test")
     _, dev = stranger.device_private_key("cam-test")
     _, _, cloud_pub = keystore.cloud_public_key()
@@ -152,7 +152,7 @@ def test_rotated_cloud_key_still_opens_older_frames(keystore):
 
 def test_private_keys_are_0600(keystore):
     keys = list(keystore.path.rglob("*.key"))
-    assert len(keys) == 4  # cloud HPKE key, internal tile-job key, the camera's signing key, the model-release key
+    assert len(keys) == 4  # cloud HPKE key, tile-job key, registry admin key, model-release key (no device key)
     for k in keys:
         assert stat.S_IMODE(k.stat().st_mode) == 0o600
 

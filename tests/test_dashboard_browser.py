@@ -79,7 +79,7 @@ def live(kafka, scene_model, tmp_path_factory):
     """Processor, classifier and dashboard as child processes on the module's broker; always stopped."""
     tmp = tmp_path_factory.mktemp("dashboard")
     keys = KeyStore(tmp / "keys")
-    keys.init_cloud()
+    keys.init()
     keys.init_model_release()
     keys.enroll(CAMERA)
     env = child_env(kafka.bootstrap, keys.path, tmp / "home")

@@ -152,6 +152,9 @@ class AgentSettings:
     heartbeat_interval_s: float = 5.0
     drain_timeout_s: float = 30.0  # at the end of a finite source, wait this long for the spool to drain
     http_port: int = 0  # /healthz and /metrics; 0: off
+    # The device bundle (`tilestream keys enroll`): device private key, camera id, cloud public key.
+    # Default: bundles/<camera_id>.bundle next to the keys directory.
+    bundle: str = ""
 
 
 @dataclass
@@ -201,7 +204,7 @@ class Settings:
     agent: AgentSettings = field(default_factory=AgentSettings)
     processor: ProcessorSettings = field(default_factory=ProcessorSettings)
     classifier: ClassifierSettings = field(default_factory=ClassifierSettings)
-    # Key material: cloud key pair, device keys, device registry.
+    # Key material: cloud keys, tile-job keys, admin public keys, the signed device registry.
     keys_dir: str = ""
 
     def keys_path(self) -> Path:

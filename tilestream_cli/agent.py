@@ -6,6 +6,8 @@ import argparse
 import json
 import signal
 import sys
+from pathlib import Path
+
 from tilestream.config import Settings
 
 from tilestream_cli.common import connection
@@ -13,12 +15,14 @@ from tilestream_cli.common import connection
 
 def cmd_agent(args: argparse.Namespace, settings: Settings) -> int:
     from edge_agent.agent import EdgeAgent
-    from tilestream.keys import KeyStore
+    from tilestream.errors import ConfigError
+    from tilestream.keys import DeviceBundle, default_bundle_path
     from tilestream.metrics import serve_http
 
     a = settings.agent
     for name in ("source", "camera_id", "fps", "max_frames", "max_side", "encoding", "jpeg_quality", "change_threshold",
-                 "state_dir", "spool_max_bytes", "spool_when_full", "http_port", "heartbeat_interval_s", "drain_timeout_s"):
+                 "state_dir", "spool_max_bytes", "spool_when_full", "http_port", "heartbeat_interval_s", "drain_timeout_s",
+                 "bundle"):
         value = getattr(args, name)
         if value is not None:
             setattr(a, name, value)
@@ -28,7 +32,18 @@ def cmd_agent(args: argparse.Namespace, settings: Settings) -> int:
     if not a.source:
         print("error: no source (--source PATH|URL|DEVICE_INDEX or [agent] source in the config)", file=sys.stderr)
         return 2
-    agent = EdgeAgent(a, KeyStore(settings.keys_path()), connection(args, settings), settings.kafka.max_frame_bytes)
+    # The camera's keys come from its device bundle only (`tilestream keys enroll` made it).
+    bundle = Path(a.bundle).expanduser() if a.bundle else default_bundle_path(settings.keys_path(), a.camera_id)
+    try:
+        keys = DeviceBundle.load(bundle)
+    except FileNotFoundError:
+        print(f"error: no device bundle at {bundle} (--bundle FILE or [agent] bundle; made by "
+              f"`tilestream keys enroll {a.camera_id}`)", file=sys.stderr)
+        return 2
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    agent = EdgeAgent(a, keys, connection(args, settings), settings.kafka.max_frame_bytes)
     if a.http_port:
         from types import SimpleNamespace
 
@@ -44,6 +59,8 @@ def register(sub) -> None:
     a = sub.add_parser("agent", help="run the edge agent")
     a.add_argument("--source", help="video file, image folder, device index or rtsp/http URL")
     a.add_argument("--camera-id")
+    a.add_argument("--bundle", help="device bundle from `tilestream keys enroll` (default bundles/CAMERA.bundle "
+                                    "next to the keys directory)")
     a.add_argument("--fps", type=float)
     a.add_argument("--max-frames", type=int)
     a.add_argument("--max-side", type=int)

@@ -47,12 +47,13 @@ def run_demo(settings: Settings, args: argparse.Namespace) -> int:
         ensure_topics(bootstrap, pipeline_topics(settings.kafka))
     video = samples.path("vtest.avi")
 
-    keys_dir = Path(settings.keys_dir) if settings.keys_dir else cache_home() / "demo" / "keys-v2"
+    # keys-v3: signed registry, tile/ and admin/ (a keys-v2 directory has an unsigned registry).
+    keys_dir = Path(settings.keys_dir) if settings.keys_dir else cache_home() / "demo" / "keys-v3"
     store = KeyStore(keys_dir)
-    store.init_cloud()
+    store.init()  # cloud, admin and tile-job keys
     store.init_model_release()  # the demo publishes its scene model: one machine holds every key
     camera = settings.agent.camera_id
-    if not (keys_dir / "devices" / camera / "current").exists():
+    if not store.bundle_path(camera).exists():  # the agent below reads it from there (its default)
         store.enroll(camera)
 
     env = dict(os.environ, TILESTREAM_KAFKA_BOOTSTRAP=bootstrap, TILESTREAM_KEYS_DIR=str(keys_dir))

@@ -1,34 +1,65 @@
-"""``tilestream keys ...``: the cloud key, device enrolment, the model-release key."""
+"""``tilestream keys ...``: the cloud key, admin (registry) key, device enrolment and bundles,
+tile-job keys, the model-release key."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
+
 from tilestream.config import Settings
 
 
-
 def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
-    from tilestream.keys import KeyStore
+    from tilestream.errors import ConfigError
+    from tilestream.keys import KeyStore, RegistryRefused
 
-    store = KeyStore(settings.keys_path())
+    store = KeyStore(settings.keys_path(), admin_dir=args.admin_dir)
     if args.action in ("enroll", "rotate-device", "revoke") and not args.camera_id:
         print(f"error: keys {args.action} needs a CAMERA_ID", file=sys.stderr)
         return 2
+    try:
+        return _keys(args, store)
+    except (ConfigError, RegistryRefused, FileNotFoundError, KeyError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _keys(args: argparse.Namespace, store) -> int:
     if args.action == "init":
-        print(f"cloud key {store.init_cloud(args.suite)} in {store.path}")
+        ids = store.init(args.suite)
+        print(f"cloud key {ids['cloud']}, admin key {ids['admin']} and tile-job key {ids['tile']} in {store.path}")
+        print(f"processors need {store.path} without admin/*.key (keep the admin key where devices are enrolled; "
+              f"`--admin-dir` if it lives elsewhere)")
     elif args.action == "rotate-cloud":
-        print(f"new cloud key {store.rotate_cloud(args.suite)} ({args.suite}); older keys still open older frames")
-    elif args.action == "enroll":
-        print(f"enrolled {args.camera_id} with device key {store.enroll(args.camera_id)}")
-    elif args.action == "rotate-device":
-        kid = store.enroll(args.camera_id)
-        print(f"{args.camera_id} now signs with {kid}; revoke its old key with "
-              f"`tilestream keys revoke {args.camera_id} --key-id OLD` once the device uses the new one")
+        print(f"new cloud key {store.rotate_cloud(args.suite)} ({args.suite}); older keys still open older frames; "
+              f"devices seal to it once they get a new bundle")
+    elif args.action in ("enroll", "rotate-device"):
+        out = Path(args.out) if args.out else store.bundle_path(args.camera_id)
+        if args.action == "enroll" and out.exists():
+            print(f"error: {out} exists: `tilestream keys rotate-device {args.camera_id}` makes a new device key "
+                  f"(or give --out)", file=sys.stderr)
+            return 2
+        kid = store.enroll(args.camera_id, out)
+        print(f"enrolled {args.camera_id} with device key {kid}; install {out} (mode 0600) on the camera "
+              f"(`tilestream agent --bundle FILE`, or [agent] bundle)")
+        if args.action == "rotate-device":
+            print(f"revoke its old key with `tilestream keys revoke {args.camera_id} --key-id OLD` once the device "
+                  f"uses the new bundle")
     elif args.action == "revoke":
         print(f"revoked {', '.join(store.revoke(args.camera_id, args.key_id)) or 'nothing'}")
     elif args.action == "list":
-        print(store.registry_path.read_text() if store.registry_path.exists() else "{}")
+        print(json.dumps(store.devices(), indent=2, sort_keys=True))
+    elif args.action == "sign-registry":
+        print(f"signed the registry ({store.sign_registry()} devices) with admin key {store.init_admin()}")
+    elif args.action == "trust-admin":
+        if not args.pub:
+            print("error: keys trust-admin needs --pub FILE", file=sys.stderr)
+            return 2
+        print(f"trusting registry admin key {store.trust_admin(args.pub)}")
+    elif args.action == "tile-key":
+        return _tile_key(args, store)
     elif args.action == "init-release":
         kid = store.init_model_release()
         print(f"model release key {kid} in {store.path / 'release'}; classifiers elsewhere need "
@@ -45,22 +76,50 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
         if not args.key_id:
             print("error: keys untrust-release needs --key-id KID", file=sys.stderr)
             return 2
-        try:
-            store.untrust_model_release(args.key_id)
-        except (KeyError, ValueError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+        store.untrust_model_release(args.key_id)
         print(f"model release key {args.key_id} is no longer trusted here")
     return 0
 
 
+def _tile_key(args: argparse.Namespace, store) -> int:
+    what = args.camera_id
+    tdir = store.path / "tile"
+    if what == "create":
+        kid = store.create_tile_key()
+        current = store.tile_keys()[0]
+        print(f"tile-job key {kid} in {tdir}" + (" (current)" if kid == current else f"; current is still {current}: "
+              f"copy {tdir} to every processor host, restart them, then `tilestream keys tile-key rotate --key-id {kid}`"))
+    elif what == "rotate":
+        kid = store.rotate_tile_key(args.key_id)
+        print(f"new tile jobs are sealed with {kid}; older keys still open in-flight jobs until "
+              f"`tilestream keys tile-key remove --key-id OLD`; copy {tdir} to every processor host")
+    elif what == "list":
+        for k in store.list_tile_keys():
+            print(f"{k['key_id']}{'  current' if k['current'] else ''}")
+    elif what == "remove":
+        if not args.key_id:
+            print("error: keys tile-key remove needs --key-id KID", file=sys.stderr)
+            return 2
+        store.remove_tile_key(args.key_id)
+        print(f"tile-job key {args.key_id} removed from {tdir}")
+    else:
+        print("error: keys tile-key create|rotate|list|remove", file=sys.stderr)
+        return 2
+    return 0
+
+
 def register(sub) -> None:
-    ks = sub.add_parser("keys", help="cloud key pair, device enrolment and the model-release key")
+    ks = sub.add_parser("keys", help="cloud key pair, device enrolment, tile-job keys and the model-release key")
     ks.add_argument("action", choices=["init", "enroll", "rotate-device", "rotate-cloud", "revoke", "list",
+                                       "sign-registry", "trust-admin", "tile-key",
                                        "init-release", "rotate-release", "trust-release", "untrust-release"])
-    ks.add_argument("camera_id", nargs="?")
+    ks.add_argument("camera_id", nargs="?", help="the camera (enroll, rotate-device, revoke); "
+                                                 "tile-key: create|rotate|list|remove")
     ks.add_argument("--key-id")
-    ks.add_argument("--pub", help="trust-release: a release public key file (release/<kid>.pub of the publisher)")
+    ks.add_argument("--out", help="enroll/rotate-device: the device bundle to write (default bundles/CAMERA.bundle "
+                                  "next to the keys directory)")
+    ks.add_argument("--admin-dir", help="where the admin (registry-signing) private key is (default KEYS_DIR/admin)")
+    ks.add_argument("--pub", help="trust-release/trust-admin: a public key file (<kid>.pub of the other machine)")
     ks.add_argument("--suite", choices=["x25519", "mlkem768-x25519"], default="x25519",
                     help="HPKE KEM of a new cloud key (mlkem768-x25519: hybrid post-quantum)")
     ks.set_defaults(func=cmd_keys)

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
-from tilestream.config import Settings
 
-from tilestream.config import cache_home
+from tilestream.config import Settings, cache_home
+
 from tilestream_cli.common import connection
 
 
 def cmd_process(args: argparse.Namespace, settings: Settings) -> int:
     from stream_processor.app import run_worker
+    from tilestream.errors import ConfigError
 
     datadir = Path(args.datadir) if args.datadir else cache_home() / "processor" / f"worker-{args.http_port or settings.processor.web_port}"
-    run_worker(settings, connection(args, settings), datadir, args.http_port, loglevel=args.loglevel)
+    try:
+        run_worker(settings, connection(args, settings), datadir, args.http_port, loglevel=args.loglevel)
+    except ConfigError as exc:  # e.g. no tile-job key: refuse to start rather than make one of our own
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
