@@ -304,7 +304,7 @@ def test_the_processor_refuses_to_start_without_a_tile_key(tmp_path):
 # -- the command line ---------------------------------------------------------------------------
 def _cli(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, TILESTREAM_KEYS_DIR=str(tmp_path / "keys"), TILESTREAM_HOME=str(tmp_path / "home"))
-    return subprocess.run([sys.executable, "-m", "tilestream", *argv], env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "tilestream_cli", *argv], env=env, capture_output=True, text=True,
                           timeout=120)
 
 
