@@ -272,11 +272,13 @@ def camera_username(camera_id: str) -> str:
     return CAMERA_PREFIX + camera_id
 
 
-def add_camera_user(admin, state_dir: Path, camera_id: str) -> str:
+def add_camera_user(admin, state_dir: Path | None, camera_id: str) -> str:
     """A SCRAM user ``camera-<id>`` with the agent's ACLs on that principal; returns its password.
 
-    The password is also kept in ``<state>/credentials.json`` (0600) so that
-    ``LocalKafka.client_config(camera=...)`` can hand it out; a second call rotates it.
+    With a local broker's ``state_dir`` the password is also kept in ``<state>/credentials.json``
+    (0600) so that ``LocalKafka.client_config(camera=...)`` can hand it out; without one (a real
+    cluster, ``tilestream keys enroll --broker``) it goes only into the camera's bundle. A second
+    call rotates it.
     """
     from kafka.admin import ScramMechanism, UserScramCredentialUpsertion
 
@@ -287,13 +289,14 @@ def add_camera_user(admin, state_dir: Path, camera_id: str) -> str:
     if errors.get(user):
         raise SecurityError(f"the broker refused the credential of {user}: {errors[user]}", "scram_refused")
     _create_acls(admin, role_acls("agent", user))
-    creds = load_credentials(state_dir)
-    creds["cameras"][camera_id] = password
-    _save_credentials(state_dir, creds)
+    if state_dir is not None:
+        creds = load_credentials(state_dir)
+        creds["cameras"][camera_id] = password
+        _save_credentials(state_dir, creds)
     return password
 
 
-def revoke_camera_user(admin, state_dir: Path, camera_id: str) -> int:
+def revoke_camera_user(admin, state_dir: Path | None, camera_id: str) -> int:
     """Delete the camera's ACLs (effective at once, also on open connections) and its SCRAM
     credential (no new logins; a live session ends at ``connections.max.reauth.ms``).
     Returns the number of ACLs removed."""
@@ -313,9 +316,10 @@ def revoke_camera_user(admin, state_dir: Path, camera_id: str) -> int:
     errors = admin.alter_user_scram_credentials([UserScramCredentialDeletion(user, ScramMechanism.SCRAM_SHA_512)])
     if errors.get(user) and "not found" not in str(errors[user]).lower() and "does not exist" not in str(errors[user]).lower():
         raise SecurityError(f"deleting the credential of {user} failed: {errors[user]}", "scram_refused")
-    creds = load_credentials(state_dir)
-    creds["cameras"].pop(camera_id, None)
-    _save_credentials(state_dir, creds)
+    if state_dir is not None:
+        creds = load_credentials(state_dir)
+        creds["cameras"].pop(camera_id, None)
+        _save_credentials(state_dir, creds)
     return removed
 
 

@@ -59,9 +59,20 @@ class Connection:
         return self.security_protocol.startswith("SASL_")
 
     @classmethod
-    def from_settings(cls, kafka, bootstrap: str | None = None, env: dict[str, str] | None = None) -> "Connection":
-        """The connection described by ``[kafka]`` settings (``bootstrap`` overrides theirs)."""
+    def from_settings(cls, kafka, bootstrap: str | None = None, env: dict[str, str] | None = None,
+                      credentials: dict | None = None) -> "Connection":
+        """The connection described by ``[kafka]`` settings (``bootstrap`` overrides theirs).
+
+        ``credentials`` (``sasl_username``, ``sasl_password``, optional ``sasl_mechanism``): a
+        principal of its own, e.g. the camera's from its device bundle; it implies SASL over TLS.
+        """
         env = os.environ if env is None else env
+        if credentials:
+            return cls(
+                bootstrap=bootstrap or kafka.bootstrap or f"{kafka.host}:{kafka.port}", security_protocol="SASL_SSL",
+                ssl_cafile=kafka.ssl_cafile, ssl_certfile=kafka.ssl_certfile, ssl_keyfile=kafka.ssl_keyfile,
+                sasl_mechanism=credentials.get("sasl_mechanism", kafka.sasl_mechanism),
+                sasl_username=credentials["sasl_username"], sasl_password=credentials["sasl_password"])
         password = env.get(PASSWORD_ENV, "")
         if not password and kafka.sasl_password_file:
             with open(os.path.expanduser(kafka.sasl_password_file), encoding="utf-8") as fh:

@@ -93,23 +93,11 @@ def child_env(bootstrap: str, keys_dir: Path, home: Path) -> dict[str, str]:
                 TILESTREAM_HOME=str(home))
 
 
-def read_topic(bootstrap: str, topic: str) -> list:
-    """Every record of ``topic`` up to its end offsets now."""
-    from kafka import KafkaConsumer, TopicPartition
+def read_topic(where, topic: str) -> list:
+    """Every record of ``topic`` up to its end offsets now (``where``: a bootstrap string or a Connection)."""
+    from kafkaio.clients import read_range
 
-    c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None, consumer_timeout_ms=5000)
-    try:
-        parts = [TopicPartition(topic, p) for p in c.partitions_for_topic(topic)]
-        c.assign(parts)
-        c.seek_to_beginning(*parts)
-        end = c.end_offsets(parts)
-        out = []
-        while any(c.position(tp) < end[tp] for tp in parts):
-            for records in c.poll(timeout_ms=1000).values():
-                out.extend(records)
-        return out
-    finally:
-        c.close()
+    return read_range(where, topic)
 
 
 @pytest.fixture(scope="session")

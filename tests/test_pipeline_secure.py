@@ -85,3 +85,46 @@ def test_the_pipeline_runs_over_sasl_ssl_with_one_principal_per_role(secure_kafk
         assert sorted(results) == list(range(N_FRAMES)), "exactly one result per frame"
     finally:
         children.stop_all()
+
+
+def test_keys_enroll_issues_the_cameras_own_broker_credential_and_revoke_takes_it_away(secure_kafka, keystore,
+                                                                                        vtest_path, tmp_path):
+    """`keys enroll --broker` (as admin) puts a SCRAM user with the agent's ACLs into the camera's bundle; the
+    agent runs with nothing but the bundle and the cluster's CA; `keys revoke --broker` ends its writes."""
+    import json
+
+    from conftest import read_topic
+    from tilestream import envelope, topics
+
+    lk, camera = secure_kafka, "cam-enrolled"
+    base = dict(os.environ, TILESTREAM_KEYS_DIR=str(keystore.path), TILESTREAM_HOME=str(tmp_path / "home"))
+    base.pop(PASSWORD_ENV, None)
+    admin_env = role_env(lk.connection("admin"), base)
+    enrolled = subprocess.run([sys.executable, "-m", "tilestream_cli", "keys", "enroll", camera, "--broker"],
+                              env=admin_env, capture_output=True, text=True, timeout=120)
+    assert enrolled.returncode == 0, enrolled.stderr[-2000:]
+    bundle = json.loads(keystore.bundle_path(camera).read_text())
+    assert bundle["kafka"]["sasl_username"] == f"camera-{camera}" and len(bundle["kafka"]["sasl_password"]) >= 32
+
+    # The camera: TLS settings and the CA, no user and no password of its own in the environment.
+    cam_env = dict(base, TILESTREAM_KAFKA_BOOTSTRAP=lk.bootstrap, TILESTREAM_KAFKA_SECURITY_PROTOCOL="SASL_SSL",
+                   TILESTREAM_KAFKA_SSL_CAFILE=str(lk.ca_file))
+
+    def run_agent(n: int, drain_s: int) -> dict:
+        out = subprocess.run([sys.executable, "-m", "tilestream_cli", "agent", "--camera-id", camera, "--source",
+                              str(vtest_path), "--max-frames", str(n), "--drain-timeout-s", str(drain_s),
+                              "--state-dir", str(tmp_path / "agent")], env=cam_env, capture_output=True, text=True,
+                             timeout=180)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    assert run_agent(3, 60)["sent"] == 3
+    on_topic = [envelope.parse(m.value).header.seq for m in read_topic(lk.connection("admin"), topics.FRAMES)
+                if envelope.parse(m.value).header.camera_id == camera]
+    assert sorted(on_topic) == [0, 1, 2]
+
+    revoked = subprocess.run([sys.executable, "-m", "tilestream_cli", "keys", "revoke", camera, "--broker"],
+                             env=admin_env, capture_output=True, text=True, timeout=120)
+    assert revoked.returncode == 0 and "SCRAM credential" in revoked.stdout, revoked.stderr[-2000:]
+    after = run_agent(2, 8)
+    assert after["sent"] == 0 and after["sealed"] == 2  # sealed and kept in the spool, never accepted by Kafka

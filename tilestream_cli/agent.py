@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tilestream.config import Settings
 
-from tilestream_cli.common import connection
+from kafkaio import Connection
 
 
 def cmd_agent(args: argparse.Namespace, settings: Settings) -> int:
@@ -43,7 +43,9 @@ def cmd_agent(args: argparse.Namespace, settings: Settings) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    agent = EdgeAgent(a, keys, connection(args, settings), settings.kafka.max_frame_bytes)
+    # The camera's own broker principal comes from its bundle (`keys enroll --broker`), if it has one.
+    conn = Connection.from_settings(settings.kafka, args.bootstrap, credentials=keys.kafka)
+    agent = EdgeAgent(a, keys, conn, settings.kafka.max_frame_bytes)
     if a.http_port:
         from types import SimpleNamespace
 

@@ -10,12 +10,15 @@ from pathlib import Path
 
 from tilestream.config import Settings
 
+from tilestream_cli.common import connection
+
 
 def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
     from tilestream.errors import ConfigError
     from tilestream.keys import KeyStore, RegistryRefused
 
     store = KeyStore(settings.keys_path(), admin_dir=args.admin_dir)
+    args.conn = connection(args, settings)  # --broker: the admin principal of the configuration
     if args.action in ("enroll", "rotate-device", "revoke") and not args.camera_id:
         print(f"error: keys {args.action} needs a CAMERA_ID", file=sys.stderr)
         return 2
@@ -41,7 +44,8 @@ def _keys(args: argparse.Namespace, store) -> int:
             print(f"error: {out} exists: `tilestream keys rotate-device {args.camera_id}` makes a new device key "
                   f"(or give --out)", file=sys.stderr)
             return 2
-        kid = store.enroll(args.camera_id, out)
+        creds = (lambda cam: _broker_credential(args.conn, cam)) if args.broker else None
+        kid = store.enroll(args.camera_id, out, broker_credentials=creds)
         print(f"enrolled {args.camera_id} with device key {kid}; install {out} (mode 0600) on the camera "
               f"(`tilestream agent --bundle FILE`, or [agent] bundle)")
         if args.action == "rotate-device":
@@ -49,6 +53,9 @@ def _keys(args: argparse.Namespace, store) -> int:
                   f"uses the new bundle")
     elif args.action == "revoke":
         print(f"revoked {', '.join(store.revoke(args.camera_id, args.key_id)) or 'nothing'}")
+        if args.broker:
+            print(f"broker: removed {_broker_revoke(args.conn, args.camera_id)} ACLs and the SCRAM credential of "
+                  f"camera-{args.camera_id}")
     elif args.action == "list":
         print(json.dumps(store.devices(), indent=2, sort_keys=True))
     elif args.action == "sign-registry":
@@ -108,6 +115,32 @@ def _tile_key(args: argparse.Namespace, store) -> int:
     return 0
 
 
+def _broker_credential(conn, camera_id: str) -> dict:
+    """The camera's own broker principal: a SCRAM user ``camera-<id>`` with the agent's ACLs only
+    (Write frames and heartbeats, Read frames for reconciliation), created with the admin principal
+    of ``conn``. What goes into the bundle: the user and its password, nothing of anyone else's."""
+    from deploy.kafka_security import MECHANISM, add_camera_user, camera_username
+    from kafkaio import clients
+
+    admin = clients.admin(conn)
+    try:
+        password = add_camera_user(admin, None, camera_id)
+    finally:
+        admin.close()
+    return {"sasl_mechanism": MECHANISM, "sasl_username": camera_username(camera_id), "sasl_password": password}
+
+
+def _broker_revoke(conn, camera_id: str) -> int:
+    from deploy.kafka_security import revoke_camera_user
+    from kafkaio import clients
+
+    admin = clients.admin(conn)
+    try:
+        return revoke_camera_user(admin, None, camera_id)
+    finally:
+        admin.close()
+
+
 def register(sub) -> None:
     ks = sub.add_parser("keys", help="cloud key pair, device enrolment, tile-job keys and the model-release key")
     ks.add_argument("action", choices=["init", "enroll", "rotate-device", "rotate-cloud", "revoke", "list",
@@ -116,6 +149,9 @@ def register(sub) -> None:
     ks.add_argument("camera_id", nargs="?", help="the camera (enroll, rotate-device, revoke); "
                                                  "tile-key: create|rotate|list|remove")
     ks.add_argument("--key-id")
+    ks.add_argument("--broker", action="store_true",
+                    help="enroll/rotate-device: also create the camera's own SCRAM user (agent ACLs) on the configured "
+                         "Kafka and put it in the bundle; revoke: also delete it there (needs the admin principal)")
     ks.add_argument("--out", help="enroll/rotate-device: the device bundle to write (default bundles/CAMERA.bundle "
                                   "next to the keys directory)")
     ks.add_argument("--admin-dir", help="where the admin (registry-signing) private key is (default KEYS_DIR/admin)")
