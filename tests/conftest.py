@@ -88,6 +88,17 @@ def wait_for(condition: Callable[[], object], timeout_s: float, what: str, inter
         time.sleep(interval_s)
 
 
+def metric(port: int, name: str) -> float:
+    """One unlabelled value from a service's Prometheus ``/metrics`` page (0 when absent)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    return 0.0
+
+
 def child_env(bootstrap: str, keys_dir: Path, home: Path) -> dict[str, str]:
     return dict(os.environ, TILESTREAM_KAFKA_BOOTSTRAP=bootstrap, TILESTREAM_KEYS_DIR=str(keys_dir),
                 TILESTREAM_HOME=str(home))

@@ -23,18 +23,10 @@ from tilestream.config import AgentSettings
 from tilestream.metrics import Metrics
 from tilestream_cli.procs import Children, start_cloud_stages
 
-from conftest import child_env, wait_for
+from conftest import child_env, metric, wait_for
 
 CAMERA = "cam-evicted"
 GROUP = "evicted-classifier"
-
-
-def metric(port: int, name: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        for line in resp.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    return 0.0
 
 
 def healthz(port: int) -> tuple[int, dict]:

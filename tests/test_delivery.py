@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import signal
 import threading
-import urllib.request
 
 import pytest
 
@@ -22,18 +21,14 @@ from tilestream.config import AgentSettings
 from tilestream_cli.procs import Children, start_cloud_stages
 from tilestream.records import TileBatch
 
-from conftest import child_env, read_topic, wait_for
+from conftest import child_env, metric, read_topic, wait_for
 
 N_FRAMES = 150
 CAMERA = "cam-delivery"  # its own camera: the session broker is shared with other tests
 
 
 def frames_done(port: int) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        for line in resp.read().decode().splitlines():
-            if line.startswith("tilestream_processor_frames_total "):
-                return float(line.split()[1])
-    return 0.0
+    return metric(port, "tilestream_processor_frames_total")
 
 
 @pytest.mark.kafka

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 
 import cv2
 import numpy as np
@@ -21,7 +20,7 @@ from tilestream_cli.procs import Children, start_cloud_stages
 from tilestream.records import TileBatch
 from sampledata import iter_video_frames
 
-from conftest import child_env, read_topic, wait_for
+from conftest import child_env, metric, read_topic, wait_for
 
 KEY = bytes(range(32))
 
@@ -35,16 +34,6 @@ def group_members(bootstrap: str, group: str) -> int:
         return len(desc.get("members", [])) if desc.get("group_state") == "Stable" else 0
     finally:
         admin.close()
-
-
-def metric(port: int, name: str) -> float:
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        for line in resp.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    return 0.0
 
 
 def header(w: int, h: int) -> FrameHeader:
