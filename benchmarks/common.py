@@ -278,9 +278,8 @@ def digit_sheets(n: int, seed: int = 0, digits=None) -> list[tuple["object", "ob
 def make_processor(store, cfg):
     """The processor's FrameProcessor with the worker's default limits and the store's keys."""
     from stream_processor.pipeline import FrameProcessor
-    from tilestream.keys import DeviceRegistry
 
-    return FrameProcessor(store.cloud_private_keys(), DeviceRegistry(store.registry_path), cfg,
+    return FrameProcessor(store.cloud_private_keys(), store.device_registry(), cfg,
                           max_bytes=MAX_FRAME_BYTES, max_pixels=MAX_PIXELS)
 
 

@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from tilestream.config import FeatureConfig
 from tilestream.crypto import FrameRejected
 from tilestream.envelope import FrameHeader, frame_id
-from tilestream.records import TileBatch
+from tilestream.records import RecordError, TileBatch, parse_json_object
 
 from stream_processor.features import tile_features
 from stream_processor.tiling import Tile, extract_tile, tile_grid
@@ -42,6 +42,8 @@ from stream_processor.tiling import Tile, extract_tile, tile_grid
 MAGIC = b"TSTJ"
 VERSION = 1
 _HEAD = struct.Struct(">4sBI")
+_NONCE, _TAG = 12, 16  # AES-GCM: 96-bit random nonce, 128-bit tag
+MAX_JOB_HEADER = 4096  # the JSON header of a job is ~300 bytes
 MAX_BANDS = 4096
 
 
@@ -96,7 +98,7 @@ def make_jobs(header: FrameHeader, gray: np.ndarray, cfg: FeatureConfig, n_bands
         job = TileJob(header.frame_id, header.camera_id, header.seq, header.capture_ns, gray.shape[1], gray.shape[0],
                       len(tiles), i, len(split), y0, y1 - y0, first, last, key_id, time.time_ns())
         head = json.dumps(asdict(job), separators=(",", ":")).encode()
-        nonce = os.urandom(12)
+        nonce = os.urandom(_NONCE)
         band = np.ascontiguousarray(gray[y0:y1])
         record = _HEAD.pack(MAGIC, VERSION, len(head)) + head + nonce + aead.encrypt(nonce, band.tobytes(), head)
         out.append((f"{header.frame_id}#{i}".encode(), record))
@@ -112,19 +114,26 @@ def open_job(record: bytes, keys: dict[str, bytes]) -> tuple[TileJob, np.ndarray
         raise FrameRejected("malformed", "not a tile job")
     if version != VERSION:
         raise FrameRejected("unsupported_version", f"tile job version {version}")
+    # Everything before the tag check is read from an unauthenticated record: bounded and typed.
+    if n > MAX_JOB_HEADER or len(record) < _HEAD.size + n + _NONCE + _TAG:
+        raise FrameRejected("malformed", "tile job shorter than its header, nonce and tag (or header too large)")
     head = record[_HEAD.size:_HEAD.size + n]
     try:
-        job = TileJob(**json.loads(head))
-    except (ValueError, TypeError) as exc:
+        job = TileJob(**parse_json_object(head, MAX_JOB_HEADER, "tile job header"))
+    except RecordError as exc:
+        raise FrameRejected("malformed", str(exc)) from None
+    except TypeError as exc:
         raise FrameRejected("malformed", f"tile job header: {exc}") from None
+    if not isinstance(job.key_id, str) or len(job.key_id) > 64:
+        raise FrameRejected("malformed", "tile job key id is not a short string")
     key = keys.get(job.key_id)
     if key is None:
-        raise FrameRejected("decrypt_failed", f"tile job {job.frame_id}#{job.band}: unknown tile key {job.key_id}")
-    nonce = record[_HEAD.size + n:_HEAD.size + n + 12]
+        raise FrameRejected("decrypt_failed", f"tile job {str(job.frame_id)[:128]}: unknown tile key {job.key_id}")
+    nonce = record[_HEAD.size + n:_HEAD.size + n + _NONCE]
     try:
-        data = AESGCM(key).decrypt(nonce, record[_HEAD.size + n + 12:], head)
+        data = AESGCM(key).decrypt(nonce, record[_HEAD.size + n + _NONCE:], head)
     except InvalidTag:
-        raise FrameRejected("decrypt_failed", f"tile job {job.frame_id}#{job.band} does not authenticate") from None
+        raise FrameRejected("decrypt_failed", f"tile job {str(job.frame_id)[:128]} does not authenticate") from None
     if len(data) != job.band_height * job.frame_width:
         raise FrameRejected("malformed", f"tile job {job.frame_id}#{job.band}: band size does not match its header")
     return job, np.frombuffer(data, np.uint8).reshape(job.band_height, job.frame_width)
