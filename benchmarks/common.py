@@ -284,22 +284,22 @@ def make_processor(store, cfg):
 
 
 def frames_producer(bootstrap: str):
-    """A kafka-python producer configured like the edge agent's (acks=all, idempotent, 1 MB batches)."""
-    from kafka import KafkaProducer
+    """The edge agent's producer profile (kafkaio "frames": acks=all, idempotent, 1 MB batches)."""
+    from kafkaio import clients
 
-    return KafkaProducer(bootstrap_servers=bootstrap, client_id="tilestream-bench-sender", acks="all",
-                         enable_idempotence=True, linger_ms=5, batch_size=1024 * 1024,
-                         max_request_size=MAX_FRAME_BYTES + 64 * 1024, request_timeout_ms=30000)
+    return clients.producer(bootstrap, "frames", client_id="tilestream-bench-sender",
+                            max_request_size=MAX_FRAME_BYTES + 64 * 1024, request_timeout_ms=30000)
 
 
 def commit_group_to_end(bootstrap: str, group_id: str, topic: str) -> dict[int, int]:
     """Commit the topic's current end offsets for a (new, empty) consumer group, so it starts there."""
-    from kafka import KafkaConsumer, TopicPartition
     from kafka.structs import OffsetAndMetadata
 
-    c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group_id, enable_auto_commit=False)
+    from kafkaio import clients
+
+    c = clients.consumer(bootstrap, client_id="tilestream-bench", group_id=group_id)
     try:
-        parts = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or ())]
+        parts = clients.partitions(c, topic)
         end = c.end_offsets(parts)
         c.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in end.items()})
         return {tp.partition: o for tp, o in end.items()}
@@ -399,16 +399,17 @@ def write_json(path: str | os.PathLike[str] | None, data: dict) -> None:
 def warm_broker(bootstrap: str, seconds: float = 6.0, frame_bytes: int = 77_000, tile_bytes: int = 1_120) -> None:
     """Produce and read frame- and tile-sized records for a few seconds, so the broker's JIT is warm
     before anything is measured (a cold JVM costs several times the CPU per record)."""
-    from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+    from kafka import TopicPartition
 
+    from kafkaio import clients
     from kafkaio.clients import ensure_topics
     from tilestream.topics import TopicSpec
 
     topic = "bench-warmup"
     ensure_topics(bootstrap, [TopicSpec(topic, 6, {"retention.ms": str(600_000)})])
     big, small = os.urandom(frame_bytes), os.urandom(tile_bytes)
-    p = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, batch_size=1024 * 1024)
-    c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
+    p = clients.producer(bootstrap, "frames")
+    c = clients.consumer(bootstrap, client_id="tilestream-bench-warmup")
     try:
         parts = [TopicPartition(topic, i) for i in range(6)]
         c.assign(parts)

@@ -87,9 +87,8 @@ def _tile_records_total(consumer, parts) -> int:
 
 def processor_only(lk, store, tmp: Path, kind: str, n: int, encoded, tiles_per_frame: int, camera: str) -> dict:
     """Pre-fill n frames, start one processor (kind: faust|quix), time n*tiles records on tile-features."""
-    from kafka import KafkaConsumer, TopicPartition
-
     from benchmarks.pipeline_bench import Stage
+    from kafkaio import clients
     from tilestream import topics
 
     group = f"bench-{kind}-{uuid.uuid4().hex[:6]}"
@@ -103,8 +102,8 @@ def processor_only(lk, store, tmp: Path, kind: str, n: int, encoded, tiles_per_f
         producer.send(topics.FRAMES, key=key, value=value)
     producer.flush(120)
     producer.close()
-    c = KafkaConsumer(bootstrap_servers=lk.bootstrap)
-    parts = [TopicPartition(topics.TILE_FEATURES, p) for p in sorted(c.partitions_for_topic(topics.TILE_FEATURES))]
+    c = clients.consumer(lk.bootstrap, client_id="tilestream-bench-peers")
+    parts = clients.partitions(c, topics.TILE_FEATURES)
     base = _tile_records_total(c, parts)
     target = n * tiles_per_frame
     logs = tmp / "logs"

@@ -67,12 +67,11 @@ def java_consume(lk, topic: str, n: int) -> dict:
 
 
 def python_produce(lk, topic: str, n: int, size: int, agent_like: bool) -> dict:
-    from kafka import KafkaProducer
-
     from benchmarks.common import frames_producer
+    from kafkaio import clients
 
     payload = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes()
-    p = frames_producer(lk.bootstrap) if agent_like else KafkaProducer(bootstrap_servers=lk.bootstrap, acks="all")
+    p = frames_producer(lk.bootstrap) if agent_like else clients.producer(lk.bootstrap, "stage", linger_ms=0, enable_idempotence=False)
     try:
         p.partitions_for(topic)
         t0 = time.perf_counter()
@@ -86,12 +85,12 @@ def python_produce(lk, topic: str, n: int, size: int, agent_like: bool) -> dict:
 
 
 def python_consume(lk, topic: str, n: int) -> dict:
-    from kafka import KafkaConsumer, TopicPartition
+    from kafkaio import clients
 
-    c = KafkaConsumer(bootstrap_servers=lk.bootstrap, enable_auto_commit=False, group_id=None,
-                      max_partition_fetch_bytes=8 * 1024 * 1024, fetch_max_bytes=64 * 1024 * 1024)
+    c = clients.consumer(lk.bootstrap, client_id="tilestream-bench-consume",
+                         max_partition_fetch_bytes=8 * 1024 * 1024, fetch_max_bytes=64 * 1024 * 1024)
     try:
-        parts = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic))]
+        parts = clients.partitions(c, topic)
         c.assign(parts)
         c.seek_to_beginning(*parts)
         got, size = 0, 0
