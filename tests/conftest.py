@@ -16,6 +16,7 @@ import pytest
 from deploy.local_kafka import DEFAULT_VERSION, LEGACY_VERSION, LocalKafka, free_port
 from tilestream.config import KafkaSettings
 from tilestream.keys import KeyStore
+from tilestream.stagekeys import StageKeys
 from tilestream.topics import pipeline_topics
 
 class Brokers:
@@ -59,12 +60,19 @@ SUPPORTED_VERSIONS = [DEFAULT_VERSION, LEGACY_VERSION]
 
 @pytest.fixture
 def keystore(tmp_path: Path) -> KeyStore:
-    """Fresh keys for each test: a cloud key pair, a model-release key and one enrolled camera, ``cam-test``."""
+    """Fresh keys for each test: a cloud key pair, a model-release key, the stage key and the
+    results-signing key (tilestream.stagekeys), and one enrolled camera, ``cam-test``."""
     store = KeyStore(tmp_path / "keys")
     store.init_cloud()
     store.init_model_release()
+    StageKeys(store.path).init()
     store.enroll("cam-test")
     return store
+
+
+def result_keys(store: KeyStore) -> dict:
+    """The results public keys of a key directory (what ``tail(..., keys=)`` verifies with)."""
+    return StageKeys(store.path).results_public_keys()
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@
     tilestream samples fetch                   OpenCV sample data from Debian's opencv-doc
     tilestream keys init|enroll|rotate-device|rotate-cloud|revoke|list
     tilestream keys init-release|rotate-release|trust-release|untrust-release   model-release key
+    tilestream stage-keys create|rotate|list|remove|trust-results   keys that authenticate records between stages
     tilestream dashboard                       real-time web dashboard
     tilestream agent                           edge agent: source -> sealed frames -> Kafka
     tilestream process                         Faust stream processor (one worker)
@@ -150,6 +151,56 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_stage_keys(args: argparse.Namespace, settings: Settings) -> int:
+    """The stage key (HMAC of tile batches) and the results-signing key (tilestream.stagekeys)."""
+    from tilestream.stagekeys import KINDS, StageKeys
+
+    store = StageKeys(settings.keys_path())
+    kinds = (args.kind,) if args.kind else KINDS
+    try:
+        if args.action == "create":
+            for kind, kid in store.init(kinds).items():
+                print(f"{kind} key {kid} is current in {store.path / kind}")
+            if "results" in kinds:
+                print(f"consumers of results verify with {store.path / 'results' / '*.pub'} "
+                      f"(`tilestream stage-keys trust-results --pub FILE` on their machine)")
+        elif args.action == "rotate":
+            if not args.kind:
+                print("error: stage-keys rotate needs --kind stage|results", file=sys.stderr)
+                return 2
+            print(f"new {args.kind} key {store.rotate(args.kind)} is current; older {args.kind} keys still verify "
+                  f"until `tilestream stage-keys remove --kind {args.kind} --key-id OLD`")
+        elif args.action == "remove":
+            if not args.kind or not args.key_id:
+                print("error: stage-keys remove needs --kind stage|results and --key-id KID", file=sys.stderr)
+                return 2
+            store.remove(args.kind, args.key_id)
+            print(f"{args.kind} key {args.key_id} removed: records made with it no longer verify here")
+        elif args.action == "trust-results":
+            if not args.pub:
+                print("error: stage-keys trust-results needs --pub FILE", file=sys.stderr)
+                return 2
+            print(f"trusting results key {store.trust_results(args.pub)}")
+        else:
+            for k in store.list():
+                if k.kind in kinds:
+                    print(f"{k.kind:<8} {k.kid}  {'current' if k.current else '       '}  "
+                          f"{'private' if k.private else 'public '}  created {k.created}")
+    except (KeyError, ValueError) as exc:
+        print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _add_stage_keys_parser(sub) -> None:
+    sk = sub.add_parser("stage-keys", help="the stage key (MAC of tile batches) and the results-signing key")
+    sk.add_argument("action", choices=["create", "rotate", "list", "remove", "trust-results"])
+    sk.add_argument("--kind", choices=["stage", "results"], help="which key (create, list: both by default)")
+    sk.add_argument("--key-id")
+    sk.add_argument("--pub", help="trust-results: a results public key file (results/<kid>.pub of a classifier)")
+    sk.set_defaults(func=cmd_stage_keys)
+
+
 # -- stages -----------------------------------------------------------------------------
 def cmd_agent(args: argparse.Namespace, settings: Settings) -> int:
     from edge_agent.agent import EdgeAgent
@@ -253,7 +304,15 @@ def cmd_classify(args: argparse.Namespace, settings: Settings) -> int:
               f"(train one with `tilestream train`)", file=sys.stderr)
         watcher.close()
         return 2
-    stage = FrameClassifier(model, Metrics("tilestream_classifier"), cs.frame_timeout_s)
+    from tilestream.stagekeys import StageKeys
+
+    try:
+        stage_keys = StageKeys(settings.keys_path()).for_classifier()
+    except ValueError as exc:  # ConfigError: no results-signing key here
+        print(f"error: {exc}", file=sys.stderr)
+        watcher.close()
+        return 2
+    stage = FrameClassifier(model, Metrics("tilestream_classifier"), cs.frame_timeout_s, keys=stage_keys)
     svc = ClassifierService(conn, stage, cs.group_id, cs.dedup_margin_s, cs.metrics_interval_s, models=watcher,
                             stall_after_s=cs.stall_after_s)
     if args.http_port:
@@ -300,9 +359,16 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_results(args: argparse.Namespace, settings: Settings) -> int:
     from classifier.results import tail
+    from tilestream.stagekeys import StageKeys
 
+    keys = StageKeys(settings.keys_path()).result_keys()
+    if not len(keys):
+        print(f"error: no results public key in {settings.keys_path() / 'results'}: "
+              "`tilestream stage-keys trust-results --pub FILE` (a classifier's results/<kid>.pub)", file=sys.stderr)
+        return 2
     try:
-        for r in tail(_connection(args, settings), camera_id=args.camera, from_beginning=args.from_beginning, max_results=args.max):
+        for r in tail(_connection(args, settings), camera_id=args.camera, from_beginning=args.from_beginning,
+                      max_results=args.max, keys=keys):
             print(format_result(r), flush=True)
     except KeyboardInterrupt:
         pass
@@ -361,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     ks.add_argument("--suite", choices=["x25519", "mlkem768-x25519"], default="x25519",
                     help="HPKE KEM of a new cloud key (mlkem768-x25519: hybrid post-quantum)")
     ks.set_defaults(func=cmd_keys)
+    _add_stage_keys_parser(sub)
 
     a = sub.add_parser("agent", help="run the edge agent")
     a.add_argument("--source", help="video file, image folder, device index or rtsp/http URL")

@@ -50,6 +50,10 @@ def run_demo(settings: Settings, args: argparse.Namespace) -> int:
     store = KeyStore(keys_dir)
     store.init_cloud()
     store.init_model_release()  # the demo publishes its scene model: one machine holds every key
+    from tilestream.stagekeys import StageKeys
+
+    stage_keys = StageKeys(keys_dir)
+    stage_keys.init()  # the stage key (tile batches) and the results-signing key
     camera = settings.agent.camera_id
     if not (keys_dir / "devices" / camera / "current").exists():
         store.enroll(camera)
@@ -80,7 +84,7 @@ def run_demo(settings: Settings, args: argparse.Namespace) -> int:
         results: dict[int, object] = {}
 
         def printer():
-            for r in tail(bootstrap, camera_id=camera, stop=done, ready=tail_ready):
+            for r in tail(bootstrap, camera_id=camera, stop=done, ready=tail_ready, keys=stage_keys.result_keys()):
                 print(format_result(r), flush=True)
                 results[r.seq] = r
 
