@@ -70,6 +70,11 @@ def keystore(tmp_path: Path) -> KeyStore:
     return store
 
 
+def mac_keys(store: KeyStore) -> dict:
+    """The stage keys of a key directory (what ``TileBatch.from_wire`` verifies with)."""
+    return StageKeys(store.path).stage_keys()
+
+
 def result_keys(store: KeyStore) -> dict:
     """The results public keys of a key directory (what ``tail(..., keys=)`` verifies with)."""
     return StageKeys(store.path).results_public_keys()
