@@ -30,11 +30,14 @@ copy the new key to every classifier (and the new ``.pub`` to every consumer) fi
 processors; remove the old key once nothing written with it is still to be read (the topic's
 retention).
 
-Cost, measured on the 2-core build machine (``python -m timeit``, cryptography 46; see the
-timeit lines in the tests' README draft): HMAC-SHA256 over a 94 KB tile batch (108 tiles x 216
-float32 in base64 JSON, vtest.avi at 64 px tiles) ~0.10 ms, about 1 GB/s — next to ~25 ms of
-decode+features per frame; Ed25519 sign of a ~9 KB result ~0.06 ms, verify ~0.13 ms (the JSON
-parse of the same result costs ~0.1 ms).
+Cost (``timeit``, best of 5-7 repeats, cryptography 50.0.2, on the shared 2-core build machine at
+load average 12-17, so upper bounds): HMAC-SHA256 MAC of a 94,356-byte tile batch (vtest.avi in
+64 px tiles: 108 tiles x 160 float32, base64 JSON) 0.14 ms to seal, 0.15 ms to verify (~0.65 GB/s)
+— against 1.06 ms to parse the same batch's JSON here and 17.6 CPU ms per frame for the whole
+processor in one process (benchmarks/REPORT.md). Results
+(9,630-byte v1 JSON, 11,583 bytes signed): Ed25519 sign 0.08 ms, verify 0.12 ms; verify+parse of
+a signed result 0.46 ms against 0.40 ms for the bare parse. Making the result's JSON
+(``dataclasses.asdict``, 0.94 ms) costs more than signing it.
 """
 
 from __future__ import annotations
