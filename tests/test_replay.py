@@ -223,8 +223,9 @@ def batches(bootstrap: str, frame_id: str, keystore) -> list:
 
     from conftest import mac_keys, read_topic
 
-    keys = mac_keys(keystore)
-    return [b for b in (TileBatch.from_wire(m.value, keys) for m in read_topic(bootstrap, topics.TILE_FEATURES))
+    keys = mac_keys(keystore)  # this test's keys: records of the module's other tests carry other MACs
+    return [b for b in (TileBatch.from_wire(m.value, keys) for m in read_topic(bootstrap, topics.TILE_FEATURES)
+                        if m.key == frame_id.encode())  # the processor keys tile batches by frame id
             if b.frame_id == frame_id]
 
 
