@@ -249,6 +249,7 @@ class StageKeys:
 
 
 _NEVER = object()
+FORCED_CHECK_EVERY_S = 0.01
 
 
 class _Follower:
@@ -265,7 +266,7 @@ class _Follower:
     def __init__(self, store: StageKeys, check_every_s: float = 1.0):
         self.store = store
         self.check_every_s = check_every_s
-        self._checked = 0.0
+        self._checked = self._forced = 0.0
         self._seen: object = _NEVER
         self._refresh(force=True)
 
@@ -304,8 +305,12 @@ class _Follower:
         if not isinstance(kid, str):
             return None
         hit = self._table().get(kid)
-        if hit is None and KID.fullmatch(kid):
-            self._refresh(force=True)  # one stat; a reload only if the directory changed
+        now = time.monotonic()
+        if hit is None and KID.fullmatch(kid) and now - self._forced >= min(self.check_every_s, FORCED_CHECK_EVERY_S):
+            # A key rotated a moment ago. At most every 10 ms: a flood of records under made-up key
+            # ids costs at most 100 directory reads a second (~2 ms of CPU), not one per record.
+            self._forced = now
+            self._refresh(force=True)  # a reload only if the directory changed
             hit = self._table().get(kid)
         return hit
 
