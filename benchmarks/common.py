@@ -199,13 +199,16 @@ def self_peak_rss_mib() -> float:
 
 
 def bench_keys(path: Path, cameras: Sequence[str] = ("bench-cam",)):
-    """A fresh key directory: the cloud, admin and tile-job keys, the model-release key and the given
-    cameras enrolled (their bundles in bundles/ next to it)."""
+    """A fresh key directory: the cloud, admin and tile-job keys, the model-release key, the stage and
+    results keys (tile batches are MACed, results signed) and the given cameras enrolled (their bundles
+    in bundles/ next to it)."""
     from tilestream.keys import KeyStore
+    from tilestream.stagekeys import StageKeys
 
     store = KeyStore(path)
     store.init()
     store.init_model_release()  # `classify --model` signs the model it publishes
+    StageKeys(path).init()
     for cam in cameras:
         store.enroll(cam)
     return store
@@ -325,10 +328,11 @@ def child_env(bootstrap: str, keys_dir: Path, home: Path, **settings: str) -> di
 class ResultsWatcher:
     """A thread reading ``results`` from its end now on: frame id -> (arrival ns, FrameResult)."""
 
-    def __init__(self, bootstrap: str):
+    def __init__(self, bootstrap: str, keys_dir: Path):
         import threading
 
         self.bootstrap = bootstrap
+        self.keys_dir = keys_dir  # results are verified with its results/*.pub
         self.arrived: dict[str, tuple[int, object]] = {}
         self.duplicates = 0
         self._stop = threading.Event()
@@ -350,7 +354,10 @@ class ResultsWatcher:
         from classifier.results import tail
 
         try:
-            for r in tail(self.bootstrap, stop=self._stop, ready=self._ready):
+            from tilestream.stagekeys import StageKeys
+
+            for r in tail(self.bootstrap, stop=self._stop, ready=self._ready,
+                          keys=StageKeys(self.keys_dir).result_keys()):
                 now = time.time_ns()
                 if r.frame_id in self.arrived:
                     self.duplicates += 1

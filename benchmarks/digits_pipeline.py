@@ -27,8 +27,9 @@ from classifier.train import DIGITS_FEATURES, digits_split, train_digits
 from edge_agent.agent import EdgeAgent
 from tilestream.config import AgentSettings
 from tilestream.keys import KeyStore
-from tilestream_cli.procs import Children, start_cloud_stages
 from sampledata import load_digits
+from tilestream.stagekeys import StageKeys
+from tilestream_cli.procs import Children, start_cloud_stages
 
 SHEET = 10  # digits per side
 
@@ -68,6 +69,7 @@ def main() -> None:
         store = KeyStore(tmp / "keys")
         store.init()
         store.init_model_release()  # `classify --model` signs the model it publishes
+        StageKeys(store.path).init()  # tile batches are MACed, results signed
         store.enroll("digits-cam")
         env = dict(os.environ, TILESTREAM_KAFKA_BOOTSTRAP=broker.bootstrap, TILESTREAM_KEYS_DIR=str(store.path),
                    TILESTREAM_HOME=str(tmp / "home"), TILESTREAM_CONFIG=str(config))
@@ -79,7 +81,8 @@ def main() -> None:
                               broker.bootstrap, 4 * 1024 * 1024, state_dir=tmp / "agent")
             counters = agent.run()
             results = {}
-            for r in tail(broker.bootstrap, from_beginning=True, idle_timeout_s=120):
+            for r in tail(broker.bootstrap, from_beginning=True, idle_timeout_s=120,
+                          keys=StageKeys(store.path).result_keys()):
                 results[r.seq] = r
                 if len(results) >= counters.sent:
                     break

@@ -604,7 +604,7 @@ def run(frames: int = 800, workers=(1, 2), seconds: float = 25.0, loads=(0.5, 0.
         b = Bench(lk, tmp, model_path, encoded, cameras, store)
         progress("warming the broker up (JIT) with frame- and tile-sized records")
         warm_broker(lk.bootstrap)
-        with ResultsWatcher(lk.bootstrap) as watcher:
+        with ResultsWatcher(lk.bootstrap, store.path) as watcher:
             b.watcher = watcher
             for w in workers:
                 stats, stage = closed_loop(b, w, frames, f"w{w}-closed", f"{w}w", keep_running=True)

@@ -185,7 +185,7 @@ def _pipeline(res: dict, tmp: Path, store, encoded, n: int, broker, load: float,
         if broker is None:
             progress("warming the broker up (JIT) with frame- and tile-sized records")
             warm_broker(lk.bootstrap)
-        with ResultsWatcher(lk.bootstrap) as watcher:
+        with ResultsWatcher(lk.bootstrap, store.path) as watcher:
             for row in res["rows"]:
                 s = row["size"]
                 cam = f"sweep-{s}"

@@ -1,19 +1,41 @@
-"""Reading the results topic from Python: typed :class:`FrameResult` objects.
+"""Reading the results topic from Python: verified, typed :class:`FrameResult` objects.
 
-Any Kafka client can read ``results`` (plain JSON, schema ``tilestream/schemas/result.v1.json``);
-this is the small helper for our own users and for ``tilestream results tail``.
+Any Kafka client can read ``results``: JSON envelopes (schema ``tilestream/schemas/result.v2.json``)
+carrying a v1 result (``result.v1.json``) as a string and the classifier's Ed25519 signature over
+it (:mod:`tilestream.records`, "Record authentication"). Anyone with write access to the topic
+can write a record there, so a result counts only once its signature verified with a trusted
+results public key (``results/*.pub`` of the key directory, :mod:`tilestream.stagekeys`):
+:func:`verify_result` is that check, :func:`tail` and :class:`AnsweredFrames` skip and count
+whatever fails it. A valid signature says the classifier made this result, not when: a copy of
+an old result re-written to the topic verifies too, so readers key results by ``frame_id``.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from typing import Iterator
+from typing import Callable, Iterator, Mapping
+
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from kafkaio import Connection
 from kafkaio.clients import RangeReader
 from tilestream import topics
-from tilestream.records import MAX_ID_LEN, FrameResult, RecordError, parse_json_object
+from tilestream.errors import Refused
+from tilestream.records import MAX_RESULT_BYTES, FrameResult
+
+PublicKeys = Callable[[str], "ed25519.Ed25519PublicKey | None"] | Mapping[str, ed25519.Ed25519PublicKey]
+
+
+def verify_result(data: bytes, public_keys: PublicKeys, max_bytes: int = MAX_RESULT_BYTES) -> FrameResult:
+    """A ``results`` record -> its FrameResult, only if its signature verifies with one of
+    ``public_keys`` (key id -> Ed25519 public key: a dict, or
+    ``tilestream.stagekeys.StageKeys(dir).result_keys()``, which follows rotations).
+
+    Raises :class:`tilestream.errors.Refused` with ``reason`` ``unsigned``, ``unknown_key``,
+    ``bad_signature``, ``malformed``, ``too_large`` or ``too_many_tiles``.
+    """
+    return FrameResult.from_signed(data, public_keys, max_bytes)
 
 
 def tail(
@@ -25,13 +47,16 @@ def tail(
     stop: threading.Event | None = None,
     ready: threading.Event | None = None,
     skipped: list | None = None,
+    *,
+    keys: PublicKeys,
 ) -> Iterator[FrameResult]:
-    """Yield results as they arrive (optionally one camera's), without joining a consumer group.
+    """Yield verified results as they arrive (optionally one camera's), without joining a consumer group.
 
     Ends after ``max_results`` results, after ``idle_timeout_s`` without a record, or when
     ``stop`` is set (checked at least every 200 ms). ``ready`` is set once the start position is fixed.
-    A record that is not a result (anyone with write access to the topic can write one) is
-    skipped and appended to ``skipped`` as ``(partition, offset, error)`` when a list is given.
+    A record that is not a result signed with one of ``keys`` (see :func:`verify_result`; anyone
+    with write access to the topic can write one) is skipped and appended to ``skipped`` as
+    ``(partition, offset, "reason: error")`` when a list is given.
     """
     reader = RangeReader(where, topics.RESULTS, client_id="tilestream-tail")
     try:
@@ -50,10 +75,11 @@ def tail(
             for records in batch.values():
                 for message in records:
                     try:
-                        result = FrameResult.from_json(message.value)
+                        result = verify_result(message.value, keys)
                     except Exception as exc:  # noqa: BLE001 - a hostile record is skipped, never fatal
                         if skipped is not None:
-                            skipped.append((message.partition, message.offset, f"{type(exc).__name__}: {exc}"))
+                            reason = exc.reason if isinstance(exc, Refused) else type(exc).__name__
+                            skipped.append((message.partition, message.offset, f"{reason}: {exc}"))
                         continue
                     if camera_id is not None and result.camera_id != camera_id:
                         continue
@@ -70,14 +96,18 @@ class AnsweredFrames:
 
     ``catch_up(since_ms)`` reads the results written since ``since_ms`` (broker time) up to
     the end now; a later call with the same or a later ``since_ms`` only reads what was
-    added since the previous call. Records that are not results are skipped and counted
-    (``skipped``): one forged record must not stop the classifier from reading back.
+    added since the previous call. Only results signed with one of ``keys`` count: anything
+    else is skipped and counted (``skipped``, per reason in ``skipped_by_reason``). One forged
+    record must not stop the classifier from reading back, and a forged result must not make it
+    believe a frame was answered (it would then drop that frame's tiles after a rebalance).
     """
 
-    def __init__(self, where: Connection | str):
+    def __init__(self, where: Connection | str, keys: PublicKeys):
         self.reader = RangeReader(where, topics.RESULTS, client_id="tilestream-dedup")
+        self.keys = keys
         self.since_ms: int | None = None
         self.skipped = 0
+        self.skipped_by_reason: dict[str, int] = {}
 
     def catch_up(self, since_ms: int) -> set[str]:
         if self.since_ms is None or since_ms < self.since_ms:
@@ -85,21 +115,14 @@ class AnsweredFrames:
             self.since_ms = since_ms
         ids: set[str] = set()
         for m in self.reader.read_to_end():
-            fid = _frame_id_of(m.value)
-            if fid is None:
+            try:
+                ids.add(verify_result(m.value, self.keys).frame_id)
+            except Exception as exc:  # noqa: BLE001 - a hostile record is skipped, never fatal
+                reason = exc.reason if isinstance(exc, Refused) else "error"
                 self.skipped += 1
-            else:
-                ids.add(fid)
+                self.skipped_by_reason[reason] = self.skipped_by_reason.get(reason, 0) + 1
         return ids
 
     def close(self) -> None:
         self.reader.close()
 
-
-def _frame_id_of(value: bytes) -> str | None:
-    try:
-        d = parse_json_object(value, 16 * 1024 * 1024, "result")
-    except RecordError:
-        return None
-    fid = d.get("frame_id")
-    return fid if isinstance(fid, str) and 0 < len(fid) <= MAX_ID_LEN else None

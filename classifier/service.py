@@ -220,10 +220,12 @@ class ClassifierService:
         since = first_tile_ms - int(self.dedup_margin_s * 1000)
         t0 = time.monotonic()
         if self._answered is None:
-            self._answered = AnsweredFrames(self.conn)
+            self._answered = AnsweredFrames(self.conn, self.classifier.keys.results)  # verified results only
         ids = self._answered.catch_up(since)
         self.classifier.assembler.remember(ids)
-        log.info(json.dumps({"event": "dedup_seeded", "frames": len(ids), "seconds": round(time.monotonic() - t0, 3)}))
+        self.metrics.set("results_unverified_skipped", float(self._answered.skipped))
+        log.info(json.dumps({"event": "dedup_seeded", "frames": len(ids), "seconds": round(time.monotonic() - t0, 3),
+                             "skipped": self._answered.skipped_by_reason}))
 
     async def _maybe_swap_model(self, loop, producer) -> None:
         """Between two batches: switch to a newer published model (same features only).

@@ -4,14 +4,18 @@
 and the benchmarks all call the same two methods:
 
 * :meth:`FrameClassifier.on_record` — one ``tile-features`` record (bytes, partition, offset):
+  verify its MAC (the stage key, :mod:`tilestream.stagekeys`) before reading a byte of its JSON,
   parse it within bounds, check it against the model, add its tiles, and return what must be
-  sent (a result when the record completed a frame; a dead letter when the record was refused);
+  sent (a result, signed with the classifier's results key, when the record completed a frame;
+  a dead letter when the record was refused);
 * :meth:`FrameClassifier.on_tick` — frames whose tiles stopped coming (timeout) are answered
   incomplete.
 
 Every record is handled inside one guard: whatever a record makes go wrong ends as a counted
-dead letter with one reason (``malformed``, ``feature_mismatch``, ``dim_mismatch``, or
-``internal`` for a bug of ours), never as an exception that leaves the loop.
+dead letter with one reason (``bad_mac``, ``unknown_key``, ``malformed``, ``feature_mismatch``,
+``dim_mismatch``, or ``internal`` for a bug of ours), never as an exception that leaves the loop.
+A record without a valid MAC never reaches the assembler: a forged batch for a camera that was
+never enrolled cannot become a result.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from tilestream import topics
 from tilestream.errors import Refused
 from tilestream.metrics import LogBudget, Metrics
 from tilestream.records import DeadLetter, FrameResult, TileBatch, TileLabel
+from tilestream.stagekeys import ClassifierKeys
 
 from classifier.assembler import FrameAssembler, PendingFrame
 from classifier.model import TileModel
@@ -74,8 +79,9 @@ def classify_frame(model: TileModel, frame: PendingFrame, now_ns: int) -> FrameR
 class FrameClassifier:
     """Assembles frames from tile batches and answers each frame once with the current model."""
 
-    def __init__(self, model: TileModel, metrics: Metrics, frame_timeout_s: float = 30.0):
+    def __init__(self, model: TileModel, metrics: Metrics, frame_timeout_s: float = 30.0, *, keys: ClassifierKeys):
         self.model = model
+        self.keys = keys
         self.metrics = metrics
         self.assembler = FrameAssembler(frame_timeout_s)
         self._log_budget = LogBudget()
@@ -98,7 +104,7 @@ class FrameClassifier:
             return [self.dead_letter("internal", f"{type(exc).__name__}: {exc}", value, partition, offset)]
 
     def _on_record(self, value: bytes, partition: int, offset: int, now: float, now_ns: int) -> list[Output]:
-        rec = TileBatch.from_bytes(value)
+        rec = TileBatch.from_wire(value, self.keys.mac)
         if rec.feature_digest != self.digest:
             raise Refused("feature_mismatch", f"tile features {rec.feature_digest} != model features {self.digest}")
         dim = getattr(self.model.estimator, "n_features_in_", None)
@@ -129,7 +135,7 @@ class FrameClassifier:
         self.assembler.done(frame)
         self.metrics.inc("results_total")
         self.metrics.observe("capture_to_result_seconds", max(0.0, result.latency_ms / 1e3))
-        return Output(topics.RESULTS, result.camera_id.encode(), result.to_json())
+        return Output(topics.RESULTS, result.camera_id.encode(), result.to_signed(*self.keys.signer.current()))
 
     def dead_letter(self, reason: str, message: str, value: bytes | None, partition: int, offset: int,
                     frame_id: str | None = None) -> Output:

@@ -15,6 +15,15 @@ dashboard's own tighter :class:`RecordLimits`, and a record that fails is ignore
 made a tile grid of 10^8 cells — a 225 MB snapshot, 2 GB RSS and 8 s per snapshot, sent to
 every browser. A real result is ~9 KB (108 tiles of vtest.avi); a 4K frame in 64 px tiles is
 2,040 tiles, ~170 KB.
+
+Results are signed by the classifier (:mod:`tilestream.records`, "Record authentication"). When
+results public keys are configured (``results/*.pub`` of the key directory, the ``result_keys``
+of :class:`KafkaFeed`; by default the directory of the settings, ``$TILESTREAM_KEYS_DIR`` or
+``~/.cache/tilestream/keys``, followed across rotations) a result is shown only if its signature
+verifies; anything else, unsigned v1 results included, is refused and counted with its reason
+(``unsigned``, ``unknown_key``, ``bad_signature``). With no key configured the dashboard still
+works as before, a monitoring view of an unauthenticated topic: results (signed or not) are
+shown, counted in ``results_unverified_total``, and ``/healthz`` says ``verifying: false``.
 """
 
 from __future__ import annotations
@@ -29,9 +38,10 @@ from typing import Any
 from kafkaio import Connection
 from kafkaio import aio as kafka_aio
 from tilestream import topics
+from tilestream.errors import Refused
 from tilestream.metrics import Metrics
 from tilestream.records import (MAX_DEAD_LETTER_BYTES, AgentHeartbeat, DeadLetter, FrameResult, RecordError,
-                                RecordTooLarge, StageMetrics)
+                                RecordTooLarge, StageMetrics, result_envelope)
 
 from dashboard.state import DashboardState
 
@@ -56,14 +66,38 @@ class RecordLimits:
                 raise ValueError(f"{name} must be a positive integer")
 
 
-def decode(topic: str, raw: bytes, limits: RecordLimits = RecordLimits()) -> Any:
-    """The record of ``topic`` as its tilestream.records dataclass; RecordError (with ``reason``) if refused."""
+def decode_result(raw: bytes, limits: RecordLimits = RecordLimits(), keys: Any = None) -> tuple[FrameResult, bool]:
+    """(result, verified). With ``keys`` (key id -> results public key, non-empty) only a result
+    whose signature verifies is returned; without, the payload of a signed result or a bare v1
+    result is read unverified. Refused (with ``reason``) otherwise."""
+    if keys is not None and len(keys):
+        r, verified = FrameResult.from_signed(raw, keys, limits.max_record_bytes, limits.max_tiles), True
+    else:
+        payload, _ = result_envelope(raw, limits.max_record_bytes)
+        r, verified = FrameResult.from_bytes(payload, limits.max_record_bytes, limits.max_tiles), False
+    cells = len({t.x for t in r.tiles}) * len({t.y for t in r.tiles})
+    if cells > limits.max_grid_cells:
+        raise RecordTooLarge(f"a tile grid of {cells} cells exceeds {limits.max_grid_cells}", "grid_too_large")
+    return r, verified
+
+
+def default_result_keys() -> Any:
+    """The results public keys of the settings' key directory (followed; empty: nothing verified)."""
+    from tilestream.config import load_settings
+    from tilestream.stagekeys import StageKeys
+
+    try:
+        keys = StageKeys(load_settings(None).keys_path()).result_keys()
+    except Exception as exc:  # noqa: BLE001 - an unreadable key directory: say so, run unverified
+        log.warning(json.dumps({"event": "result_keys_unreadable", "error": f"{type(exc).__name__}: {exc}"[:300]}))
+        return None
+    return keys  # followed: keys trusted while the dashboard runs take effect within a second
+
+
+def decode(topic: str, raw: bytes, limits: RecordLimits = RecordLimits(), result_keys: Any = None) -> Any:
+    """The record of ``topic`` as its tilestream.records dataclass; Refused (with ``reason``) if refused."""
     if topic == topics.RESULTS:
-        r = FrameResult.from_bytes(raw, limits.max_record_bytes, limits.max_tiles)
-        cells = len({t.x for t in r.tiles}) * len({t.y for t in r.tiles})
-        if cells > limits.max_grid_cells:
-            raise RecordTooLarge(f"a tile grid of {cells} cells exceeds {limits.max_grid_cells}", "grid_too_large")
-        return r
+        return decode_result(raw, limits, result_keys)[0]
     if topic == topics.DEAD_LETTERS:
         # The original (still encrypted) is never shown: its size is checked, it is not decoded.
         return DeadLetter.from_bytes(raw, limits.max_dead_letter_bytes, keep_original=False)
@@ -99,8 +133,11 @@ class KafkaFeed:
     """
 
     def __init__(self, where: Connection | str, state: DashboardState, metrics: Metrics, window_s: float = 300.0,
-                 limits: RecordLimits | None = None):
+                 limits: RecordLimits | None = None, result_keys: Any = "settings"):
         self.where = where
+        # "settings": the key directory of the settings; None: show results unverified
+        self.result_keys = default_result_keys() if result_keys == "settings" else result_keys
+        self.unverified = 0
         self.state = state
         self.metrics = metrics
         self.window_s = window_s
@@ -122,6 +159,8 @@ class KafkaFeed:
             "topics": self.assigned,
             "records": self.records,
             "refused": self.refused,
+            "verifying": self.result_keys is not None and bool(len(self.result_keys)),
+            "unverified": self.unverified,
             "last_record_age_s": None if self.last_record_at is None else round(time.time() - self.last_record_at, 1),
             "error": self.error,
         }
@@ -212,17 +251,22 @@ class KafkaFeed:
         else:
             seen_at = now
         try:
-            record = decode(tp.topic, rec.value or b"", self.limits)
             if tp.topic == topics.RESULTS:
+                record, verified = decode_result(rec.value or b"", self.limits, self.result_keys)
+                if not verified:
+                    self.unverified += 1
+                    self.metrics.inc("results_unverified_total")
                 self.state.add_result(record, seen_at)
-            elif tp.topic == topics.DEAD_LETTERS:
+                return
+            record = decode(tp.topic, rec.value or b"", self.limits)
+            if tp.topic == topics.DEAD_LETTERS:
                 self.state.add_dead_letter(record, seen_at)
             elif tp.topic == topics.HEARTBEATS:
                 self.state.add_heartbeat(record, seen_at)
             else:
                 self.state.add_stage_metrics(record, seen_at)
         except Exception as exc:  # noqa: BLE001 - a bad record is counted, never fatal
-            reason = exc.reason if isinstance(exc, RecordError) else "error"
+            reason = exc.reason if isinstance(exc, Refused) else "error"
             self.refused += 1
             self.metrics.inc("records_refused_total", topic=tp.topic, reason=reason)
             if time.monotonic() - self._last_refusal_log > 10:

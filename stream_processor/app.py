@@ -21,6 +21,9 @@ had its changelog recovered on every rebalance, which paused the frames partitio
 frames in 2-worker runs; a group-less reader of a plain compacted topic has no part in
 rebalancing.
 
+Tile batches are MACed with the stage key (:mod:`tilestream.stagekeys`, the current one, followed
+across rotations) as they are sent: the classifier believes only what a processor wrote.
+
 Delivery: at least once. Faust commits a frame's offset after its tile records were handed
 to the producer; a worker killed before that commit has its frames re-read by the next owner.
 """
@@ -45,6 +48,7 @@ from tilestream.config import Settings
 from tilestream.crypto import FrameRejected
 from tilestream.keys import KeyStore
 from tilestream.metrics import Metrics, observe_gc_pauses
+from tilestream.stagekeys import StageKeys
 from tilestream.records import DeadLetter, StageMetrics
 
 from stream_processor import replay, tilejobs, transport
@@ -117,6 +121,8 @@ def create_app(settings: Settings, where: Connection | str, datadir: Path, web_p
         max_pixels=ps.max_image_pixels,
     )
     tile_key_id, tile_keys = keystore.tile_keys()
+    stage_keys = StageKeys(keystore.path).mac_keys()
+    stage_keys.current()  # no stage key: refuse to start (ConfigError says how to make one)
     mark_keys = replay.derive_mark_keys(tile_keys)
     marks_reader = replay.MarksFollower(conn, mark_keys)
     marks_io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tilestream-marks")  # one reader thread
@@ -215,7 +221,7 @@ def create_app(settings: Settings, where: Connection | str, datadir: Path, web_p
                 metrics.inc("tile_jobs_total", len(jobs))
             else:
                 for rec in records:
-                    await tile_features.send(key=rec.frame_id.encode(), value=rec.to_bytes())
+                    await tile_features.send(key=rec.frame_id.encode(), value=rec.to_wire(*stage_keys.current()))
                 metrics.inc("tiles_total", sum(len(r.tiles) for r in records))
             await write_mark(verdict)  # accept-then-mark; handed to the producer before this offset can commit
             metrics.inc("frames_total")
@@ -247,7 +253,7 @@ def create_app(settings: Settings, where: Connection | str, datadir: Path, web_p
             except FrameRejected as rej:
                 await dead_letter(rej, event, stage="tiles")
                 continue
-            await tile_features.send(key=batch.frame_id.encode(), value=batch.to_bytes())
+            await tile_features.send(key=batch.frame_id.encode(), value=batch.to_wire(*stage_keys.current()))
             await write_mark(verdict)
             metrics.inc("tiles_total", len(batch.tiles))
             metrics.observe("tile_job_seconds", time.perf_counter() - t0)

@@ -16,6 +16,7 @@ import pytest
 from deploy.local_kafka import DEFAULT_VERSION, LEGACY_VERSION, LocalKafka, free_port
 from tilestream.config import KafkaSettings
 from tilestream.keys import KeyStore
+from tilestream.stagekeys import StageKeys
 from tilestream.topics import pipeline_topics
 
 class Brokers:
@@ -59,14 +60,26 @@ SUPPORTED_VERSIONS = [DEFAULT_VERSION, LEGACY_VERSION]
 
 @pytest.fixture
 def keystore(tmp_path: Path) -> KeyStore:
-    """Fresh keys for each test: the cloud, admin and tile-job keys, a model-release key and one
-    enrolled camera, ``cam-test``, whose device bundle is in ``tmp_path/bundles`` (outside the key
-    directory; where ``tilestream agent`` looks by default with ``TILESTREAM_KEYS_DIR`` = ``keystore.path``)."""
+    """Fresh keys for each test: the cloud, admin and tile-job keys, a model-release key, the stage key
+    and the results-signing key (tilestream.stagekeys), and one enrolled camera, ``cam-test``, whose
+    device bundle is in ``tmp_path/bundles`` (outside the key directory; where ``tilestream agent``
+    looks by default with ``TILESTREAM_KEYS_DIR`` = ``keystore.path``)."""
     store = KeyStore(tmp_path / "keys")
     store.init()
     store.init_model_release()
+    StageKeys(store.path).init()
     store.enroll("cam-test")
     return store
+
+
+def mac_keys(store: KeyStore) -> dict:
+    """The stage keys of a key directory (what ``TileBatch.from_wire`` verifies with)."""
+    return StageKeys(store.path).stage_keys()
+
+
+def result_keys(store: KeyStore) -> dict:
+    """The results public keys of a key directory (what ``tail(..., keys=)`` verifies with)."""
+    return StageKeys(store.path).results_public_keys()
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,7 @@ from tilestream.config import AgentSettings
 from tilestream.metrics import Metrics
 from tilestream_cli.procs import Children, start_cloud_stages
 
-from conftest import child_env, metric, wait_for
+from conftest import child_env, metric, result_keys, wait_for
 
 CAMERA = "cam-evicted"
 GROUP = "evicted-classifier"
@@ -49,7 +49,7 @@ def test_an_evicted_classifier_rejoins_by_itself_and_answers_every_frame_once(ka
     stop = threading.Event()
 
     def watch():
-        for r in tail(bootstrap, from_beginning=True, stop=stop):
+        for r in tail(bootstrap, keys=result_keys(keystore), from_beginning=True, stop=stop):
             if r.camera_id == CAMERA:
                 seen[r.seq] = seen.get(r.seq, 0) + 1
 
@@ -90,14 +90,16 @@ def test_an_evicted_classifier_rejoins_by_itself_and_answers_every_frame_once(ka
     finally:
         stop.set()
         children.stop_all()
-    final = [r.seq for r in tail(bootstrap, from_beginning=True, idle_timeout_s=5) if r.camera_id == CAMERA]
+    final = [r.seq for r in tail(bootstrap, keys=result_keys(keystore), from_beginning=True, idle_timeout_s=5) if r.camera_id == CAMERA]
     assert len(final) == len(set(final)) == 20, f"exactly one result per frame, got seqs {sorted(final)}"
 
 
-def test_health_reports_a_stage_that_makes_no_progress(scene_model):
+def test_health_reports_a_stage_that_makes_no_progress(scene_model, keystore):
     from classifier.model import TileModel
+    from tilestream.stagekeys import StageKeys
 
-    svc = ClassifierService("127.0.0.1:1", FrameClassifier(TileModel.load(scene_model), Metrics("t")), "g",
+    svc = ClassifierService("127.0.0.1:1", FrameClassifier(TileModel.load(scene_model), Metrics("t"),
+                                                           keys=StageKeys(keystore.path).for_classifier()), "g",
                             stall_after_s=30)
     now = time.monotonic()
     svc.assigned, svc.last_turn, svc.last_record = {0, 1}, now, now

@@ -1,5 +1,7 @@
-"""The classifier stage object (no Kafka): answers, refusals with one reason each, and a bounded fuzz
-of tile-features records that must never escape as an exception nor fall into the ``internal`` reason."""
+"""The classifier stage object (no Kafka): answers, refusals with one reason each, record
+authentication (a tile batch without the processor's MAC never becomes a result; results come out
+signed), and a bounded fuzz of tile-features records — of the JSON under a valid MAC and of the
+MAC wrapper itself — that must never escape as an exception nor fall into the ``internal`` reason."""
 
 from __future__ import annotations
 
@@ -14,10 +16,34 @@ from classifier.stage import FrameClassifier
 from stream_processor.tiling import Tile
 from tilestream import topics
 from tilestream.config import FeatureConfig
+from tilestream.errors import Refused
 from tilestream.metrics import Metrics
-from tilestream.records import DeadLetter, FrameResult, TileBatch
+from tilestream.records import (TAG_LEN, TILE_BATCH_MAGIC, DeadLetter, FrameResult, TileBatch, open_tile_batch,
+                                seal_tile_batch)
+from tilestream.stagekeys import StageKeys
 
 DIM = 8
+
+
+@pytest.fixture(scope="module")
+def stage_keys(tmp_path_factory) -> StageKeys:
+    store = StageKeys(tmp_path_factory.mktemp("stage-keys"))
+    store.init()
+    return store
+
+
+@pytest.fixture(scope="module")
+def ckeys(stage_keys):
+    return stage_keys.for_classifier()
+
+
+def classifier(model, ckeys, **kw) -> FrameClassifier:
+    return FrameClassifier(model, Metrics("t"), keys=ckeys, **kw)
+
+
+def signed(out, ckeys) -> FrameResult:
+    """A result output, its signature verified with the classifier's own public keys."""
+    return FrameResult.from_signed(out.value, ckeys.results)
 
 
 @pytest.fixture(scope="module")
@@ -32,31 +58,49 @@ class Frame:
     frame_id, camera_id, seq, capture_ns, width, height = "cam/1", "cam", 1, 1_000, 128, 64
 
 
-def batch(model: TileModel, n_tiles: int = 2, indices=(0, 1), dim: int = DIM, frame=Frame) -> bytes:
+def body(model: TileModel, n_tiles: int = 2, indices=(0, 1), dim: int = DIM, frame=Frame) -> bytes:
+    """The bare TileBatch JSON (what the MAC covers)."""
     tiles = [(Tile(i, 64 * (i % 2), 0, 64, 64), np.full(dim, float(i), np.float32)) for i in indices]
     return TileBatch.make(frame, n_tiles, tiles, model.feature_config.digest(), 2_000).to_bytes()
+
+
+KEYS: dict = {}  # the module's current stage key, set by the autouse fixture below
+
+
+@pytest.fixture(autouse=True)
+def _current_stage_key(stage_keys):
+    KEYS["current"] = stage_keys.mac_keys().current()
+
+
+def wrap(json_bytes: bytes) -> bytes:
+    """MACed with the module's current stage key, as the processor writes it."""
+    return seal_tile_batch(json_bytes, *KEYS["current"])
+
+
+def batch(model: TileModel, **kw) -> bytes:
+    return wrap(body(model, **kw))
 
 
 def reasons(outputs) -> list[str]:
     return [DeadLetter.from_json(o.value).reason for o in outputs if o.topic == topics.DEAD_LETTERS]
 
 
-def test_a_complete_frame_is_answered_once(model):
-    stage = FrameClassifier(model, Metrics("t"))
+def test_a_complete_frame_is_answered_once(model, ckeys):
+    stage = classifier(model, ckeys)
     [out] = stage.on_record(batch(model), 0, 10, 0.0, 5_000_000)
     assert out.topic == topics.RESULTS and out.key == b"cam"
-    r = FrameResult.from_json(out.value)
+    r = signed(out, ckeys)
     assert r.frame_id == "cam/1" and r.complete and len(r.tiles) == 2 and r.model_id == model.model_id
     assert stage.on_record(batch(model), 0, 11, 0.0, 5_000_000) == []  # redelivery: no second answer
     assert stage.assembler.committable() == {0: 12}
 
 
-def test_a_frame_whose_tiles_stop_coming_is_answered_incomplete(model):
-    stage = FrameClassifier(model, Metrics("t"), frame_timeout_s=5)
+def test_a_frame_whose_tiles_stop_coming_is_answered_incomplete(model, ckeys):
+    stage = classifier(model, ckeys, frame_timeout_s=5)
     assert stage.on_record(batch(model, n_tiles=3, indices=(1,)), 0, 0, 100.0, 0) == []
     assert stage.on_tick(104.0, 0) == []
     [out] = stage.on_tick(105.0, 0)
-    r = FrameResult.from_json(out.value)
+    r = signed(out, ckeys)
     assert not r.complete and r.missing_tiles == [0, 2]
 
 
@@ -73,30 +117,138 @@ def test_a_frame_whose_tiles_stop_coming_is_answered_incomplete(model):
     (lambda d: d.update(extra=1), "malformed"),
     (lambda d: d.pop("capture_ns"), "malformed"),
 ])
-def test_each_refusal_has_its_one_reason(model, mutate, reason):
-    d = json.loads(batch(model))
+def test_each_refusal_has_its_one_reason(model, ckeys, mutate, reason):
+    d = json.loads(body(model))
     mutate(d)
-    stage = FrameClassifier(model, Metrics("t"))
-    out = stage.on_record(json.dumps(d).encode(), 3, 7, 0.0, 0)
+    stage = classifier(model, ckeys)
+    out = stage.on_record(wrap(json.dumps(d).encode()), 3, 7, 0.0, 0)  # under a valid MAC: the parser decides
     assert reasons(out) == [reason]
     assert stage.metrics.counter("dead_letters_total", reason=reason) == 1
     assert stage.assembler.committable() == {3: 8}  # a refused record is passed, never re-read forever
 
 
-def test_vectors_of_another_length_are_refused_as_dim_mismatch(model):
-    out = FrameClassifier(model, Metrics("t")).on_record(batch(model, dim=DIM + 1), 0, 0, 0.0, 0)
+def test_vectors_of_another_length_are_refused_as_dim_mismatch(model, ckeys):
+    out = classifier(model, ckeys).on_record(batch(model, dim=DIM + 1), 0, 0, 0.0, 0)
     assert reasons(out) == ["dim_mismatch"]
 
 
-@pytest.mark.parametrize("value", [b"", b"null", b"[]", b"{", b"\xff\xfe", b"[" * 100_000 + b"]" * 100_000,
-                                   b'{"a":' * 50_000 + b"1" + b"}" * 50_000, b" " * (17 * 1024 * 1024)])
-def test_garbage_is_malformed(model, value):
-    out = FrameClassifier(model, Metrics("t")).on_record(value, 0, 0, 0.0, 0)
+GARBAGE = [b"", b"null", b"[]", b"{", b"\xff\xfe", b"[" * 100_000 + b"]" * 100_000,
+           b'{"a":' * 50_000 + b"1" + b"}" * 50_000]
+
+
+@pytest.mark.parametrize("value", GARBAGE)
+def test_garbage_under_a_valid_mac_is_malformed(model, ckeys, value):
+    out = classifier(model, ckeys).on_record(wrap(value), 0, 0, 0.0, 0)
     assert reasons(out) == ["malformed"]
 
 
-def test_a_huge_original_is_truncated_in_its_dead_letter(model):
-    [out] = FrameClassifier(model, Metrics("t")).on_record(b"x" * (20 * 1024 * 1024), 0, 0, 0.0, 0)
+@pytest.mark.parametrize("value", GARBAGE + [b"TSB1", TILE_BATCH_MAGIC + b"\x10"])
+def test_garbage_without_a_mac_is_bad_mac(model, ckeys, value):
+    out = classifier(model, ckeys).on_record(value, 0, 0, 0.0, 0)
+    assert reasons(out) == ["bad_mac"]
+
+
+def test_an_oversized_record_is_refused_before_its_mac_is_computed(model, ckeys):
+    out = classifier(model, ckeys).on_record(wrap(b" " * (17 * 1024 * 1024)), 0, 0, 0.0, 0)
+    assert reasons(out) == ["too_large"]
+
+
+def _forgeries(model, ckeys, tmp_path):
+    """(name, record, reason) of every way a tile batch can lack the processor's MAC."""
+    good = batch(model)
+    kid, key = KEYS["current"]
+    head = len(TILE_BATCH_MAGIC) + 1 + len(kid)
+    other = StageKeys(tmp_path / "other")  # another deployment's (or an attacker's) stage key
+    other_kid = other.rotate("stage")
+    other_key = other.stage_keys()[other_kid]
+
+    def flip(b: bytes, i: int) -> bytes:
+        x = bytearray(b)
+        x[i] ^= 0x01
+        return bytes(x)
+
+    renamed = json.loads(body(model))
+    renamed.update(frame_id="cam/2", seq=2)  # another frame's identity under the old tag
+    moved = good[:head + TAG_LEN] + json.dumps(renamed, separators=(",", ":")).encode()
+    unenrolled = body(model, frame=type("F", (Frame,), {"frame_id": "ghost/1", "camera_id": "ghost"}))
+    return [
+        ("unwrapped, a valid batch for a camera never enrolled", unenrolled, "bad_mac"),
+        ("unwrapped, a valid batch", body(model), "bad_mac"),
+        ("MACed with a key this classifier does not hold", seal_tile_batch(body(model), other_kid, other_key),
+         "unknown_key"),
+        ("MACed with another key under our key id", seal_tile_batch(body(model), kid, other_key), "bad_mac"),
+        ("one byte of the JSON altered", flip(good, len(good) - 20), "bad_mac"),
+        ("one byte of the tag altered", flip(good, head + 3), "bad_mac"),
+        ("another key id, same tag", good[:5] + (b"0123456789abcdef" if kid != "0123456789abcdef" else b"f" * 16)
+         + good[head:], "unknown_key"),
+        ("frame_id and seq changed, old tag kept", moved, "bad_mac"),
+        ("tag truncated", good[:head + 10], "bad_mac"),
+        ("key id not hex", good[:5] + b"ZZZZZZZZZZZZZZZZ" + good[head:], "bad_mac"),
+        ("key id length 0", TILE_BATCH_MAGIC + b"\x00" + good[head:], "bad_mac"),
+        ("key id length beyond the record", TILE_BATCH_MAGIC + b"\xff" + good[5:40], "bad_mac"),
+        ("tag stripped", good[:head] + good[head + TAG_LEN:], "bad_mac"),
+    ]
+
+
+def test_forged_tile_batches_are_dead_letters_never_results(model, ckeys, tmp_path):
+    forgeries = _forgeries(model, ckeys, tmp_path)
+    stage = classifier(model, ckeys)
+    for offset, (name, record, reason) in enumerate(forgeries):
+        out = stage.on_record(record, 0, offset, 0.0, 0)
+        assert [o.topic for o in out] == [topics.DEAD_LETTERS], name
+        assert reasons(out) == [reason], name
+    assert stage.assembler.pending == {} and stage.metrics.counter("results_total") == 0
+    for reason in ("bad_mac", "unknown_key"):
+        assert stage.metrics.counter("dead_letters_total", reason=reason) == sum(r == reason for *_, r in forgeries)
+    # The genuine record next to them is answered.
+    [out] = stage.on_record(batch(model), 0, len(forgeries), 0.0, 0)
+    assert signed(out, ckeys).frame_id == "cam/1"
+
+
+def test_a_rotated_stage_key_still_verifies_old_records_until_removed(model, tmp_path):
+    store = StageKeys(tmp_path / "keys")
+    store.init()
+    ckeys = store.for_classifier(check_every_s=0.0)
+    processor_keys = store.mac_keys(check_every_s=0.0)
+    old_kid, old_key = processor_keys.current()
+    old = seal_tile_batch(body(model), old_kid, old_key)
+    new_kid = store.rotate("stage")
+    assert new_kid != old_kid and processor_keys.current()[0] == new_kid  # the processor follows
+    assert (store.path / "stage" / f"{new_kid}.key").stat().st_mode & 0o777 == 0o600
+    new = seal_tile_batch(body(model, frame=type("F", (Frame,), {"frame_id": "cam/2", "seq": 2})),
+                          *processor_keys.current())
+    stage = classifier(model, ckeys)
+    assert [o.topic for o in stage.on_record(old, 0, 0, 0.0, 0)] == [topics.RESULTS]
+    assert [o.topic for o in stage.on_record(new, 0, 1, 0.0, 0)] == [topics.RESULTS]
+    with pytest.raises(ValueError, match="current"):
+        store.remove("stage", new_kid)
+    store.remove("stage", old_kid)
+    stage = classifier(model, ckeys)
+    assert reasons(stage.on_record(old, 0, 2, 0.0, 0)) == ["unknown_key"]
+    assert open_tile_batch(new, ckeys.mac) == body(model, frame=type("F", (Frame,), {"frame_id": "cam/2", "seq": 2}))
+
+
+def test_a_rotated_results_key_still_verifies_old_results_until_removed(model, tmp_path):
+    store = StageKeys(tmp_path / "keys")
+    store.init()
+    ckeys = store.for_classifier(check_every_s=0.0)
+    [before] = classifier(model, ckeys).on_record(seal_tile_batch(body(model), *store.mac_keys().current()), 0, 0, 0.0, 0)
+    old_kid = store.current_id("results")
+    new_kid = store.rotate("results")
+    [after] = classifier(model, ckeys).on_record(seal_tile_batch(body(model), *store.mac_keys().current()), 0, 0, 0.0, 0)
+    assert json.loads(before.value)["signature"]["kid"] == old_kid
+    assert json.loads(after.value)["signature"]["kid"] == new_kid  # the classifier signs with the new key at once
+    consumer = store.result_keys(check_every_s=0.0)
+    assert signed(before, ckeys).frame_id == FrameResult.from_signed(after.value, consumer).frame_id == "cam/1"
+    store.remove("results", old_kid)
+    with pytest.raises(Refused) as refused:
+        FrameResult.from_signed(before.value, consumer)
+    assert refused.value.reason == "unknown_key"
+    assert FrameResult.from_signed(after.value, consumer).frame_id == "cam/1"
+
+
+def test_a_huge_original_is_truncated_in_its_dead_letter(model, ckeys):
+    [out] = classifier(model, ckeys).on_record(b"x" * (20 * 1024 * 1024), 0, 0, 0.0, 0)
     letter = DeadLetter.from_json(out.value)
     assert letter.original_size == 20 * 1024 * 1024 and len(letter.original) < letter.original_size
     assert len(out.value) < 4 * 1024 * 1024 + 64 * 1024  # fits the dead-letters topic
@@ -126,18 +278,59 @@ def _mutations(valid: bytes, rng: random.Random):
             yield json.dumps(m).encode()
 
 
-def test_fuzz_no_record_escapes_or_lands_in_internal(model):
-    stage = FrameClassifier(model, Metrics("t"), frame_timeout_s=1e9)
+def _wrapper_mutations(wrapped: bytes, rng: random.Random):
+    """Mutations of the MAC wrapper: header, key id, tag, lengths, truncation, splices."""
+    head = len(TILE_BATCH_MAGIC) + 1 + 16
+    while True:
+        kind = rng.randrange(6)
+        b = bytearray(wrapped)
+        if kind == 0:  # flips inside magic | length | key id | tag
+            for _ in range(rng.randrange(1, 4)):
+                b[rng.randrange(head + TAG_LEN)] ^= 1 << rng.randrange(8)
+            yield bytes(b)
+        elif kind == 1:  # the key-id length byte set to anything
+            b[4] = rng.randrange(256)
+            yield bytes(b)
+        elif kind == 2:  # cut anywhere in the header or the tag
+            yield wrapped[:rng.randrange(head + TAG_LEN + 1)]
+        elif kind == 3:  # a key id of random hex (unknown), or of random bytes
+            kid = bytes(rng.choice(b"0123456789abcdef") for _ in range(16)) if rng.random() < 0.5 else \
+                bytes(rng.randrange(256) for _ in range(16))
+            yield wrapped[:5] + kid + wrapped[head:]
+        elif kind == 4:  # bytes inserted or removed between tag and JSON
+            i = head + TAG_LEN
+            yield wrapped[:i] + bytes(rng.randrange(256) for _ in range(rng.randrange(1, 4))) + wrapped[i:] \
+                if rng.random() < 0.5 else wrapped[:i] + wrapped[i + rng.randrange(1, 4):]
+        else:  # a flip anywhere in the JSON, tag kept
+            b[rng.randrange(head + TAG_LEN, len(b))] ^= 1 << rng.randrange(8)
+            yield bytes(b)
+
+
+def test_fuzz_no_record_escapes_or_lands_in_internal(model, ckeys):
+    """Two thirds: mutated JSON under a valid MAC (so the fuzz reaches the parser); one third:
+    a mutated MAC wrapper around a valid batch, which must never be accepted."""
+    stage = classifier(model, ckeys, frame_timeout_s=1e9)
     rng = random.Random(1234)
-    valid = batch(model)
-    gen = _mutations(valid, rng)
-    escaped, n = 0, 100_000
+    json_gen = _mutations(body(model), rng)
+    wrapper_gen = _wrapper_mutations(batch(model), rng)
+    escaped, n, wrapper_accepted, wrappers = 0, 100_000, 0, 0
     for i in range(n):
+        if i % 3 == 2:
+            wrappers += 1
+            record = next(wrapper_gen)
+        else:
+            record = wrap(next(json_gen))
         try:
-            stage.on_record(next(gen), 0, i, 0.0, 0)
+            out = stage.on_record(record, 0, i, 0.0, 0)
         except Exception:  # noqa: BLE001 - counting what the guard let through
             escaped += 1
+            continue
+        if i % 3 == 2 and not reasons(out) and record != batch(model):
+            wrapper_accepted += 1
     assert escaped == 0
     assert stage.metrics.counter("dead_letters_total", reason="internal") == 0
+    assert wrapper_accepted == 0, "a mutated MAC wrapper was accepted"
+    mac_refused = sum(stage.metrics.counter("dead_letters_total", reason=r) for r in ("bad_mac", "unknown_key"))
+    assert mac_refused >= wrappers * 0.99  # (a mutation may rarely reproduce the original record)
     refused = sum(v for (name, _), v in stage.metrics.counters.items() if name == "dead_letters_total")
-    assert refused > n // 2  # the mutations really were refused, not silently accepted
+    assert refused - mac_refused > (n - wrappers) // 2  # the JSON mutations really reached the parser and were refused

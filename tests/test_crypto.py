@@ -152,7 +152,9 @@ def test_rotated_cloud_key_still_opens_older_frames(keystore):
 
 def test_private_keys_are_0600(keystore):
     keys = list(keystore.path.rglob("*.key"))
-    assert len(keys) == 4  # cloud HPKE key, tile-job key, registry admin key, model-release key (no device key)
+    # cloud HPKE key, tile-job key, registry admin key, model-release key, the stage key (MAC of tile
+    # batches) and the results-signing key; no device key
+    assert len(keys) == 6
     for k in keys:
         assert stat.S_IMODE(k.stat().st_mode) == 0o600
 

@@ -32,6 +32,7 @@ from tilestream.config import AgentSettings
 from tilestream.keys import KeyStore
 from tilestream_cli.procs import Children, wait_http
 from tilestream.records import AgentHeartbeat, FrameResult, TileLabel
+from tilestream.stagekeys import StageKeys
 
 from conftest import child_env, wait_for
 
@@ -81,6 +82,7 @@ def live(kafka, scene_model, tmp_path_factory):
     keys = KeyStore(tmp / "keys")
     keys.init()
     keys.init_model_release()
+    StageKeys(keys.path).init()  # stage key and results key: the dashboard verifies results with its .pub
     keys.enroll(CAMERA)
     env = child_env(kafka.bootstrap, keys.path, tmp / "home")
     token = secrets.token_urlsafe(24)
@@ -352,6 +354,8 @@ def test_hundred_cameras_render_and_the_page_stays_responsive(live, browser, tmp
     stop = threading.Event()
     sent = {"n": 0}
 
+    signing_key = StageKeys(live.keys.path).results_private_key()  # as if a classifier wrote them
+
     def produce():
         p = producer(live.bootstrap)
         try:
@@ -360,7 +364,7 @@ def test_hundred_cameras_render_and_the_page_stays_responsive(live, browser, tmp
                 seq += 1
                 for n in range(N_SYNTHETIC):
                     r = synthetic_result(n, seq)
-                    p.send(topics.RESULTS, key=r.camera_id.encode(), value=r.to_json())
+                    p.send(topics.RESULTS, key=r.camera_id.encode(), value=r.to_signed(*signing_key))
                 p.flush()
                 sent["n"] = seq
                 stop.wait(0.5)

@@ -260,12 +260,13 @@ def _forged_tiles(camera: str, n: int, diagonal: bool) -> bytes:
 
 
 @pytest.mark.kafka
-def test_forged_results_on_kafka_do_not_blow_up_the_snapshot(kafka):
+def test_forged_results_on_kafka_do_not_blow_up_the_snapshot(kafka, monkeypatch, tmp_path):
     """The security review's records, through a real broker: a 1.1 MB result, a 10,000-tile result and
     a 3,000-tile result whose tiles sit at distinct x and y (a 9,000,000-cell grid). Each is ignored
     and counted with its reason; the snapshot stays small; a real result next to them is shown."""
     from kafka import KafkaProducer
 
+    monkeypatch.setenv("TILESTREAM_KEYS_DIR", str(tmp_path / "no-keys"))  # no results key: results shown unverified
     limits = RecordLimits(max_record_bytes=1024 * 1024)  # so the 10,000 compact tiles (~740 KB) meet the tile bound
     state = DashboardState(StateConfig(max_snapshot_bytes=256 * 1024))
     dash = DashboardThread(create_app(kafka.bootstrap, TOKEN, state=state, limits=limits, snapshot_interval_s=0.2)).start()
@@ -503,3 +504,58 @@ def test_the_cli_takes_the_token_from_a_file(tmp_path):
         proc.terminate()
         proc.wait(30)
     assert TOKEN not in log_path.read_text()
+
+
+def _feed_record(feed, raw: bytes, offset: int = 0):
+    """One results record through KafkaFeed.apply, as the consumer hands it over."""
+    from types import SimpleNamespace
+
+    from aiokafka.structs import TopicPartition
+
+    feed.apply(TopicPartition(topics.RESULTS, 0), SimpleNamespace(offset=offset, timestamp=0, value=raw), time.time())
+
+
+def test_with_a_results_key_only_verified_results_are_shown(tmp_path):
+    """Keys configured: a signed result is shown; unsigned, re-signed by a stranger, altered, or signed
+    with an untrusted key is refused and counted with its reason. No key: shown and counted unverified."""
+    from dashboard.feed import KafkaFeed
+    from tilestream.metrics import Metrics
+    from tilestream.stagekeys import StageKeys
+
+    classifier_keys = StageKeys(tmp_path / "classifier")
+    classifier_keys.init()
+    kid, key = classifier_keys.results_private_key()
+    consumer = StageKeys(tmp_path / "dashboard")  # public keys only
+    consumer.trust_results(tmp_path / "classifier" / "results" / f"{kid}.pub")
+    assert not (tmp_path / "dashboard" / "results" / f"{kid}.key").exists()
+    stranger = StageKeys(tmp_path / "stranger")
+    stranger.init()
+    s_kid, s_key = stranger.results_private_key()
+
+    good = _result("cam-good").to_signed(kid, key)
+    envelope = json.loads(good)
+    altered = dict(envelope, result=envelope["result"].replace('"cam-good"', '"cam-evil"').replace("cam-good/", "cam-evil/"))
+    resigned = dict(envelope, signature=dict(envelope["signature"], sig=json.loads(
+        _result("cam-good").to_signed(kid, s_key))["signature"]["sig"]))  # our key id, the stranger's signature
+    forged = {"unsigned": _result("cam-plain").to_json(),
+              "bad_signature": json.dumps(altered).encode(),
+              "unknown_key": _result("cam-stranger").to_signed(s_kid, s_key)}
+    state = DashboardState()
+    metrics = Metrics("tilestream_dashboard")
+    feed = KafkaFeed(None, state, metrics, result_keys=consumer.result_keys())
+    assert feed.health()["verifying"]
+    for i, raw in enumerate([good, *forged.values(), json.dumps(resigned).encode()]):
+        _feed_record(feed, raw, i)
+    assert [c["id"] for c in state.snapshot(time.time())["cameras"]] == ["cam-good"]
+    for reason, n in (("unsigned", 1), ("unknown_key", 1), ("bad_signature", 2)):  # altered, and re-signed
+        assert metrics.counter("records_refused_total", topic=topics.RESULTS, reason=reason) == n, reason
+    assert feed.refused == 4 and feed.unverified == 0
+
+    # Without a key the dashboard still works: everything well-formed is shown, counted unverified.
+    state, metrics = DashboardState(), Metrics("tilestream_dashboard")
+    feed = KafkaFeed(None, state, metrics, result_keys=StageKeys(tmp_path / "empty").result_keys())
+    assert not feed.health()["verifying"]
+    for i, raw in enumerate([good, forged["unsigned"], forged["unknown_key"]]):
+        _feed_record(feed, raw, i)
+    assert sorted(c["id"] for c in state.snapshot(time.time())["cameras"]) == ["cam-good", "cam-plain", "cam-stranger"]
+    assert feed.unverified == 3 and metrics.counter("results_unverified_total") == 3 and feed.refused == 0

@@ -21,7 +21,7 @@ from tilestream.config import AgentSettings
 from tilestream_cli.procs import Children, start_cloud_stages
 from tilestream.records import TileBatch
 
-from conftest import child_env, metric, read_topic, wait_for
+from conftest import child_env, mac_keys, metric, read_topic, result_keys, wait_for
 
 N_FRAMES = 150
 CAMERA = "cam-delivery"  # its own camera: the session broker is shared with other tests
@@ -43,7 +43,7 @@ def test_sigkill_of_a_processor_and_of_the_classifier_loses_and_repeats_nothing(
     stop_tail = threading.Event()
 
     def watch():
-        for r in tail(bootstrap, from_beginning=True, stop=stop_tail):
+        for r in tail(bootstrap, keys=result_keys(keystore), from_beginning=True, stop=stop_tail):
             if r.camera_id == CAMERA:
                 seen[r.seq] = seen.get(r.seq, 0) + 1
 
@@ -87,7 +87,7 @@ def test_sigkill_of_a_processor_and_of_the_classifier_loses_and_repeats_nothing(
         stop_tail.set()
         children.stop_all()
 
-    results = [r for r in tail(bootstrap, from_beginning=True, idle_timeout_s=5) if r.camera_id == CAMERA]
+    results = [r for r in tail(bootstrap, keys=result_keys(keystore), from_beginning=True, idle_timeout_s=5) if r.camera_id == CAMERA]
     per_seq: dict[int, int] = {}
     for r in results:
         per_seq[r.seq] = per_seq.get(r.seq, 0) + 1
@@ -97,7 +97,7 @@ def test_sigkill_of_a_processor_and_of_the_classifier_loses_and_repeats_nothing(
     n_tiles = len(tile_grid(576, 768, 64, 0, "pad"))
     assert all(r.complete and len(r.tiles) == n_tiles for r in results)
 
-    records = [t for m in read_topic(bootstrap, topics.TILE_FEATURES) for t in TileBatch.from_bytes(m.value).split()]
+    records = [t for m in read_topic(bootstrap, topics.TILE_FEATURES) for t in TileBatch.from_wire(m.value, mac_keys(keystore)).split()]
     tiles = {(t.frame_id, t.tile_index) for t in records if t.camera_id == CAMERA}
     print(f"tile records {len(records)}, distinct {len(tiles)} (the difference was redelivered after the SIGKILL)")
     assert tiles == {(f"{CAMERA}/{s}", i) for s in range(N_FRAMES) for i in range(n_tiles)}

@@ -370,7 +370,10 @@ def test_a_running_classifier_refuses_bad_model_records_and_keeps_its_model(kafk
     watcher = registry.ModelWatcher(bootstrap, name, CFG.digest(), keys=keystore.model_release_keys())
     model = watcher.poll()
     assert (model.model_id, model.version) == (first.model_id, 1)
-    svc = ClassifierService(bootstrap, FrameClassifier(model, Metrics("tilestream_classifier")), "trust-classifier",
+    from tilestream.stagekeys import StageKeys
+
+    svc = ClassifierService(bootstrap, FrameClassifier(model, Metrics("tilestream_classifier"),
+                                                       keys=StageKeys(keystore.path).for_classifier()), "trust-classifier",
                             metrics_interval_s=3600, models=watcher)
     runner = threading.Thread(target=svc.run, daemon=True)
     runner.start()

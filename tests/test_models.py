@@ -18,7 +18,7 @@ from edge_agent.agent import EdgeAgent
 from tilestream.config import AgentSettings, FeatureConfig
 from tilestream_cli.procs import Children, start_cloud_stages
 
-from conftest import child_env, wait_for
+from conftest import child_env, result_keys, wait_for
 
 N_FRAMES = 80
 
@@ -55,7 +55,7 @@ def test_publishing_a_model_switches_the_running_classifier_without_losing_or_re
     stop = threading.Event()
 
     def watch():
-        for r in tail(bootstrap, from_beginning=True, stop=stop):
+        for r in tail(bootstrap, keys=result_keys(keystore), from_beginning=True, stop=stop):
             seen.append(r)
 
     def send(n: int) -> EdgeAgent:
@@ -87,7 +87,7 @@ def test_publishing_a_model_switches_the_running_classifier_without_losing_or_re
         stop.set()
         children.stop_all()
 
-    results = list(tail(bootstrap, from_beginning=True, idle_timeout_s=5))
+    results = list(tail(bootstrap, keys=result_keys(keystore), from_beginning=True, idle_timeout_s=5))
     seqs = sorted(r.seq for r in results)
     assert len(seqs) == len(set(seqs)) == N_FRAMES, f"every frame exactly once, got {seqs}"
     first_run = [r for r in results if r.seq < half]   # the first agent run numbers 0..half-1

@@ -18,7 +18,7 @@ from kafkaio.connection import PASSWORD_ENV
 from tilestream.config import AgentSettings
 from tilestream_cli.procs import Children, wait_http
 
-from conftest import wait_for
+from conftest import result_keys, wait_for
 
 pytestmark = pytest.mark.kafka
 N_FRAMES = 12
@@ -74,14 +74,14 @@ def test_the_pipeline_runs_over_sasl_ssl_with_one_principal_per_role(secure_kafk
         seen: dict[int, int] = {}
 
         def all_answered() -> bool:
-            for r in tail(reader, from_beginning=True, idle_timeout_s=3):
+            for r in tail(reader, keys=result_keys(keystore), from_beginning=True, idle_timeout_s=3):
                 seen[r.seq] = seen.get(r.seq, 0) + 1 if r.camera_id == CAMERA else 0
             return len([s for s, n in seen.items() if n]) >= N_FRAMES
 
         wait_for(all_answered, 180, f"{N_FRAMES} results over SASL_SSL", interval_s=1.0)
         seen.clear()
         assert children.stop(cls, name="classifier") == 0
-        results = [r.seq for r in tail(reader, from_beginning=True, idle_timeout_s=5) if r.camera_id == CAMERA]
+        results = [r.seq for r in tail(reader, keys=result_keys(keystore), from_beginning=True, idle_timeout_s=5) if r.camera_id == CAMERA]
         assert sorted(results) == list(range(N_FRAMES)), "exactly one result per frame"
     finally:
         children.stop_all()

@@ -216,13 +216,16 @@ def letters(bootstrap: str):
     return [DeadLetter.from_json(m.value) for m in read_topic(bootstrap, topics.DEAD_LETTERS)]
 
 
-def batches(bootstrap: str, frame_id: str) -> list:
+def batches(bootstrap: str, frame_id: str, keystore) -> list:
+    """The tile batches of ``frame_id`` on tile-features, each MAC verified with the stage keys."""
     from tilestream import topics
     from tilestream.records import TileBatch
 
-    from conftest import read_topic
+    from conftest import mac_keys, read_topic
 
-    return [b for b in (TileBatch.from_bytes(m.value) for m in read_topic(bootstrap, topics.TILE_FEATURES))
+    keys = mac_keys(keystore)  # this test's keys: records of the module's other tests carry other MACs
+    return [b for b in (TileBatch.from_wire(m.value, keys) for m in read_topic(bootstrap, topics.TILE_FEATURES)
+                        if m.key == frame_id.encode())  # the processor keys tile batches by frame id
             if b.frame_id == frame_id]
 
 
@@ -270,7 +273,7 @@ def test_replays_after_a_restart_or_on_another_partition_and_stale_frames_are_re
     try:
         proc = start_processor(children, env, tmp_path, "processor-1")
         md = producer.send(topics.FRAMES, key=h0.frame_id.encode(), value=first).get(timeout=30)
-        wait_for(lambda: batches(bootstrap, h0.frame_id), 90, "the frame's tile features")
+        wait_for(lambda: batches(bootstrap, h0.frame_id, keystore), 90, "the frame's tile features")
         wait_for(lambda: committed_everything(bootstrap, group, topics.FRAMES), 60, "the frame's offset committed")
         assert children.stop(proc, name="processor-1") == 0
 
@@ -282,7 +285,7 @@ def test_replays_after_a_restart_or_on_another_partition_and_stale_frames_are_re
         for h, blob in ((h1, old), (h2, future), (h3, last)):
             producer.send(topics.FRAMES, key=h.frame_id.encode(), value=blob)
         producer.flush(30)
-        wait_for(lambda: batches(bootstrap, h3.frame_id) and len([d for d in letters(bootstrap) if mine(d)]) >= 4,
+        wait_for(lambda: batches(bootstrap, h3.frame_id, keystore) and len([d for d in letters(bootstrap) if mine(d)]) >= 4,
                  90, "the last frame's features and four dead letters")
     finally:
         producer.close()
@@ -294,8 +297,8 @@ def test_replays_after_a_restart_or_on_another_partition_and_stale_frames_are_re
                    ("stale", h1.frame_id, got[2][2]), ("stale", h2.frame_id, got[3][2])], got
     digest = hashlib.sha256(first).hexdigest()
     assert [d.original_sha256 for d in letters(bootstrap) if mine(d) and d.reason == "replay"] == [digest, digest]
-    assert len(batches(bootstrap, h0.frame_id)) == 1, "a replay produced a second feature set"
-    assert not batches(bootstrap, h1.frame_id) and not batches(bootstrap, h2.frame_id)
+    assert len(batches(bootstrap, h0.frame_id, keystore)) == 1, "a replay produced a second feature set"
+    assert not batches(bootstrap, h1.frame_id, keystore) and not batches(bootstrap, h2.frame_id, keystore)
 
 
 @pytest.mark.kafka
@@ -323,7 +326,7 @@ def test_a_replayed_tile_job_produces_no_second_feature_set(kafka, keystore, vte
     n_tiles = 108
 
     def tiles_of(fid: str) -> list[int]:
-        return sorted(t.tile_index for b in batches(bootstrap, fid) for t in b.split())
+        return sorted(t.tile_index for b in batches(bootstrap, fid, keystore) for t in b.split())
 
     children = Children()
     producer = clients.producer(bootstrap)

@@ -20,7 +20,7 @@ from tilestream_cli.procs import Children, start_cloud_stages
 from tilestream.records import TileBatch
 from sampledata import iter_video_frames
 
-from conftest import child_env, metric, read_topic, wait_for
+from conftest import child_env, mac_keys, metric, read_topic, result_keys, wait_for
 
 KEY = bytes(range(32))
 
@@ -92,7 +92,7 @@ def test_a_frame_is_computed_by_several_workers(kafka, keystore, scene_model, vt
                           bootstrap, 4 * 1024 * 1024, state_dir=tmp_path / "agent")
         assert agent.run().sent == n
         results = {}
-        for r in tail(bootstrap, from_beginning=True, idle_timeout_s=120):
+        for r in tail(bootstrap, keys=result_keys(keystore), from_beginning=True, idle_timeout_s=120):
             results[r.seq] = r
             if len(results) >= n:
                 break
@@ -100,7 +100,7 @@ def test_a_frame_is_computed_by_several_workers(kafka, keystore, scene_model, vt
             missing = sorted(set(range(n)) - set(results))
             jobs = [m.key.decode() for m in read_topic(bootstrap, topics.TILE_JOBS)]
             feats = [t.frame_id for m in read_topic(bootstrap, topics.TILE_FEATURES)
-                     for t in TileBatch.from_bytes(m.value).split()]
+                     for t in TileBatch.from_wire(m.value, mac_keys(keystore)).split()]
             dead = [m.value[:300] for m in read_topic(bootstrap, topics.DEAD_LETTERS)]
             frames = [m.key.decode() for m in read_topic(bootstrap, topics.FRAMES)]
             detail = {s: (frames.count(f"cam-test/{s}"), sum(1 for k in jobs if k.startswith(f"cam-test/{s}#")),
@@ -121,5 +121,5 @@ def test_a_frame_is_computed_by_several_workers(kafka, keystore, scene_model, vt
     for m in jobs:
         by_frame.setdefault(m.key.decode().split("#")[0], set()).add(m.partition)
     assert all(len(parts) >= 2 for parts in by_frame.values()), "each frame's bands spread over partitions"
-    tiles = [t for m in read_topic(bootstrap, topics.TILE_FEATURES) for t in TileBatch.from_bytes(m.value).split()]
+    tiles = [t for m in read_topic(bootstrap, topics.TILE_FEATURES) for t in TileBatch.from_wire(m.value, mac_keys(keystore)).split()]
     assert {(t.frame_id, t.tile_index) for t in tiles} == {(f"cam-test/{s}", i) for s in range(n) for i in range(108)}

@@ -3,6 +3,7 @@
     tilestream kafka start|stop|status|fetch   local Apache Kafka: one node, a 3-node cluster, secured (kafka.py)
     tilestream samples fetch                   OpenCV sample data from Debian's opencv-doc (samples.py)
     tilestream keys ...                        cloud key, device enrolment, model-release key (keys.py)
+    tilestream stage-keys ...                  keys that authenticate tile batches and results (stagekeys.py)
     tilestream agent                           edge agent: source -> sealed frames -> Kafka (agent.py)
     tilestream process                         Faust stream processor, one worker (process.py)
     tilestream classify                        online classifier -> results (classify.py)
@@ -25,9 +26,10 @@ import signal
 
 from tilestream.config import load_settings
 
-from tilestream_cli import agent, classify, dashboard, demo, kafka, keys, models, process, results, samples
+from tilestream_cli import (agent, classify, dashboard, demo, kafka, keys, models, process, results, samples,
+                            stagekeys)
 
-GROUPS = (kafka, samples, keys, agent, process, models, classify, results, dashboard, demo)
+GROUPS = (kafka, samples, keys, stagekeys, agent, process, models, classify, results, dashboard, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -46,7 +46,15 @@ def cmd_classify(args: argparse.Namespace, settings: Settings) -> int:
               f"(train one with `tilestream train`)", file=sys.stderr)
         watcher.close()
         return 2
-    stage = FrameClassifier(model, Metrics("tilestream_classifier"), cs.frame_timeout_s)
+    from tilestream.stagekeys import StageKeys
+
+    try:
+        stage_keys = StageKeys(settings.keys_path()).for_classifier()
+    except ValueError as exc:  # ConfigError: no results-signing key here
+        print(f"error: {exc}", file=sys.stderr)
+        watcher.close()
+        return 2
+    stage = FrameClassifier(model, Metrics("tilestream_classifier"), cs.frame_timeout_s, keys=stage_keys)
     svc = ClassifierService(conn, stage, cs.group_id, cs.dedup_margin_s, cs.metrics_interval_s, models=watcher,
                             stall_after_s=cs.stall_after_s)
     if args.http_port:

@@ -52,6 +52,10 @@ def run_demo(settings: Settings, args: argparse.Namespace) -> int:
     store = KeyStore(keys_dir)
     store.init()  # cloud, admin and tile-job keys
     store.init_model_release()  # the demo publishes its scene model: one machine holds every key
+    from tilestream.stagekeys import StageKeys
+
+    stage_keys = StageKeys(keys_dir)
+    stage_keys.init()  # the stage key (tile batches) and the results-signing key
     camera = settings.agent.camera_id
     if not store.bundle_path(camera).exists():  # the agent below reads it from there (its default)
         store.enroll(camera)
@@ -82,7 +86,7 @@ def run_demo(settings: Settings, args: argparse.Namespace) -> int:
         results: dict[int, object] = {}
 
         def printer():
-            for r in tail(bootstrap, camera_id=camera, stop=done, ready=tail_ready):
+            for r in tail(bootstrap, camera_id=camera, stop=done, ready=tail_ready, keys=stage_keys.result_keys()):
                 print(format_result(r), flush=True)
                 results[r.seq] = r
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from tilestream.config import Settings
 
@@ -11,9 +12,17 @@ from tilestream_cli.common import connection
 
 def cmd_results(args: argparse.Namespace, settings: Settings) -> int:
     from classifier.results import tail
+    from tilestream.stagekeys import StageKeys
+
+    keys = StageKeys(settings.keys_path()).result_keys()
+    if not len(keys):
+        print(f"error: no results public key in {settings.keys_path() / 'results'}: "
+              "`tilestream stage-keys trust-results --pub FILE` (a classifier's results/<kid>.pub)", file=sys.stderr)
+        return 2
 
     try:
-        for r in tail(connection(args, settings), camera_id=args.camera, from_beginning=args.from_beginning, max_results=args.max):
+        for r in tail(connection(args, settings), camera_id=args.camera, from_beginning=args.from_beginning,
+                      max_results=args.max, keys=keys):
             print(format_result(r), flush=True)
     except KeyboardInterrupt:
         pass
