@@ -80,17 +80,23 @@ class AnsweredFrames:
         self.skipped = 0
 
     def catch_up(self, since_ms: int) -> set[str]:
-        if self.since_ms is None or since_ms < self.since_ms:
-            self.reader.seek(since_ms)
-            self.since_ms = since_ms
-        ids: set[str] = set()
-        for m in self.reader.read_to_end():
-            fid = _frame_id_of(m.value)
-            if fid is None:
-                self.skipped += 1
-            else:
-                ids.add(fid)
-        return ids
+        """Raises what the reader raises (e.g. KafkaTimeoutError while a broker hangs); the next call
+        then reads again from ``since_ms``: the ids read before the failure were never returned."""
+        try:
+            if self.since_ms is None or since_ms < self.since_ms:
+                self.reader.seek(since_ms)
+                self.since_ms = since_ms
+            ids: set[str] = set()
+            for m in self.reader.read_to_end():
+                fid = _frame_id_of(m.value)
+                if fid is None:
+                    self.skipped += 1
+                else:
+                    ids.add(fid)
+            return ids
+        except BaseException:
+            self.since_ms = None
+            raise
 
     def close(self) -> None:
         self.reader.close()

@@ -219,9 +219,26 @@ class ClassifierService:
         """
         since = first_tile_ms - int(self.dedup_margin_s * 1000)
         t0 = time.monotonic()
-        if self._answered is None:
-            self._answered = AnsweredFrames(self.conn)
-        ids = self._answered.catch_up(since)
+        delay = 0.5
+        while True:
+            # No tile of the batch is used before the read-back succeeded (answering without it
+            # could answer a frame twice), so a failure is retried, not raised: raising here ended
+            # the service when a broker hung for 30 s (the read's ListOffsets timed out, and the
+            # classifier exited). The loop, and with it the group heartbeat, goes on meanwhile;
+            # /healthz says "stalled" if this outlasts stall_after_s.
+            try:
+                if self._answered is None:
+                    self._answered = AnsweredFrames(self.conn)
+                ids = self._answered.catch_up(since)
+                break
+            except Exception as exc:  # noqa: BLE001 - broker away or hung: retry with backoff
+                if self._stop_requested:
+                    raise
+                self.metrics.inc("dedup_seed_failures_total")
+                log.warning(json.dumps({"event": "dedup_seed_failed", "error": f"{type(exc).__name__}: {exc}",
+                                        "retry_in_s": delay}))
+                time.sleep(delay)
+                delay = min(10.0, delay * 2)
         self.classifier.assembler.remember(ids)
         log.info(json.dumps({"event": "dedup_seeded", "frames": len(ids), "seconds": round(time.monotonic() - t0, 3)}))
 
