@@ -237,6 +237,15 @@ class ClassifierService:
                 self.metrics.inc("dedup_seed_failures_total")
                 log.warning(json.dumps({"event": "dedup_seed_failed", "error": f"{type(exc).__name__}: {exc}",
                                         "retry_in_s": delay}))
+                # A fresh client for the next try: kafka-python 3.0.12's consumer that had requests
+                # pending on the hung node kept failing every lookup (60 s each, three in a row) long
+                # after the node was back; a new one read the topic at once.
+                answered, self._answered = self._answered, None
+                if answered is not None:
+                    try:
+                        answered.close()
+                    except Exception:  # noqa: BLE001 - a client that is stuck may not close cleanly
+                        pass
                 time.sleep(delay)
                 delay = min(10.0, delay * 2)
         self.classifier.assembler.remember(ids)

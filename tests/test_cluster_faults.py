@@ -36,11 +36,11 @@ import os
 import signal
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
-from classifier.results import tail
 from deploy.local_kafka import DEFAULT_VERSION, LocalKafka, cluster_hosts, free_port_on
 from edge_agent.agent import EdgeAgent
 from kafkaio import clients
@@ -124,6 +124,17 @@ def out_of_isr(cluster: LocalKafka, node: int) -> list[str]:
         admin.close()
 
 
+def _metric(url: str, name: str) -> float | None:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as resp:
+            for line in resp.read().decode().splitlines():
+                if line.startswith(name + " "):
+                    return float(line.split()[1])
+        return 0.0
+    except OSError:
+        return None
+
+
 def wait_in_isr(cluster: LocalKafka, node: int, timeout_s: float = ISR_TIMEOUT_S) -> None:
     wait_for(lambda: not out_of_isr(cluster, node), timeout_s, f"node {node} back in the ISR of every partition",
              interval_s=1.0)
@@ -155,6 +166,7 @@ class Scenario:
             AgentSettings(camera_id=self.camera, source=str(vtest), realtime=True, loop=True, drain_timeout_s=90),
             keys, cluster.bootstrap, max_frame_bytes=4 * 1024 * 1024, state_dir=tmp / "agent",
         )
+        self.samples: list[tuple[float, float, float | None, float | None]] = []
         self.seen: dict[int, FrameResult] = {}  # seq -> first result read (progress only; the topic decides)
         self._stop_tail = threading.Event()
         self.events: dict[str, float] = {}  # name -> wall seconds (time.time())
@@ -167,18 +179,65 @@ class Scenario:
 
     def start(self) -> None:
         self.stages = start_cloud_stages(self.children, self.env, self.tmp, self.model)
-        ready = threading.Event()
-
-        def watch():
-            for r in tail(self.cluster.bootstrap, camera_id=self.camera, stop=self._stop_tail, ready=ready):
-                self.seen.setdefault(r.seq, r)
-
-        threading.Thread(target=watch, daemon=True, name=f"tail-{self.name}").start()
-        assert ready.wait(60), "could not start reading results"
+        threading.Thread(target=self._watch, daemon=True, name=f"tail-{self.name}").start()
+        threading.Thread(target=self._sample, daemon=True, name=f"sample-{self.name}").start()
         self.sender = threading.Thread(target=self.agent.run, daemon=True, name=f"agent-{self.name}")
         self.sender.start()
         self.mark("camera started")
         self.wait_results(WARMUP_RESULTS, 120, "results before the fault")
+
+    def _watch(self) -> None:
+        """Follow ``results`` (progress for the waits; the final check reads the topic again). A
+        reader idle for 15 s is replaced by a new one at the same positions: a kafka-python consumer
+        that had requests on a hung node can stay stuck after the node is back."""
+        pos = dict(self.results_from)
+        while not self._stop_tail.is_set():
+            try:
+                with clients.RangeReader(self.cluster.bootstrap, topics.RESULTS, client_id="faults-tail") as reader:
+                    reader.seek(lambda p: pos.get(p, 0))
+                    idle_since = time.monotonic()
+                    while not self._stop_tail.is_set() and time.monotonic() - idle_since < 15:
+                        batch = reader.consumer.poll(timeout_ms=200)
+                        if batch:
+                            idle_since = time.monotonic()
+                        for records in batch.values():
+                            for m in records:
+                                pos[m.partition] = m.offset + 1
+                                r = FrameResult.from_json(m.value)
+                                if r.camera_id == self.camera:
+                                    self.seen.setdefault(r.seq, r)
+            except Exception as exc:  # noqa: BLE001 - the cluster is being disturbed: read again
+                print(f"[{self.name}] results reader: {type(exc).__name__}: {exc}; reading again", flush=True)
+                self._stop_tail.wait(1.0)
+
+    def _sample(self) -> None:
+        """Every 0.5 s, what each stage has done so far: frames acknowledged to the agent, frames
+        processed (processor /metrics), results produced (classifier /metrics). Shows which stage
+        stalled, and for how long, without touching Kafka."""
+        proc = f"http://127.0.0.1:{self.stages.worker_ports[0]}/metrics"
+        cls = f"http://127.0.0.1:{self.stages.metrics_port}/metrics"
+        while not self._stop_tail.is_set():
+            self.samples.append((time.time(), float(self.agent.counters.sent),
+                                 _metric(proc, "tilestream_processor_frames_total"),
+                                 _metric(cls, "tilestream_classifier_results_total")))
+            self._stop_tail.wait(0.5)
+
+    def stalls(self) -> dict:
+        """Per stage, the longest time after the fault (while the camera streamed) without progress."""
+        fault, end = self.events["fault"], self.events["camera stopping"]
+        out = {}
+        for i, stage in enumerate(("agent_acks", "processor_frames", "classifier_results"), start=1):
+            rows = [(t, r[i]) for r in self.samples if (t := r[0]) >= fault and r[i] is not None]
+            longest, since, last, start = 0.0, fault, None, None
+            for t, v in rows:
+                if last is not None and v > last:
+                    since = t
+                elif t - since > longest and t <= end:
+                    longest, start = t - since, since
+                last = v
+            out[stage] = {"longest_stall_s": round(longest, 1),
+                          "starts_s_after_fault": round(start - fault, 1) if start is not None else None}
+        return out
 
     def alive(self) -> None:
         for name, p in self.children.procs:
@@ -196,6 +255,7 @@ class Scenario:
     def finish(self) -> dict:
         """Fresh results after the fault, stop the camera, drain, check the topics, measure."""
         self.wait_results(FRESH_RESULTS, 180, "results of frames captured after the fault", self.events["restored"])
+        self.mark("camera stopping")
         self.agent.stop()
         self.sender.join(120)
         assert not self.sender.is_alive(), "the agent did not drain its spool"
@@ -249,6 +309,7 @@ class Scenario:
             "fault_to_backlog_drained_s": round((late[-1].result_ns - fault_ns) / 1e9, 2) if late else 0.0,
             "latency_before_fault_p50_ms": round(baseline[len(baseline) // 2], 1) if baseline else None,
             "latency_max_s": round(max(r.latency_ms for r in results) / 1e3, 2),
+            "stalls": self.stalls(),
         }
         path = self.tmp / "recovery.json"
         path.write_text(json.dumps(out, indent=2))
