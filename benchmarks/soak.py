@@ -88,7 +88,7 @@ class Lag:
         try:
             admin = clients.admin(where)
             try:
-                committed = admin.list_consumer_group_offsets(group)
+                committed = admin.list_group_offsets(group).get(group, {})
             finally:
                 admin.close()
             c = clients.consumer(where, client_id="soak-lag")
