@@ -110,18 +110,24 @@ class AnsweredFrames:
         self.skipped_by_reason: dict[str, int] = {}
 
     def catch_up(self, since_ms: int) -> set[str]:
-        if self.since_ms is None or since_ms < self.since_ms:
-            self.reader.seek(since_ms)
-            self.since_ms = since_ms
-        ids: set[str] = set()
-        for m in self.reader.read_to_end():
-            try:
-                ids.add(verify_result(m.value, self.keys).frame_id)
-            except Exception as exc:  # noqa: BLE001 - a hostile record is skipped, never fatal
-                reason = exc.reason if isinstance(exc, Refused) else "error"
-                self.skipped += 1
-                self.skipped_by_reason[reason] = self.skipped_by_reason.get(reason, 0) + 1
-        return ids
+        """Raises what the reader raises (e.g. KafkaTimeoutError while a broker hangs); the next call
+        then reads again from ``since_ms``: the ids read before the failure were never returned."""
+        try:
+            if self.since_ms is None or since_ms < self.since_ms:
+                self.reader.seek(since_ms)
+                self.since_ms = since_ms
+            ids: set[str] = set()
+            for m in self.reader.read_to_end():
+                try:
+                    ids.add(verify_result(m.value, self.keys).frame_id)
+                except Exception as exc:  # noqa: BLE001 - a hostile record is skipped, never fatal
+                    reason = exc.reason if isinstance(exc, Refused) else "error"
+                    self.skipped += 1
+                    self.skipped_by_reason[reason] = self.skipped_by_reason.get(reason, 0) + 1
+            return ids
+        except BaseException:
+            self.since_ms = None
+            raise
 
     def close(self) -> None:
         self.reader.close()

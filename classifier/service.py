@@ -219,9 +219,35 @@ class ClassifierService:
         """
         since = first_tile_ms - int(self.dedup_margin_s * 1000)
         t0 = time.monotonic()
-        if self._answered is None:
-            self._answered = AnsweredFrames(self.conn, self.classifier.keys.results)  # verified results only
-        ids = self._answered.catch_up(since)
+        delay = 0.5
+        while True:
+            # No tile of the batch is used before the read-back succeeded (answering without it
+            # could answer a frame twice), so a failure is retried, not raised: raising here ended
+            # the service when a broker hung for 30 s (the read's ListOffsets timed out, and the
+            # classifier exited). The loop, and with it the group heartbeat, goes on meanwhile;
+            # /healthz says "stalled" if this outlasts stall_after_s.
+            try:
+                if self._answered is None:
+                    self._answered = AnsweredFrames(self.conn, self.classifier.keys.results)  # verified results only
+                ids = self._answered.catch_up(since)
+                break
+            except Exception as exc:  # noqa: BLE001 - broker away or hung: retry with backoff
+                if self._stop_requested:
+                    raise
+                self.metrics.inc("dedup_seed_failures_total")
+                log.warning(json.dumps({"event": "dedup_seed_failed", "error": f"{type(exc).__name__}: {exc}",
+                                        "retry_in_s": delay}))
+                # A fresh client for the next try: kafka-python 3.0.12's consumer that had requests
+                # pending on the hung node kept failing every lookup (60 s each, three in a row) long
+                # after the node was back; a new one read the topic at once.
+                answered, self._answered = self._answered, None
+                if answered is not None:
+                    try:
+                        answered.close()
+                    except Exception:  # noqa: BLE001 - a client that is stuck may not close cleanly
+                        pass
+                time.sleep(delay)
+                delay = min(10.0, delay * 2)
         self.classifier.assembler.remember(ids)
         self.metrics.set("results_unverified_skipped", float(self._answered.skipped))
         log.info(json.dumps({"event": "dedup_seeded", "frames": len(ids), "seconds": round(time.monotonic() - t0, 3),

@@ -714,9 +714,13 @@ class LocalKafka:
         node = self.node(node_id)
         info = self._node_status(node)
         if info is None:
+            deadline = time.monotonic() + timeout_s
             self.ensure_jars()
             self._wait_ready({node_id: self._spawn(node, self._cluster_id())}, timeout_s)
-            info = self._node_status(node)
+            # The cluster may still list the node's previous incarnation as unfenced (a SIGKILLed
+            # node is fenced only after broker.session.timeout.ms): wait for this one's listener too.
+            while (info := self._node_status(node)) is None and time.monotonic() < deadline:
+                time.sleep(0.25)
         if info is None:
             raise KafkaError(f"node {node_id} did not come up; see {node.log_path}")
         return info

@@ -22,13 +22,23 @@ from kafkaio.connection import Connection, connection
 GROUP_TIMING = {"session_timeout_ms": 10000, "heartbeat_interval_ms": 3000, "max_poll_interval_ms": 120000,
                 "rebalance_timeout_ms": 60000}
 
+# How stale an aiokafka client's cluster metadata may get (aiokafka's default: 5 min). aiokafka
+# 0.14.0 does not refresh metadata when a ListOffsets for a partition's position fails with
+# NotLeaderForPartition (consumer/fetcher.py ``_update_fetch_positions``: log, sleep, retry the
+# same node): after a broker was SIGSTOPped for 30 s and came back as a follower, the processor
+# asked it for the offsets of its Faust assignor topic for 4 minutes (2,300 refusals) and
+# processed nothing until the periodic refresh. 10 s bounds that, for one metadata request per
+# 10 s per client. Faust takes it as ``consumer/producer_metadata_max_age_ms``.
+METADATA_MAX_AGE_MS = 10000
+
 
 def group_consumer(where: Connection | str, group_id: str, client_id: str, **overrides: Any):
     """An aiokafka consumer in ``group_id`` with manual commits, starting at the earliest offset."""
     from aiokafka import AIOKafkaConsumer
 
     kw = {**connection(where).client_kwargs(), "group_id": group_id, "client_id": client_id,
-          "enable_auto_commit": False, "auto_offset_reset": "earliest", **GROUP_TIMING, **overrides}
+          "enable_auto_commit": False, "auto_offset_reset": "earliest", "metadata_max_age_ms": METADATA_MAX_AGE_MS,
+          **GROUP_TIMING, **overrides}
     return AIOKafkaConsumer(**kw)
 
 
@@ -37,14 +47,15 @@ def reader(where: Connection | str, client_id: str, **overrides: Any):
     from aiokafka import AIOKafkaConsumer
 
     return AIOKafkaConsumer(**connection(where).client_kwargs(), group_id=None, enable_auto_commit=False,
-                            client_id=client_id, **overrides)
+                            client_id=client_id, **{"metadata_max_age_ms": METADATA_MAX_AGE_MS, **overrides})
 
 
 def producer(where: Connection | str, client_id: str, profile: str = "stage", **overrides: Any):
     """An aiokafka producer of one of :data:`kafkaio.clients.PROFILES`."""
     from aiokafka import AIOKafkaProducer
 
-    kw = {**connection(where).client_kwargs(), **PROFILES[profile], "client_id": client_id, **overrides}
+    kw = {**connection(where).client_kwargs(), **PROFILES[profile], "client_id": client_id,
+          "metadata_max_age_ms": METADATA_MAX_AGE_MS, **overrides}
     if "batch_size" in kw:  # aiokafka's name for it
         kw["max_batch_size"] = kw.pop("batch_size")
     return AIOKafkaProducer(**kw)

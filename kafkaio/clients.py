@@ -41,13 +41,24 @@ def producer(where: Connection | str, profile: str = "stage", client_id: str | N
     return KafkaProducer(**kw)
 
 
+# A hung broker (SIGSTOPped, a frozen VM) still has its TCP connections accepted by the kernel: a
+# request to it is answered only by the client's own timeout. kafka-python's consumer default
+# (30 s) is also the whole budget of end_offsets/offsets_for_times, so one request to a hung node
+# used it up and the call failed (the classifier's read-back of answered frames, which then
+# exited). 10 s per request, and :data:`OFFSETS_BUDGET_MS` for a whole lookup, so a request
+# that hangs is retried against the new leader (KRaft fences a silent broker after 9 s).
+CONSUMER_REQUEST_TIMEOUT_MS = 10000
+OFFSETS_BUDGET_MS = 60000
+
+
 def consumer(where: Connection | str, client_id: str = "tilestream", group_id: str | None = None, **overrides):
     """A kafka-python consumer; group-less (``group_id=None``, no commits) unless a group is given."""
     from kafka import KafkaConsumer
 
     conn = connection(where)
+    kw = {"request_timeout_ms": CONSUMER_REQUEST_TIMEOUT_MS, **overrides}
     return KafkaConsumer(**conn.client_kwargs(), client_id=f"{client_id}-{uuid.uuid4().hex[:6]}",
-                         group_id=group_id, enable_auto_commit=False, **overrides)
+                         group_id=group_id, enable_auto_commit=False, **kw)
 
 
 def admin(where: Connection | str, **overrides):
@@ -93,9 +104,9 @@ class RangeReader:
         elif start == "end":
             c.seek_to_end(*self.parts)
         else:
-            end = c.end_offsets(self.parts)
+            end = c.end_offsets(self.parts, timeout_ms=OFFSETS_BUDGET_MS)
             if isinstance(start, int):
-                found = c.offsets_for_times({tp: max(0, start) for tp in self.parts})
+                found = c.offsets_for_times({tp: max(0, start) for tp in self.parts}, timeout_ms=OFFSETS_BUDGET_MS)
                 offsets = {tp: found[tp].offset if found.get(tp) is not None else end[tp] for tp in self.parts}
             else:
                 offsets = {tp: start(tp.partition) for tp in self.parts}
@@ -103,13 +114,13 @@ class RangeReader:
             for tp, o in offsets.items():
                 c.seek(tp, o)
         for tp in self.parts:
-            c.position(tp)  # resolve the seek now, so "the end" means now
+            c.position(tp, timeout_ms=OFFSETS_BUDGET_MS)  # resolve the seek now, so "the end" means now
 
     def read_to_end(self) -> Iterator:
         """Every record from the current positions up to the end offsets as of this call."""
         c = self.consumer
-        end = c.end_offsets(self.parts)
-        while any(c.position(tp) < end[tp] for tp in self.parts):
+        end = c.end_offsets(self.parts, timeout_ms=OFFSETS_BUDGET_MS)
+        while any(c.position(tp, timeout_ms=OFFSETS_BUDGET_MS) < end[tp] for tp in self.parts):
             for records in c.poll(timeout_ms=1000).values():
                 yield from records
 

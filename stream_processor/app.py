@@ -41,7 +41,7 @@ from pathlib import Path
 
 import faust
 
-from kafkaio import Connection, connection
+from kafkaio import Connection, aio, connection
 from kafkaio.clients import ensure_topics
 from tilestream import topics
 from tilestream.config import Settings
@@ -94,6 +94,10 @@ def create_app(settings: Settings, where: Connection | str, datadir: Path, web_p
         broker_commit_interval=1.0,
         broker_session_timeout=ps.session_timeout_s,
         broker_heartbeat_interval=max(1.0, ps.session_timeout_s / 4),
+        # Bounded metadata staleness: see kafkaio.aio.METADATA_MAX_AGE_MS (a processor stuck for
+        # minutes on a broker that came back from a hang).
+        consumer_metadata_max_age_ms=aio.METADATA_MAX_AGE_MS,
+        producer_metadata_max_age_ms=aio.METADATA_MAX_AGE_MS,
         web_enabled=True,
     )
     transport.install(app)
