@@ -159,10 +159,12 @@ def run(cameras: int = 4, minutes: float = 30.0, workers: int = 1, restart_node:
     from benchmarks.pipeline_bench import prepare_model
     from edge_agent.agent import EdgeAgent
     from kafkaio.clients import read_range
-    from tilestream import envelope, samples, topics
+    import sampledata as samples
+    from classifier.results import verify_result
+    from tilestream import envelope, topics
     from tilestream.config import AgentSettings
     from tilestream_cli.procs import Children
-    from tilestream.records import FrameResult
+    from tilestream.stagekeys import StageKeys
 
     names = [f"soak-cam-{i}" for i in range(cameras)]
     res: dict = {"cameras": cameras, "minutes": minutes, "workers": workers, "machine": machine()}
@@ -259,7 +261,7 @@ def run(cameras: int = 4, minutes: float = 30.0, workers: int = 1, restart_node:
                 frames[(h.camera_id, h.seq)] += 1
             answered = collections.Counter()
             for m in read_range(cluster.answering_bootstrap(), topics.RESULTS):
-                r = FrameResult.from_json(m.value)
+                r = verify_result(m.value, StageKeys(store.path).result_keys())
                 answered[(r.camera_id, r.seq)] += 1
             expected = {(c, s) for c, n in sealed.items() for s in range(n)}
             res.update(

@@ -47,7 +47,9 @@ from tilestream import envelope, topics
 from tilestream.config import AgentSettings, KafkaSettings
 from tilestream.keys import KeyStore
 from tilestream_cli.procs import Children, start_cloud_stages
+from classifier.results import verify_result
 from tilestream.records import FrameResult
+from tilestream.stagekeys import StageKeys
 from tilestream.topics import pipeline_topics
 
 from conftest import child_env, wait_for
@@ -76,9 +78,10 @@ def cluster(tmp_path_factory):
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory) -> KeyStore:
     """One key directory for the module: the classifiers of all scenarios share the published model."""
-    store = KeyStore(tmp_path_factory.mktemp("faults-keys"))
-    store.init_cloud()
+    store = KeyStore(tmp_path_factory.mktemp("faults") / "keys")
+    store.init()
     store.init_model_release()
+    StageKeys(store.path).init()
     return store
 
 
@@ -146,6 +149,7 @@ class Scenario:
     """A camera streaming through processor + classifier children while the test disturbs the cluster."""
 
     def __init__(self, name: str, cluster: LocalKafka, keys: KeyStore, model: Path, vtest: Path, tmp: Path):
+        self.result_keys = StageKeys(keys.path).result_keys()
         self.name, self.cluster, self.tmp = name, cluster, tmp
         self.camera = f"cam-faults-{name}"
         keys.enroll(self.camera)
@@ -202,7 +206,7 @@ class Scenario:
                         for records in batch.values():
                             for m in records:
                                 pos[m.partition] = m.offset + 1
-                                r = FrameResult.from_json(m.value)
+                                r = verify_result(m.value, self.result_keys)
                                 if r.camera_id == self.camera:
                                     self.seen.setdefault(r.seq, r)
             except Exception as exc:  # noqa: BLE001 - the cluster is being disturbed: read again
@@ -275,7 +279,7 @@ class Scenario:
             if h.camera_id == self.camera:
                 frames[h.seq] += 1
         results = [r for m in read_from(self.cluster, topics.RESULTS, self.results_from)
-                   if (r := FrameResult.from_json(m.value)).camera_id == self.camera]
+                   if (r := verify_result(m.value, self.result_keys)).camera_id == self.camera]
         per_seq = collections.Counter(r.seq for r in results)
         want = set(range(c.sealed))
         assert set(frames) == want, f"frames missing on the topic: {sorted(want - set(frames))[:20]}"
