@@ -742,12 +742,18 @@ class LocalKafka:
         return self.partition_state(topic, partition)["leader"]
 
     def active_controller(self) -> int:
-        """The node id of the KRaft quorum leader (DescribeQuorum)."""
-        admin = self._admin()
+        """The node id of the KRaft quorum leader (DescribeQuorum); -1 while none can be asked or named
+        (right after the leader died, the node asked may be the dead one)."""
+        from kafka.errors import KafkaError as ClientError
+
         try:
-            quorum = admin.describe_metadata_quorum()
-        finally:
-            admin.close()
+            admin = self._admin()
+            try:
+                quorum = admin.describe_metadata_quorum()
+            finally:
+                admin.close()
+        except ClientError:
+            return -1
         return quorum["topics"][0]["partitions"][0]["leader_id"]
 
     def stop(self, timeout_s: float = 60.0) -> bool:
