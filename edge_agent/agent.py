@@ -502,7 +502,7 @@ def _oldest_capture_ms(entries) -> int:
         return 0
 
 
-def frames_on_topic(where: Connection | str, wanted: dict[bytes, bytes], acked_offsets: dict[int, int],
+def frames_on_topic(where: Connection | str, wanted: dict[bytes, bytes], start_offsets: dict[int, int],
                     oldest_capture_ms: int, clock_margin_ms: int = 3600_000) -> set[bytes]:
     """Which of the spooled frames ``wanted`` (key -> sealed bytes) are already on the frames topic.
 
@@ -510,20 +510,19 @@ def frames_on_topic(where: Connection | str, wanted: dict[bytes, bytes], acked_o
     anyone who can write to the topic can write a record with a genuine frame's key, and
     trusting the key alone would make the agent drop that genuine frame from its spool.
 
-    Each partition is read from just after the last offset this agent knows was acknowledged
-    (or, for a partition it has none for, from the broker time of the oldest pending capture
-    minus a margin for camera clock error) up to its end now.
+    Each partition is read from ``start_offsets[partition]`` (the first offset the persisted
+    spool head does not cover, see ``EdgeAgent._save_offsets``; for a partition it has none for,
+    from the broker time of the oldest pending capture minus a margin for camera clock error) up
+    to its end now.
     """
-    def start(partition: int) -> int | None:
-        return acked_offsets[partition] + 1 if partition in acked_offsets else None
 
     with clients.RangeReader(where, topics.FRAMES, client_id="tilestream-agent-reconcile", request_timeout_ms=10000,
                              bootstrap_timeout_ms=BOOTSTRAP_TIMEOUT_MS) as reader:
-        unknown = [tp.partition for tp in reader.parts if tp.partition not in acked_offsets]
+        unknown = [tp.partition for tp in reader.parts if tp.partition not in start_offsets]
         by_time = {}
         if unknown:
             found = reader.consumer.offsets_for_times(
                 {tp: max(0, oldest_capture_ms - clock_margin_ms) for tp in reader.parts if tp.partition in unknown})
             by_time = {tp.partition: (o.offset if o is not None else None) for tp, o in found.items()}
-        reader.seek(lambda p: start(p) if p in acked_offsets else by_time.get(p))
+        reader.seek(lambda p: start_offsets[p] if p in start_offsets else by_time.get(p))
         return {m.key for m in reader.read_to_end() if m.key in wanted and wanted[m.key] == m.value}

@@ -50,7 +50,7 @@ def test_key_directory_holds_no_device_private_key_and_every_private_key_is_0600
     assert not (keystore.path / "devices").exists()
     assert not bundle.resolve().is_relative_to(keystore.path.resolve())
     privates = sorted(p.relative_to(keystore.path).parts[0] for p in keystore.path.rglob("*.key"))
-    assert privates == ["admin", "cloud", "release", "tile"]
+    assert privates == ["admin", "cloud", "release", "results", "stage", "tile"]
     for p in keystore.path.rglob("*"):
         if p.is_file():
             data = p.read_bytes()
