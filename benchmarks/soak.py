@@ -143,16 +143,9 @@ def slope_mib_per_min(points: list[tuple[float, float]]) -> float:
 
 
 def metric(port: int, name: str) -> float | None:
-    import urllib.request
+    from tilestream.metrics import scrape
 
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
-            for line in resp.read().decode().splitlines():
-                if line.startswith(name + " "):
-                    return float(line.split()[1])
-        return 0.0
-    except OSError:
-        return None
+    return scrape(port, name, timeout_s=2)
 
 
 def run(cameras: int = 4, minutes: float = 30.0, workers: int = 1, restart_node: int | None = None) -> dict:

@@ -103,13 +103,12 @@ def wait_for(condition: Callable[[], object], timeout_s: float, what: str, inter
 
 def metric(port: int, name: str) -> float:
     """One unlabelled value from a service's Prometheus ``/metrics`` page (0 when absent)."""
-    import urllib.request
+    from tilestream.metrics import scrape
 
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        for line in resp.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    return 0.0
+    value = scrape(port, name)
+    if value is None:
+        raise OSError(f"no /metrics on port {port}")
+    return value
 
 
 def child_env(bootstrap: str, keys_dir: Path, home: Path) -> dict[str, str]:

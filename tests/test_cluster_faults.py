@@ -35,7 +35,6 @@ import json
 import signal
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -48,6 +47,7 @@ from tilestream.config import AgentSettings, KafkaSettings
 from tilestream.keys import KeyStore
 from tilestream_cli.procs import Children, start_cloud_stages
 from classifier.results import verify_result
+from tilestream.metrics import scrape
 from tilestream.records import FrameResult
 from tilestream.stagekeys import StageKeys
 from tilestream.topics import pipeline_topics
@@ -124,17 +124,6 @@ def out_of_isr(cluster: LocalKafka, node: int) -> list[str]:
                 if node in p["replica_nodes"] and node not in p["isr_nodes"]]
     finally:
         admin.close()
-
-
-def _metric(url: str, name: str) -> float | None:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as resp:
-            for line in resp.read().decode().splitlines():
-                if line.startswith(name + " "):
-                    return float(line.split()[1])
-        return 0.0
-    except OSError:
-        return None
 
 
 def wait_in_isr(cluster: LocalKafka, node: int, timeout_s: float = ISR_TIMEOUT_S) -> None:
@@ -217,12 +206,11 @@ class Scenario:
         """Every 0.5 s, what each stage has done so far: frames acknowledged to the agent, frames
         processed (processor /metrics), results produced (classifier /metrics). Shows which stage
         stalled, and for how long, without touching Kafka."""
-        proc = f"http://127.0.0.1:{self.stages.worker_ports[0]}/metrics"
-        cls = f"http://127.0.0.1:{self.stages.metrics_port}/metrics"
+        proc, cls = self.stages.worker_ports[0], self.stages.metrics_port
         while not self._stop_tail.is_set():
             self.samples.append((time.time(), float(self.agent.counters.sent),
-                                 _metric(proc, "tilestream_processor_frames_total"),
-                                 _metric(cls, "tilestream_classifier_results_total")))
+                                 scrape(proc, "tilestream_processor_frames_total", timeout_s=1),
+                                 scrape(cls, "tilestream_classifier_results_total", timeout_s=1)))
             self._stop_tail.wait(0.5)
 
     def stalls(self) -> dict:

@@ -180,3 +180,18 @@ def serve_http(metrics: Metrics, port: int, health=lambda: {"status": "ok"}, hos
     server = ThreadingHTTPServer((host, port), Handler)
     threading.Thread(target=server.serve_forever, name=f"http-{port}", daemon=True).start()
     return server
+
+
+def scrape(port: int, name: str, timeout_s: float = 5.0, host: str = "127.0.0.1") -> float | None:
+    """One unlabelled value from a service's Prometheus ``/metrics`` page: 0.0 when the page does
+    not have it, None when the page cannot be read (the service is down or not up yet)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=timeout_s) as resp:
+            for line in resp.read().decode().splitlines():
+                if line.startswith(name + " "):
+                    return float(line.split()[1])
+        return 0.0
+    except OSError:
+        return None
