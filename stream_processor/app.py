@@ -138,13 +138,23 @@ def create_app(settings: Settings, where: Connection | str, datadir: Path, web_p
     app.tilestream_metrics = metrics  # type: ignore[attr-defined]
 
     def open_frame(env):
-        """In the executor: open + decode, then either all tile features or the band jobs."""
+        """In the executor: open + decode, then either all tile features or the band jobs.
+
+        The guard of the per-frame work: whatever an authenticated frame's pixels make go wrong
+        beyond the refusals we know (a decoder or numpy error we did not foresee) is refused as
+        ``internal`` — a counted dead letter with the original — never an exception in the agent."""
         times = StageTimes()
-        gray = processor.open_and_decode(env, times)
-        if gray.size >= ps.fanout_min_pixels:
-            return None, tilejobs.make_jobs(env.header, gray, settings.features, n_bands, tile_key_id,
-                                            tile_keys[tile_key_id]), times
-        return processor.features_of(env.header, gray, times), None, times
+        try:
+            gray = processor.open_and_decode(env, times)
+            if gray.size >= ps.fanout_min_pixels:
+                return None, tilejobs.make_jobs(env.header, gray, settings.features, n_bands, tile_key_id,
+                                                tile_keys[tile_key_id]), times
+            return processor.features_of(env.header, gray, times), None, times
+        except FrameRejected:
+            raise
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            log.exception(json.dumps({"event": "frame_failed", "frame_id": env.header.frame_id}))
+            raise FrameRejected("internal", f"{type(exc).__name__}: {exc}", env.header) from None
 
     async def dead_letter(rej: FrameRejected, event, stage: str = "processor") -> None:
         msg = event.message
@@ -236,8 +246,14 @@ def create_app(settings: Settings, where: Connection | str, datadir: Path, web_p
             metrics.observe("capture_to_features_seconds", max(0.0, (time.time_ns() - env.header.capture_ns) / 1e9))
 
     def compute_job(record: bytes):
-        job, band = tilejobs.open_job(record, tile_keys)
-        tilejobs.check_binding(job)
+        try:
+            job, band = tilejobs.open_job(record, tile_keys)
+            tilejobs.check_binding(job)
+        except FrameRejected:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the guard of one tile-job record, like open_frame's
+            log.exception(json.dumps({"event": "tile_job_failed"}))
+            raise FrameRejected("internal", f"{type(exc).__name__}: {exc}") from None
         return job, band
 
     @app.agent(tile_jobs)
