@@ -40,7 +40,7 @@ test: setup
 
 # The broker fault runs left out of `make test` (README "Broker faults").
 test-faults: setup
-	$(BIN)/python -m pytest -m slow_fault -s tests/test_cluster_faults.py
+	$(BIN)/python -m pytest -m slow_fault -s tests/test_cluster_faults.py tests/test_kafka_cluster.py
 
 BENCH_STAMP := $(VENV)/.bench-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
