@@ -81,9 +81,8 @@ class ClassifierService:
         self._busy = asyncio.Lock()
         self._unseeded: set[int] = set()
         self._answered: AnsweredFrames | None = None
-        self._consumer = None
         self._last_results = 0.0
-        self.started = self.last_turn = self.last_record = self.assigned_since = time.monotonic()
+        self.last_turn = self.last_record = self.assigned_since = time.monotonic()
         self.assigned: set[int] = set()
         self.lag: dict[int, int] = {}
 
@@ -121,7 +120,6 @@ class ClassifierService:
             self._stop.set()
         consumer = aio.group_consumer(self.conn, self.group_id, client_id=f"{self.group_id}-consumer")
         producer = aio.producer(self.conn, client_id=f"{self.group_id}-producer")
-        self._consumer = consumer
         await producer.start()
         try:
             await consumer.start()
