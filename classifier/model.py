@@ -44,11 +44,12 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
 from tilestream.config import FeatureConfig
+from tilestream.errors import Refused
 
 KINDS = ("svm", "logistic")
 
 
-class ModelRefused(ValueError):
+class ModelRefused(Refused, ValueError):
     """A model that is not loaded or published. ``reason`` is a short code:
 
     ``unsigned`` (a TSM1 record), ``malformed``, ``too_large``, ``unknown_key``, ``bad_signature``,
@@ -56,9 +57,6 @@ class ModelRefused(ValueError):
     the shape :func:`make_estimator` builds, or a failing probe), ``feature_mismatch``.
     """
 
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
 
 
 class ModelMismatch(ModelRefused):

@@ -43,6 +43,7 @@ from aiokafka.structs import TopicPartition
 
 from kafkaio import Connection, aio, connection
 from tilestream import topics
+from tilestream.errors import TilestreamError
 from tilestream.metrics import observe_gc_pauses
 from tilestream.records import DeadLetter, StageMetrics
 
@@ -55,8 +56,9 @@ log = logging.getLogger("tilestream.classifier")
 SEND_ATTEMPTS = 3
 
 
-class SendFailed(RuntimeError):
-    pass
+class SendFailed(TilestreamError, RuntimeError):
+    """A result or dead letter Kafka did not acknowledge after SEND_ATTEMPTS: the service stops
+    before committing anything past it."""
 
 
 class ClassifierService:

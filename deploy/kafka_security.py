@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Iterable
 
 from tilestream import topics
+from tilestream.errors import Refused
 
 MECHANISM = "SCRAM-SHA-512"
 BROKER_PRINCIPAL = "User:CN=tilestream-broker"
@@ -72,12 +73,11 @@ CAMERA_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 CAMERA_PREFIX = "camera-"
 
 
-class SecurityError(ValueError):
+class SecurityError(Refused, ValueError):
     """A refused security operation; ``reason`` is a short machine-readable word."""
 
     def __init__(self, message: str, reason: str):
-        super().__init__(message)
-        self.reason = reason
+        super().__init__(reason, message)
 
 
 # -- TLS ----------------------------------------------------------------------------------

@@ -72,6 +72,7 @@ from typing import Callable, Iterable
 from tilestream.config import KafkaSettings, cache_home
 from kafkaio import Connection
 from kafkaio.clients import ensure_topics
+from tilestream.errors import TilestreamError
 from tilestream.topics import TopicSpec, pipeline_topics
 
 DEFAULT_VERSION = "4.1.1"
@@ -80,8 +81,8 @@ HERE = Path(__file__).resolve().parent / "kafka"
 MAX_BROKERS = 9  # node ids 1..9 on 127.0.0.<base>..<base+8>; 3 is what the project runs
 
 
-class KafkaError(RuntimeError):
-    pass
+class KafkaError(TilestreamError, RuntimeError):
+    """The local broker could not be fetched, formatted, started or stopped."""
 
 
 @dataclass

@@ -34,6 +34,7 @@ from kafkaio import Connection, clients, connection
 from tilestream import __version__, crypto, envelope, topics
 from tilestream.config import AgentSettings, cache_home
 from tilestream.envelope import FrameHeader
+from tilestream.errors import ConfigError, Refused
 from tilestream.keys import DeviceKeys
 from tilestream.metrics import Metrics
 from tilestream.records import AgentHeartbeat
@@ -113,18 +114,25 @@ def changed_enough(prev: np.ndarray | None, cur: np.ndarray, threshold: float) -
     return float(np.mean(np.abs(cur - prev))) >= threshold
 
 
+class FrameTooLarge(Refused, ValueError):
+    """A frame that does not fit the topic's frame size (after re-encoding, where allowed)."""
+
+    def __init__(self, message: str):
+        super().__init__("too_large", message)
+
+
 def encode_within(image: np.ndarray, encoding: str, quality: int, max_bytes: int, reencode: bool) -> tuple[np.ndarray, bytes, int]:
     """Encode; if too large and ``reencode``, lower the quality, then downscale, until it fits.
 
     Returns (image actually encoded, bytes, number of re-encodes). Raises ValueError if it
-    cannot fit (or ``reencode`` is off).
+    cannot fit (or ``reencode`` is off): :class:`FrameTooLarge`.
     """
     data = encode_image(image, encoding, quality)
     tries = 0
     if len(data) <= max_bytes:
         return image, data, 0
     if not reencode or encoding == "png":
-        raise ValueError(f"encoded frame is {len(data)} bytes > {max_bytes}")
+        raise FrameTooLarge(f"encoded frame is {len(data)} bytes > {max_bytes}")
     q = quality
     while len(data) > max_bytes and q > 30:
         q = max(30, q - 20)
@@ -135,7 +143,7 @@ def encode_within(image: np.ndarray, encoding: str, quality: int, max_bytes: int
         data = encode_image(image, encoding, q)
         tries += 1
     if len(data) > max_bytes:
-        raise ValueError(f"frame still {len(data)} bytes > {max_bytes} after {tries} re-encodes")
+        raise FrameTooLarge(f"frame still {len(data)} bytes > {max_bytes} after {tries} re-encodes")
     return image, data, tries
 
 
@@ -153,6 +161,11 @@ class EdgeAgent:
         self.max_frame_bytes = max_frame_bytes
         self.cloud_kid, self.suite, self.cloud_public = keystore.cloud_public_key()
         self.device_kid, self.device_key = keystore.device_private_key(settings.camera_id)
+        try:  # what every frame's header will carry, checked once here rather than failing each frame
+            FrameHeader(camera_id=settings.camera_id, seq=0, capture_ns=0, width=1, height=1, encoding=settings.encoding,
+                        cloud_key_id=self.cloud_kid, device_key_id=self.device_kid, suite=self.suite).pack()
+        except ValueError as exc:
+            raise ConfigError(f"agent.camera_id / keys: {exc}") from None
         self.state_dir = Path(state_dir or settings.state_dir or cache_home() / "agent" / settings.camera_id)
         self.spool = Spool(self.state_dir / "spool", settings.spool_max_bytes, settings.spool_when_full)
         self.seq = SeqCounter(self.state_dir / "seq", at_least=self.spool.last_seq + 1)
@@ -253,7 +266,7 @@ class EdgeAgent:
         c = self.counters
         try:
             header, blob = self.seal(image, capture_ns)
-        except ValueError as exc:
+        except FrameTooLarge as exc:
             c.too_large += 1
             self.metrics.inc("too_large_total")
             log.error(json.dumps({"event": "frame_too_large", "camera_id": self.settings.camera_id, "error": str(exc)}))

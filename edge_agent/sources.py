@@ -32,6 +32,7 @@ from typing import Callable, Iterator
 import cv2
 import numpy as np
 
+from tilestream.errors import Refused
 from tilestream.imageinfo import FORMATS, DecodeLimits, ImageHeaderError, check
 
 log = logging.getLogger("tilestream.agent.source")
@@ -42,12 +43,8 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".p
 FILE_LIMITS = DecodeLimits(max_bytes=64 * 1024 * 1024, max_pixels=64_000_000, formats=FORMATS)
 
 
-class SourceError(RuntimeError):
+class SourceError(Refused, RuntimeError):
     """A failure of the camera or stream; ``reason`` is a short code for the counters."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass

@@ -136,6 +136,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Literal
 
+from tilestream.errors import TilestreamError
+
 log = logging.getLogger("tilestream.spool")
 
 MiB = 1024 * 1024
@@ -162,7 +164,7 @@ _fdatasync = getattr(os, "fdatasync", os.fsync)
 _PENDING, _INFLIGHT, _ACKED, _GONE = 0, 1, 2, 3
 
 
-class SpoolFull(Exception):
+class SpoolFull(TilestreamError):
     """``append`` with ``when_full="block"`` found no room; nothing was written."""
 
     def __init__(self, needed: int, free: int):
@@ -171,7 +173,7 @@ class SpoolFull(Exception):
         self.free = free
 
 
-class SpoolLocked(RuntimeError):
+class SpoolLocked(TilestreamError, RuntimeError):
     """Another open :class:`Spool` (this or another process) owns the directory."""
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from tilestream.config import cache_home
+from tilestream.errors import TilestreamError
 
 PACKAGE = "opencv-doc"
 ENV_DIR = "TILESTREAM_SAMPLES_DIR"
@@ -50,7 +51,7 @@ _UNLOCATED = ("unable to locate package", "has no installation candidate", "can'
 Progress = Callable[[str], object]
 
 
-class SamplesUnavailable(RuntimeError):
+class SamplesUnavailable(TilestreamError, RuntimeError):
     """The sample files cannot be had here (no apt, download failed, files missing)."""
 
 

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.hpke import AEAD, KDF, KEM, Suite
 
 from tilestream import envelope
 from tilestream.envelope import Envelope, EnvelopeError, FrameHeader
+from tilestream.errors import Refused
 
 INFO_PREFIX = b"tilestream/frame/v1\x00"
 SUITES = {
@@ -35,12 +36,11 @@ SUITES = {
 SUITE_NAMES = {"x25519": envelope.SUITE_X25519, "mlkem768-x25519": envelope.SUITE_MLKEM768_X25519}
 
 
-class FrameRejected(Exception):
+class FrameRejected(Refused):
     """A frame the cloud refuses. ``reason`` is the dead-letter reason code."""
 
     def __init__(self, reason: str, message: str, header: FrameHeader | None = None):
-        super().__init__(message)
-        self.reason = reason
+        super().__init__(reason, message)
         self.header = header
 
 

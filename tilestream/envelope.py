@@ -45,6 +45,8 @@ import hashlib
 import struct
 from dataclasses import dataclass
 
+from tilestream.errors import Refused
+
 MAGIC = b"TSFR"
 VERSION = 2  # what agents write
 VERSIONS = (1, 2)  # what the cloud reads
@@ -62,12 +64,8 @@ _FIXED = struct.Struct(">4sBBBBQQHH8s8sB")  # up to and including camera_id_len
 _LEN = struct.Struct(">I")
 
 
-class EnvelopeError(ValueError):
+class EnvelopeError(Refused, ValueError):
     """A record that is not a valid envelope. ``reason`` is a dead-letter reason code."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)

@@ -61,6 +61,8 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 
+from tilestream.errors import Refused
+
 COST_PER_PIXEL = 16  # pixel-scan units allowed per pixel of the pixel limit (see the docstring)
 MAX_SCANS = 64  # JPEG SOS segments, whatever the image size
 MAX_JPEG_SEGMENTS = 1024  # marker segments of a JPEG (ICC profiles: up to 255 APP2; progressive: a DHT per scan)
@@ -73,12 +75,11 @@ FORMATS = frozenset({"jpeg", "png", "webp", "bmp", "tiff", "pnm"})  # what probe
 WIRE_FORMATS = frozenset({"jpeg", "png", "webp"})  # what the envelope carries (envelope.ENCODINGS)
 
 
-class ImageHeaderError(ValueError):
+class ImageHeaderError(Refused, ValueError):
     """An image refused from its bytes; ``reason``: too_large | bad_image | unsupported_format."""
 
     def __init__(self, message: str, reason: str = "bad_image"):
-        super().__init__(message)
-        self.reason = reason
+        super().__init__(reason, message)
 
 
 def _bad(message: str) -> ImageHeaderError:

@@ -64,7 +64,7 @@ from cryptography.hazmat.primitives import hpke, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, mlkem, x25519
 
 from tilestream.crypto import SUITE_NAMES, DeviceKey, key_id, key_id_of, raw_public
-from tilestream.errors import ConfigError
+from tilestream.errors import ConfigError, Refused
 
 log = logging.getLogger("tilestream.keys")
 
@@ -117,12 +117,8 @@ class TileKeyMissing(ConfigError):
     """No tile-job key (or no current one): the processor refuses to run fan-out without it."""
 
 
-class RegistryRefused(ValueError):
+class RegistryRefused(Refused, ValueError):
     """A registry.json that is not a valid signed registry; ``reason`` is its counted code."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
 
 
 # Broker credentials for a device bundle: called with the camera id, returns what goes into
