@@ -6,15 +6,12 @@ Two threads and a spool between them:
   (reopened with capped exponential backoff, never fatal), applies the frame policy (target
   fps, resize, change gating), encodes, seals to the cloud key, signs with the device key and
   appends the sealed frame to the spool. Frames on disk are already encrypted.
-* **sender**: hands spooled frames to a kafka-python producer (``acks=all``, idempotent) in
-  capture order and acknowledges each one in the spool when Kafka acknowledged it. While the
-  broker is unreachable nothing is acknowledged and the spool grows (bounded; when full:
-  drop-oldest or pause capture, both counted).
-
-No duplicates on the topic: within one producer session the idempotent producer de-duplicates
-its own retries. Across sessions (agent restart after ``kill -9``, or a delivery timeout) the
-sender first *reconciles*: it reads the ``frames`` partitions from the last offsets it knows
-were acknowledged and drops from the spool every frame whose id is already on the topic.
+* **sender** (:mod:`edge_agent.sender`, its docstring has the delivery design): hands spooled
+  frames to a kafka-python producer (``acks=all``, idempotent) in capture order and acknowledges
+  each one in the spool when Kafka acknowledged it. While the broker is unreachable nothing is
+  acknowledged and the spool grows (bounded; when full: drop-oldest or pause capture, both
+  counted). After a restart it first reconciles the spool with what is already on the topic, so
+  no frame is on ``frames`` twice.
 """
 
 from __future__ import annotations
@@ -30,16 +27,16 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from kafkaio import Connection, clients, connection
-from tilestream import __version__, crypto, envelope, topics
+from kafkaio import Connection, connection
+from tilestream import crypto
 from tilestream.config import AgentSettings, cache_home
 from tilestream.envelope import FrameHeader
 from tilestream.errors import ConfigError, Refused
 from tilestream.keys import DeviceKeys
 from tilestream.metrics import Metrics
-from tilestream.records import AgentHeartbeat
 
 from edge_agent.encode import encode_image, resize_max_side
+from edge_agent.sender import FrameSender
 from edge_agent.sources import Backoff, FolderProgress, open_source, resilient
 from edge_agent.spool import Spool, SpoolFull
 
@@ -48,8 +45,6 @@ log = logging.getLogger("tilestream.agent")
 # Envelope bytes beyond the encoded image: header (45 + camera id), length, HPKE enc (up to 1120 for
 # MLKEM768-X25519) + tag, signature.
 ENVELOPE_OVERHEAD = 45 + 255 + 4 + 1120 + 16 + 64
-# How long a kafka-python client may block at creation waiting for a broker.
-BOOTSTRAP_TIMEOUT_MS = 5000
 
 
 class SeqCounter:
@@ -173,14 +168,8 @@ class EdgeAgent:
         self.metrics = Metrics("tilestream_agent")
         self._stop = threading.Event()  # stop capturing
         self._sender_stop = threading.Event()  # stop sending (after draining, or at shutdown)
-        # Where reconciliation starts reading each partition (see _save_offsets).
-        self._reconcile_from_path = self.state_dir / "reconcile-from.json"
-        self._reconcile_from: dict[int, int] = self._load_offsets()
-        self._max_acked: dict[int, int] = {}
-        self._acked_past_head: dict[int, tuple[int, int]] = {}  # entry id -> (partition, offset)
-        self._send_lock = threading.Lock()
-        self._producer = None
-        self._connected = False
+        self.sender = FrameSender(settings, self.conn, self.spool, self.counters, self.metrics, self.state_dir,
+                                  max_frame_bytes, self._sender_stop)
         self._last_prev: np.ndarray | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -190,7 +179,8 @@ class EdgeAgent:
 
     def run(self, drain_timeout_s: float | None = None, on_sent: Callable[[bytes], None] | None = None) -> AgentCounters:
         """Capture until the source ends or stop(); then drain the spool (bounded) and return."""
-        sender = threading.Thread(target=self._send_loop, args=(on_sent,), name="tilestream-sender", daemon=True)
+        self.sender.on_sent = on_sent
+        sender = threading.Thread(target=self.sender.run, name="tilestream-sender", daemon=True)
         sender.start()
         try:
             self._capture_loop()
@@ -203,9 +193,9 @@ class EdgeAgent:
                                         "bytes": self.spool.live_bytes}))
             self._sender_stop.set()
             sender.join(30)
-            self._publish_heartbeat(status="stopped")
-            self._close_producer()
-            self._save_offsets()
+            self.sender.publish_heartbeat(status="stopped")
+            self.sender.close()
+            self.sender.save_offsets()
             self.spool.close()
         return self.counters
 
@@ -295,201 +285,13 @@ class EdgeAgent:
                     return
                 self.spool.wait_for_space(len(key) + len(blob), timeout=0.5)
 
-    # -- sending ----------------------------------------------------------------------------
-    def _make_producer(self):
-        return clients.producer(
-            self.conn, "frames", client_id=f"tilestream-agent-{self.settings.camera_id}",
-            max_request_size=self.max_frame_bytes + 64 * 1024,
-            delivery_timeout_ms=int(self.settings.delivery_timeout_s * 1000),
-            request_timeout_ms=10000,
-            max_block_ms=10000,
-            # Bounded so that a SIGTERM while the broker is away is honoured within seconds (the
-            # default 30 s outlived the drain timeout and systemd's stop timeout).
-            bootstrap_timeout_ms=BOOTSTRAP_TIMEOUT_MS,
-            reconnect_backoff_max_ms=int(self.settings.backoff_max_s * 1000),
-            # kafka-python's own client metrics (sensors updated on every request) are read by
-            # nobody here (the agent counts what it needs itself) and cost CPU on every frame.
-            metrics_enabled=False,
-        )
-
-    def _send_loop(self, on_sent) -> None:
-        s = self.settings
-        backoff = Backoff(0.5, s.backoff_max_s)
-        in_flight: dict[int, object] = {}
-        failed: list[int] = []
-        lock = self._send_lock
-        need_reconcile = self.spool.frames > 0  # frames left by a previous run may already be on the topic
-        last_heartbeat = 0.0
-        last_offsets_save = time.monotonic()
-        sent_at: dict[int, float] = {}
-
-        def acked(entry_id: int, key: bytes, md) -> None:
-            with lock:
-                in_flight.pop(entry_id, None)
-                self._max_acked[md.partition] = max(self._max_acked.get(md.partition, -1), md.offset)
-                self._acked_past_head[entry_id] = (md.partition, md.offset)
-            self.spool.ack(entry_id)
-            self.counters.sent += 1
-            self._connected = True
-            self.metrics.observe("send_seconds", time.monotonic() - sent_at.pop(entry_id, time.monotonic()))
-            if on_sent:
-                on_sent(key)
-
-        def errored(entry_id: int, exc: Exception) -> None:
-            with lock:
-                in_flight.pop(entry_id, None)
-                failed.append(entry_id)
-            self.counters.send_errors += 1
-            self._connected = False
-            log.warning(json.dumps({"event": "send_failed", "entry": entry_id, "error": str(exc)}))
-
-        while not self._sender_stop.is_set():
-            now = time.monotonic()
-            if self._producer is None:
-                try:
-                    self._producer = self._make_producer()  # raises unless a broker answered
-                    self._connected = True
-                    backoff.reset()
-                except Exception as exc:  # noqa: BLE001 - broker unreachable: keep spooling, retry later
-                    self._connected = False
-                    delay = backoff.next()
-                    log.warning(json.dumps({"event": "broker_unreachable", "error": str(exc), "retry_in_s": delay,
-                                            "spooled": self.spool.frames}))
-                    self._sender_stop.wait(delay)
-                    continue
-            if now - last_heartbeat >= s.heartbeat_interval_s:
-                self._publish_heartbeat()
-                last_heartbeat = now
-            if now - last_offsets_save > 1.0:
-                self._save_offsets()
-                last_offsets_save = now
-            with lock:
-                retry, failed[:] = list(failed), []
-                busy = len(in_flight)
-            if retry:
-                self.spool.release(retry)
-                need_reconcile = True
-            if need_reconcile:
-                if busy:  # let what is in flight finish first, so the topic shows everything sent
-                    time.sleep(0.05)
-                    continue
-                try:
-                    self._reconcile()
-                    need_reconcile = False
-                    backoff.reset()
-                except Exception as exc:  # noqa: BLE001 - broker still away: retry after a pause
-                    delay = backoff.next()
-                    log.warning(json.dumps({"event": "reconcile_failed", "error": str(exc), "retry_in_s": delay}))
-                    self._sender_stop.wait(delay)
-                    continue
-            room = s.max_in_flight - busy
-            entries = self.spool.peek(room, timeout=0.1) if room > 0 else []
-            if not entries:
-                if room <= 0:
-                    time.sleep(0.01)
-                continue
-            for e in entries:
-                with lock:
-                    in_flight[e.id] = True
-                sent_at[e.id] = time.monotonic()
-                try:
-                    fut = self._producer.send(topics.FRAMES, key=e.key, value=e.value)
-                except Exception as exc:  # noqa: BLE001 - buffer full / closed: retry the entry later
-                    errored(e.id, exc)
-                    continue
-                fut.add_callback(lambda md, eid=e.id, key=e.key: acked(eid, key, md))
-                fut.add_errback(lambda exc, eid=e.id: errored(eid, exc))
-        # Shutting down: give what is in flight a moment to be acknowledged; the rest stays spooled.
-        deadline = time.monotonic() + 10
-        while in_flight and time.monotonic() < deadline:
-            time.sleep(0.05)
-
-    def _reconcile(self) -> None:
-        """Drop from the spool the frames that are already on the topic (sent by an earlier session)."""
-        pending = self.spool.peek(1_000_000)
-        if not pending:
-            return
-        present: set[bytes] = set()
-        try:
-            keys = {e.key: e.id for e in pending}
-            present = frames_on_topic(self.conn, {e.key: e.value for e in pending}, self._reconcile_from,
-                                      _oldest_capture_ms(pending))
-            for key in present:
-                self.spool.ack(keys[key])
-            self.counters.already_on_topic += len(present)
-            log.info(json.dumps({"event": "reconciled", "pending": len(pending), "already_on_topic": len(present)}))
-        finally:
-            self.spool.release([e.id for e in pending if e.key not in present])
-
-    def _publish_heartbeat(self, status: str = "running") -> None:
-        if self._producer is None:
-            return
-        hb = AgentHeartbeat(
-            camera_id=self.settings.camera_id, agent_version=__version__, at_ns=time.time_ns(),
-            interval_s=self.settings.heartbeat_interval_s,
-            counters={k: int(v) for k, v in asdict(self.counters).items() if k != "last_seq"},
-            spool_frames=self.spool.frames, spool_bytes=self.spool.live_bytes, status=status,
-        )
-        try:
-            fut = self._producer.send(topics.HEARTBEATS, key=self.settings.camera_id.encode(), value=hb.to_json())
-            fut.add_callback(lambda _md: setattr(self, "_connected", True))
-            fut.add_errback(lambda _exc: setattr(self, "_connected", False))
-            self.counters.heartbeats += 1
-        except Exception as exc:  # noqa: BLE001 - a missed heartbeat is not worth a crash
-            log.warning(json.dumps({"event": "heartbeat_failed", "error": str(exc)}))
-
-    def _close_producer(self) -> None:
-        if self._producer is not None:
-            try:
-                self._producer.flush(timeout=5)
-                self._producer.close(timeout=5)
-            except Exception:  # noqa: BLE001 - closing a producer to a dead broker may time out
-                pass
-            self._producer = None
-
-    # -- state ------------------------------------------------------------------------------
-    def _load_offsets(self) -> dict[int, int]:
-        try:
-            return {int(k): int(v) for k, v in json.loads(self._reconcile_from_path.read_text()).items()}
-        except (OSError, ValueError, AttributeError):
-            pass
-        try:  # an older agent's acked-offsets.json: the last acknowledged offset per partition
-            old = json.loads((self.state_dir / "acked-offsets.json").read_text())
-            return {int(k): int(v) + 1 for k, v in old.items()}
-        except (OSError, ValueError, AttributeError):
-            return {}
-
-    def _save_offsets(self) -> None:
-        """Save, per partition, the first offset reconciliation must read after a crash.
-
-        After a crash the spool hands back every entry past its *persisted* head, and acks are
-        out of order across partitions: an entry acknowledged long ago can still be past the
-        head. So the start is the lowest offset of an acknowledged entry the persisted head
-        does not cover yet, else one past the highest acknowledged offset (entries not
-        acknowledged yet land after it: the idempotent producer keeps a partition in send
-        order). Saving "the last acknowledged offset" instead skipped such entries and sent
-        them twice after a SIGKILL (seen under load in the SIGKILL-while-draining test).
-        """
-        head = self.spool.persisted_head
-        with self._send_lock:
-            for eid in [e for e in self._acked_past_head if e <= head]:
-                del self._acked_past_head[eid]
-            start = {p: o + 1 for p, o in self._max_acked.items()}
-            for p, o in self._acked_past_head.values():
-                start[p] = min(start.get(p, o), o)
-        start = {**self._reconcile_from, **start}  # partitions not written to since keep their start
-        self._reconcile_from = start
-        self._reconcile_from_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._reconcile_from_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(start))
-        tmp.replace(self._reconcile_from_path)
-
+    # -- state -------------------------------------------------------------------------------
     def health(self) -> dict:
         """``/healthz``. A failing camera is retried for ever and does not make the agent unhealthy
         (``status`` stays "ok": restarting the process would not bring the camera back), but
         ``source_errors`` shows it."""
         c = self.counters
-        return {"status": "ok", "camera_id": self.settings.camera_id, "connected": self._connected,
+        return {"status": "ok", "camera_id": self.settings.camera_id, "connected": self.sender.connected,
                 "spool_frames": self.spool.frames, "spool_bytes": self.spool.live_bytes, "captured": c.captured,
                 "sent": c.sent, "source_errors": c.source_errors, "send_errors": c.send_errors}
 
@@ -504,38 +306,5 @@ class EdgeAgent:
         self.metrics.set("spool_frames", self.spool.frames)
         self.metrics.set("spool_bytes", self.spool.live_bytes)
         self.metrics.set("spool_head_rebuilt_total", self.spool.head_rebuilt)
-        self.metrics.set("connected", 1.0 if self._connected else 0.0)
+        self.metrics.set("connected", 1.0 if self.sender.connected else 0.0)
         return self.metrics.render()
-
-
-def _oldest_capture_ms(entries) -> int:
-    try:
-        return min(envelope.parse(e.value).header.capture_ns for e in entries) // 1_000_000
-    except envelope.EnvelopeError:
-        return 0
-
-
-def frames_on_topic(where: Connection | str, wanted: dict[bytes, bytes], start_offsets: dict[int, int],
-                    oldest_capture_ms: int, clock_margin_ms: int = 3600_000) -> set[bytes]:
-    """Which of the spooled frames ``wanted`` (key -> sealed bytes) are already on the frames topic.
-
-    A frame counts as present only when a record with its key *and the same bytes* is there:
-    anyone who can write to the topic can write a record with a genuine frame's key, and
-    trusting the key alone would make the agent drop that genuine frame from its spool.
-
-    Each partition is read from ``start_offsets[partition]`` (the first offset the persisted
-    spool head does not cover, see ``EdgeAgent._save_offsets``; for a partition it has none for,
-    from the broker time of the oldest pending capture minus a margin for camera clock error) up
-    to its end now.
-    """
-
-    with clients.RangeReader(where, topics.FRAMES, client_id="tilestream-agent-reconcile", request_timeout_ms=10000,
-                             bootstrap_timeout_ms=BOOTSTRAP_TIMEOUT_MS) as reader:
-        unknown = [tp.partition for tp in reader.parts if tp.partition not in start_offsets]
-        by_time = {}
-        if unknown:
-            found = reader.consumer.offsets_for_times(
-                {tp: max(0, oldest_capture_ms - clock_margin_ms) for tp in reader.parts if tp.partition in unknown})
-            by_time = {tp.partition: (o.offset if o is not None else None) for tp, o in found.items()}
-        reader.seek(lambda p: start_offsets[p] if p in start_offsets else by_time.get(p))
-        return {m.key for m in reader.read_to_end() if m.key in wanted and wanted[m.key] == m.value}

@@ -241,7 +241,7 @@ def test_a_stream_that_drops_every_5_frames_is_reopened_counted_and_heartbeats_f
 def test_reconciliation_trusts_a_frame_on_the_topic_only_with_its_own_bytes(kafka, keystore, vtest_path, tmp_path):
     """A record that carries a spooled frame's key but other bytes (anyone with write access can
     write one) must not make the agent drop the genuine frame from its spool."""
-    from edge_agent.agent import frames_on_topic as spooled_frames_on_topic
+    from edge_agent.sender import frames_on_topic as spooled_frames_on_topic
     from kafkaio import clients
 
     agent = EdgeAgent(AgentSettings(camera_id="cam-test", source=str(vtest_path)), keystore, kafka.bootstrap,

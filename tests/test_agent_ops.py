@@ -360,7 +360,7 @@ def test_sigterm_with_broker_down_keeps_the_spool_and_a_restart_sends_it_once_in
     assert again.done()["sent"] == n
     assert_exactly_once_in_order(frames_on_topic(kafka.bootstrap, "cam-down"), list(range(n)))
     print(f"broker down: SIGTERM to exit {took:.1f}s (drain timeout {drain_s}s), {n} frames kept and sent after restart")
-    # The drain timeout plus at most one bounded broker look-up (agent.BOOTSTRAP_TIMEOUT_MS) and slack.
+    # The drain timeout plus at most one bounded broker look-up (sender.BOOTSTRAP_TIMEOUT_MS) and slack.
     assert took <= drain_s + 10, f"exit took {took:.1f}s after SIGTERM with the broker down (drain timeout {drain_s}s)"
 
 

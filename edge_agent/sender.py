@@ -1,0 +1,303 @@
+"""The agent's sender: spooled frames -> Kafka, each acknowledged in the spool once Kafka acknowledged it.
+
+One object, :class:`FrameSender`, whose :meth:`~FrameSender.step` is one turn of the sender
+thread (connect, heartbeat, save offsets, retry, reconcile, send what fits in flight) and whose
+:meth:`~FrameSender.send` hands one spooled entry to the producer; Kafka's answers come back
+through :meth:`~FrameSender.on_ack` / :meth:`~FrameSender.on_error` (kafka-python's I/O thread).
+
+* The producer is kafkaio's ``frames`` profile (``acks=all``, idempotent) and is made lazily: a
+  broker that does not answer leaves the agent spooling, retried with capped backoff.
+* At most ``max_in_flight`` entries are with the producer; an entry whose send failed is
+  released back to the spool and sent again after a reconciliation.
+* No duplicates on the topic: within one producer session the idempotent producer de-duplicates
+  its own retries. Across sessions (agent restart after ``kill -9``, or a delivery timeout) the
+  sender first *reconciles*: it reads the ``frames`` partitions from the offsets it saved (see
+  :meth:`~FrameSender.save_offsets`) and drops from the spool every frame whose key *and bytes*
+  are already on the topic (:func:`frames_on_topic`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from kafkaio import Connection, clients
+from tilestream import __version__, envelope, topics
+from tilestream.config import AgentSettings
+from tilestream.metrics import Metrics
+from tilestream.records import AgentHeartbeat
+
+from edge_agent.sources import Backoff
+from edge_agent.spool import Entry, Spool
+
+if TYPE_CHECKING:
+    from edge_agent.agent import AgentCounters
+
+log = logging.getLogger("tilestream.agent")
+
+# How long a kafka-python client may block at creation waiting for a broker.
+BOOTSTRAP_TIMEOUT_MS = 5000
+
+
+class FrameSender:
+    """Delivers the spool to ``frames``; shared state with the capture side is the spool and the counters."""
+
+    def __init__(self, settings: AgentSettings, conn: Connection, spool: Spool, counters: AgentCounters,
+                 metrics: Metrics, state_dir: Path, max_frame_bytes: int, stop: threading.Event):
+        self.settings = settings
+        self.conn = conn
+        self.spool = spool
+        self.counters = counters
+        self.metrics = metrics
+        self.max_frame_bytes = max_frame_bytes
+        self.stop = stop  # set: leave the loop (after draining, or at shutdown)
+        self.on_sent: Callable[[bytes], None] | None = None  # called with a frame's key once Kafka has it
+        self.producer = None
+        self.connected = False
+        self._lock = threading.Lock()  # in_flight, failed and the offsets below: kafka-python's I/O thread writes them
+        self._in_flight: dict[int, bool] = {}
+        self._failed: list[int] = []
+        self._sent_at: dict[int, float] = {}
+        self._backoff = Backoff(0.5, settings.backoff_max_s)
+        self._need_reconcile = spool.frames > 0  # frames left by a previous run may already be on the topic
+        self._last_heartbeat = 0.0
+        self._last_offsets_save = time.monotonic()
+        # Where reconciliation starts reading each partition (see save_offsets).
+        self._reconcile_from_path = state_dir / "reconcile-from.json"
+        self._old_offsets_path = state_dir / "acked-offsets.json"
+        self._reconcile_from: dict[int, int] = self._load_offsets()
+        self._max_acked: dict[int, int] = {}
+        self._acked_past_head: dict[int, tuple[int, int]] = {}  # entry id -> (partition, offset)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(self) -> None:
+        """The sender thread: turn until ``stop``; then give what is in flight a moment to be
+        acknowledged (the rest stays spooled)."""
+        while not self.stop.is_set():
+            self.step()
+        deadline = time.monotonic() + 10
+        while self._in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def step(self) -> None:
+        """One turn: connect if needed, heartbeat and save offsets when due, release failed sends,
+        reconcile when needed, then send what fits in flight (waits at most ~0.1 s for frames)."""
+        s = self.settings
+        now = time.monotonic()
+        if self.producer is None and not self._connect():
+            return
+        if now - self._last_heartbeat >= s.heartbeat_interval_s:
+            self.publish_heartbeat()
+            self._last_heartbeat = now
+        if now - self._last_offsets_save > 1.0:
+            self.save_offsets()
+            self._last_offsets_save = now
+        with self._lock:
+            retry, self._failed = self._failed, []
+            busy = len(self._in_flight)
+        if retry:
+            self.spool.release(retry)
+            self._need_reconcile = True
+        if self._need_reconcile:
+            if busy:  # let what is in flight finish first, so the topic shows everything sent
+                time.sleep(0.05)
+                return
+            try:
+                self.reconcile()
+                self._need_reconcile = False
+                self._backoff.reset()
+            except Exception as exc:  # noqa: BLE001 - broker still away: retry after a pause
+                delay = self._backoff.next()
+                log.warning(json.dumps({"event": "reconcile_failed", "error": str(exc), "retry_in_s": delay}))
+                self.stop.wait(delay)
+                return
+        room = s.max_in_flight - busy
+        entries = self.spool.peek(room, timeout=0.1) if room > 0 else []
+        if not entries and room <= 0:
+            time.sleep(0.01)
+        for e in entries:
+            self.send(e)
+
+    def _connect(self) -> bool:
+        try:
+            self.producer = self._make_producer()  # raises unless a broker answered
+            self.connected = True
+            self._backoff.reset()
+            return True
+        except Exception as exc:  # noqa: BLE001 - broker unreachable: keep spooling, retry later
+            self.connected = False
+            delay = self._backoff.next()
+            log.warning(json.dumps({"event": "broker_unreachable", "error": str(exc), "retry_in_s": delay,
+                                    "spooled": self.spool.frames}))
+            self.stop.wait(delay)
+            return False
+
+    def _make_producer(self):
+        return clients.producer(
+            self.conn, "frames", client_id=f"tilestream-agent-{self.settings.camera_id}",
+            max_request_size=self.max_frame_bytes + 64 * 1024,
+            delivery_timeout_ms=int(self.settings.delivery_timeout_s * 1000),
+            request_timeout_ms=10000,
+            max_block_ms=10000,
+            # Bounded so that a SIGTERM while the broker is away is honoured within seconds (the
+            # default 30 s outlived the drain timeout and systemd's stop timeout).
+            bootstrap_timeout_ms=BOOTSTRAP_TIMEOUT_MS,
+            reconnect_backoff_max_ms=int(self.settings.backoff_max_s * 1000),
+            # kafka-python's own client metrics (sensors updated on every request) are read by
+            # nobody here (the agent counts what it needs itself) and cost CPU on every frame.
+            metrics_enabled=False,
+        )
+
+    # -- one entry --------------------------------------------------------------------------
+    def send(self, e: Entry) -> None:
+        """Hand one spooled entry to the producer; its answer comes back to on_ack / on_error."""
+        with self._lock:
+            self._in_flight[e.id] = True
+        self._sent_at[e.id] = time.monotonic()
+        try:
+            fut = self.producer.send(topics.FRAMES, key=e.key, value=e.value)
+        except Exception as exc:  # noqa: BLE001 - buffer full / closed: retry the entry later
+            self.on_error(e.id, exc)
+            return
+        fut.add_callback(lambda md, eid=e.id, key=e.key: self.on_ack(eid, key, md))
+        fut.add_errback(lambda exc, eid=e.id: self.on_error(eid, exc))
+
+    def on_ack(self, entry_id: int, key: bytes, md) -> None:
+        with self._lock:
+            self._in_flight.pop(entry_id, None)
+            self._max_acked[md.partition] = max(self._max_acked.get(md.partition, -1), md.offset)
+            self._acked_past_head[entry_id] = (md.partition, md.offset)
+        self.spool.ack(entry_id)
+        self.counters.sent += 1
+        self.connected = True
+        self.metrics.observe("send_seconds", time.monotonic() - self._sent_at.pop(entry_id, time.monotonic()))
+        if self.on_sent:
+            self.on_sent(key)
+
+    def on_error(self, entry_id: int, exc: Exception) -> None:
+        with self._lock:
+            self._in_flight.pop(entry_id, None)
+            self._failed.append(entry_id)
+        self._sent_at.pop(entry_id, None)
+        self.counters.send_errors += 1
+        self.connected = False
+        log.warning(json.dumps({"event": "send_failed", "entry": entry_id, "error": str(exc)}))
+
+    # -- reconciliation, heartbeats, shutdown -----------------------------------------------
+    def reconcile(self) -> None:
+        """Drop from the spool the frames that are already on the topic (sent by an earlier session)."""
+        pending = self.spool.peek(1_000_000)
+        if not pending:
+            return
+        present: set[bytes] = set()
+        try:
+            keys = {e.key: e.id for e in pending}
+            present = frames_on_topic(self.conn, {e.key: e.value for e in pending}, self._reconcile_from,
+                                      _oldest_capture_ms(pending))
+            for key in present:
+                self.spool.ack(keys[key])
+            self.counters.already_on_topic += len(present)
+            log.info(json.dumps({"event": "reconciled", "pending": len(pending), "already_on_topic": len(present)}))
+        finally:
+            self.spool.release([e.id for e in pending if e.key not in present])
+
+    def publish_heartbeat(self, status: str = "running") -> None:
+        if self.producer is None:
+            return
+        hb = AgentHeartbeat(
+            camera_id=self.settings.camera_id, agent_version=__version__, at_ns=time.time_ns(),
+            interval_s=self.settings.heartbeat_interval_s,
+            counters={k: int(v) for k, v in asdict(self.counters).items() if k != "last_seq"},
+            spool_frames=self.spool.frames, spool_bytes=self.spool.live_bytes, status=status,
+        )
+        try:
+            fut = self.producer.send(topics.HEARTBEATS, key=self.settings.camera_id.encode(), value=hb.to_json())
+            fut.add_callback(lambda _md: setattr(self, "connected", True))
+            fut.add_errback(lambda _exc: setattr(self, "connected", False))
+            self.counters.heartbeats += 1
+        except Exception as exc:  # noqa: BLE001 - a missed heartbeat is not worth a crash
+            log.warning(json.dumps({"event": "heartbeat_failed", "error": str(exc)}))
+
+    def close(self) -> None:
+        if self.producer is not None:
+            try:
+                self.producer.flush(timeout=5)
+                self.producer.close(timeout=5)
+            except Exception:  # noqa: BLE001 - closing a producer to a dead broker may time out
+                pass
+            self.producer = None
+
+    # -- where reconciliation starts ----------------------------------------------------------
+    def _load_offsets(self) -> dict[int, int]:
+        try:
+            return {int(k): int(v) for k, v in json.loads(self._reconcile_from_path.read_text()).items()}
+        except (OSError, ValueError, AttributeError):
+            pass
+        try:  # an older agent's acked-offsets.json: the last acknowledged offset per partition
+            old = json.loads(self._old_offsets_path.read_text())
+            return {int(k): int(v) + 1 for k, v in old.items()}
+        except (OSError, ValueError, AttributeError):
+            return {}
+
+    def save_offsets(self) -> None:
+        """Save, per partition, the first offset reconciliation must read after a crash.
+
+        After a crash the spool hands back every entry past its *persisted* head, and acks are
+        out of order across partitions: an entry acknowledged long ago can still be past the
+        head. So the start is the lowest offset of an acknowledged entry the persisted head
+        does not cover yet, else one past the highest acknowledged offset (entries not
+        acknowledged yet land after it: the idempotent producer keeps a partition in send
+        order). Saving "the last acknowledged offset" instead skipped such entries and sent
+        them twice after a SIGKILL (seen under load in the SIGKILL-while-draining test).
+        """
+        head = self.spool.persisted_head
+        with self._lock:
+            for eid in [e for e in self._acked_past_head if e <= head]:
+                del self._acked_past_head[eid]
+            start = {p: o + 1 for p, o in self._max_acked.items()}
+            for p, o in self._acked_past_head.values():
+                start[p] = min(start.get(p, o), o)
+        start = {**self._reconcile_from, **start}  # partitions not written to since keep their start
+        self._reconcile_from = start
+        self._reconcile_from_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._reconcile_from_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(start))
+        tmp.replace(self._reconcile_from_path)
+
+
+def _oldest_capture_ms(entries) -> int:
+    try:
+        return min(envelope.parse(e.value).header.capture_ns for e in entries) // 1_000_000
+    except envelope.EnvelopeError:
+        return 0
+
+
+def frames_on_topic(where: Connection | str, wanted: dict[bytes, bytes], start_offsets: dict[int, int],
+                    oldest_capture_ms: int, clock_margin_ms: int = 3600_000) -> set[bytes]:
+    """Which of the spooled frames ``wanted`` (key -> sealed bytes) are already on the frames topic.
+
+    A frame counts as present only when a record with its key *and the same bytes* is there:
+    anyone who can write to the topic can write a record with a genuine frame's key, and
+    trusting the key alone would make the agent drop that genuine frame from its spool.
+
+    Each partition is read from ``start_offsets[partition]`` (the first offset the persisted
+    spool head does not cover, see :meth:`FrameSender.save_offsets`; for a partition it has none
+    for, from the broker time of the oldest pending capture minus a margin for camera clock error)
+    up to its end now.
+    """
+
+    with clients.RangeReader(where, topics.FRAMES, client_id="tilestream-agent-reconcile", request_timeout_ms=10000,
+                             bootstrap_timeout_ms=BOOTSTRAP_TIMEOUT_MS) as reader:
+        unknown = [tp.partition for tp in reader.parts if tp.partition not in start_offsets]
+        by_time = {}
+        if unknown:
+            found = reader.consumer.offsets_for_times(
+                {tp: max(0, oldest_capture_ms - clock_margin_ms) for tp in reader.parts if tp.partition in unknown})
+            by_time = {tp.partition: (o.offset if o is not None else None) for tp, o in found.items()}
+        reader.seek(lambda p: start_offsets[p] if p in start_offsets else by_time.get(p))
+        return {m.key for m in reader.read_to_end() if m.key in wanted and wanted[m.key] == m.value}
