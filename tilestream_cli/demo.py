@@ -73,9 +73,9 @@ def run_demo(settings: Settings, args: argparse.Namespace) -> int:
         logs = cache_home() / "demo"
         logs.mkdir(parents=True, exist_ok=True)
         with open(logs / "processor.log", "ab") as plog, open(logs / "classifier.log", "ab") as clog:
-            proc = children.start("processor", ["process", "--web-port", str(web_port), "--datadir", str(logs / "processor")],
+            proc = children.start("processor", ["process", "--http-port", str(web_port), "--datadir", str(logs / "processor")],
                                   env, stdout=plog, stderr=subprocess.STDOUT)
-            cls = children.start("classifier", ["classify", "--model", str(model_path), "--metrics-port", str(metrics_port)],
+            cls = children.start("classifier", ["classify", "--model", str(model_path), "--http-port", str(metrics_port)],
                                  env, stdout=clog, stderr=subprocess.STDOUT)
         _say(f"processor and classifier logs: {logs}/processor.log, {logs}/classifier.log")
         wait_http(f"http://127.0.0.1:{web_port}/healthz", 90, proc)
