@@ -428,20 +428,21 @@ def deny_all_acls(principal: str) -> list:
                                 (ResourceType.TRANSACTIONAL_ID, "*"), (ResourceType.CLUSTER, "kafka-cluster"))]
 
 
-def revoke_camera_user(admin, state_dir: Path | None, camera_id: str) -> int:
+def revoke_camera_user(admin, state_dir: Path | None, camera_id: str, keep: str | None = None) -> int:
     """Take every broker right of a camera away; returns the number of ALLOW ACLs removed.
 
     SCRAM user ``camera-<id>``: its ACLs go (effective at once, also on open connections) and its
     credential (no new logins; a live session ends at ``connections.max.reauth.ms``). Certificate
     principals ``camera-<id>@<hex>``: their ACLs go and a DENY of everything is added for each
-    (a certificate cannot be deleted; see the module docstring).
+    (a certificate cannot be deleted; see the module docstring). ``keep``: one principal left alone
+    (``keys rotate-device --broker-auth tls``: the new certificate's).
     """
     from kafka.admin import (ACLFilter, ACLOperation, ACLPermissionType, ACLResourcePatternType,
                              ResourcePatternFilter, ResourceType, ScramMechanism, UserScramCredentialDeletion)
     from kafka.errors import NoError
 
     user = camera_username(camera_id)
-    principals = _camera_principals(admin, camera_id) | {f"User:{user}"}
+    principals = (_camera_principals(admin, camera_id) | {f"User:{user}"}) - {keep}
     removed = 0
     for principal in sorted(principals):
         flt = ACLFilter(principal, None, ACLOperation.ANY, ACLPermissionType.ALLOW,
