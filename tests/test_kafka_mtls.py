@@ -130,6 +130,11 @@ def test_refused_without_a_certificate_with_another_cas_or_a_node_certificate(mt
         with pytest.raises(SecurityError) as err:
             check_login(cfg, timeout_s=4)
         assert err.value.reason == "unreachable", what
+    # Refused for the reasons meant: the TLS handshake (no or a foreign certificate), and no mapping
+    # rule for a DN outside OU=tilestream-clients (Kafka's own words in the broker log).
+    log = lk.log_path.read_text(errors="replace")
+    assert "SSL handshake failed" in log
+    assert "Failed to map name for 'CN=tilestream-broker' based on SSL principal mapping rules" in log
     # SCRAM on the MTLS port is no way in either.
     with pytest.raises(SecurityError):
         check_login(dict(lk.client_config("admin"), bootstrap_servers=lk.mtls_bootstrap), timeout_s=4)
