@@ -75,6 +75,7 @@ import json
 import os
 import re
 import secrets
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,8 +128,19 @@ class TlsFiles:
     keystores: dict[int, Path]  # node id -> PEM keystore (key + cert chain)
 
 
+# One maker of TLS material at a time: a 3-node cluster formats its nodes in parallel threads, and
+# two threads that both found no CA made two, so node 3 got a certificate of a CA that node 1 no
+# longer trusted ("PKIX path validation failed: signature check failed" at start-up).
+_TLS_LOCK = threading.RLock()
+
+
 def _ca(tls_dir: Path):
     """The local CA's (key, certificate) in ``tls_dir``, created once (EC P-256, 5 years)."""
+    with _TLS_LOCK:
+        return _ca_locked(tls_dir)
+
+
+def _ca_locked(tls_dir: Path):
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -162,6 +174,11 @@ def _ca(tls_dir: Path):
 
 def ensure_tls(tls_dir: Path, hosts: dict[int, str]) -> TlsFiles:
     """The CA and one certificate per node (``hosts``: node id -> loopback IP), created once."""
+    with _TLS_LOCK:
+        return _ensure_tls_locked(tls_dir, hosts)
+
+
+def _ensure_tls_locked(tls_dir: Path, hosts: dict[int, str]) -> TlsFiles:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec

@@ -629,6 +629,8 @@ class LocalKafka:
         if self.secure:
             self.state_dir.chmod(0o700)  # the metadata log holds the salted SCRAM credentials
         cluster_id = self._cluster_id()
+        if self.secure:
+            self._tls()  # the CA and every node's certificate, once, before the nodes are formatted in parallel
         if len(nodes) > 1:
             # Format in parallel: each format is a JVM start (~3 s); in sequence that was 8 s of 18.
             with ThreadPoolExecutor(len(nodes)) as pool:
