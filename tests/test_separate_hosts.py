@@ -157,7 +157,8 @@ def test_processors_and_classifier_on_their_own_hosts_with_only_their_keys(clust
         out = cli(["keys", "export", "--role", role, "--out", str(host.keys)], admin_ws.env())
         assert f"exported the {role} keys" in out.stdout
         host.write_env(host.install_kafka_identity(lk, {"consumer": "dashboard"}.get(role, role)))
-    shutil.copy(scene_model, classifier.dir / "scene.skops")
+    for f in scene_model.parent.glob(scene_model.name + "*"):  # the model and its metadata (scene.skops.json)
+        shutil.copy(f, classifier.dir / f.name.replace(scene_model.name, "scene.skops"))
     camera.write_env(camera.install_kafka_identity(lk, None))
     camera.keys = camera.dir / "no-keys"  # the agent reads its bundle only
 
