@@ -179,6 +179,29 @@ def test_a_camera_certificate_writes_frames_only_and_is_dead_after_revocation(mt
         p.close()
 
 
+def test_a_bundles_certificate_is_checked_and_never_shown(tmp_path):
+    """Bundle credentials are hostile input too: bounded PEM text, a key that matches, no secret in repr."""
+    from deploy.kafka_security import issue_client_cert
+    from tilestream.config import KafkaSettings
+    from tilestream.errors import ConfigError
+
+    _ca(tmp_path / "ca")
+    one, two = issue_client_cert(tmp_path / "ca", "camera-a"), issue_client_cert(tmp_path / "ca", "camera-b")
+    kafka = KafkaSettings(ssl_cafile=str(tmp_path / "ca" / "ca.pem"))
+    conn = Connection.from_settings(kafka, "127.0.0.1:1", credentials={"ssl_certificate": one.cert_pem,
+                                                                       "ssl_key": one.key_pem})
+    assert conn.security_protocol == "SSL" and conn.ssl_context() is not None
+    assert one.key_pem not in repr(conn) and one.key_pem not in str(conn) and one.key_pem not in repr(one)
+    bad = [{"ssl_certificate": one.cert_pem, "ssl_key": two.key_pem},  # someone else's key
+           {"ssl_certificate": one.cert_pem},  # no key
+           {"ssl_certificate": one.cert_pem, "ssl_key": 7},
+           {"ssl_certificate": "x" * 100_000, "ssl_key": one.key_pem},
+           {"ssl_certificate": one.cert_pem, "ssl_key": "-----BEGIN PRIVATE KEY-----\nnot base64\n"}]
+    for creds in bad:
+        with pytest.raises(ConfigError):
+            Connection.from_settings(kafka, "127.0.0.1:1", credentials=creds).ssl_context()
+
+
 def tls_env(lk: LocalKafka, role: str, base: dict[str, str]) -> dict[str, str]:
     """What a systemd unit of this role would set for mutual TLS: no user, no password, a certificate."""
     c = lk.client_config(role, tls=True)
