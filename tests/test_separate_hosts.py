@@ -159,8 +159,8 @@ def test_processors_and_classifier_on_their_own_hosts_with_only_their_keys(clust
         host.write_env(host.install_kafka_identity(lk, {"consumer": "dashboard"}.get(role, role)))
     for f in scene_model.parent.glob(scene_model.name + "*"):  # the model and its metadata (scene.skops.json)
         shutil.copy(f, classifier.dir / f.name.replace(scene_model.name, "scene.skops"))
+    camera.keys = camera.dir / "no-keys"  # the agent reads its bundle only: no key directory at all
     camera.write_env(camera.install_kafka_identity(lk, None))
-    camera.keys = camera.dir / "no-keys"  # the agent reads its bundle only
 
     # -- custody: each host holds its role's secrets and nobody else's -----------------------------
     everyone = _secrets(keystore.path, ("cloud/*.key", "tile/*.key", "admin/*.key", "release/*.key", "stage/*.key",
