@@ -311,3 +311,53 @@ def test_the_pipeline_runs_over_mutual_tls_and_a_revoked_camera_certificate_stop
     on_topic = [envelope.parse(m.value).header.seq for m in read_topic(lk.connection("admin", tls=True), topics.FRAMES)
                 if m.value != b"v" and envelope.parse(m.value).header.camera_id == camera]
     assert sorted(on_topic) == list(range(N_FRAMES))
+
+
+def test_rotate_device_with_a_certificate_retires_the_cameras_older_credentials(mtls_kafka, keystore, tmp_path):
+    """`keys rotate-device --broker --broker-auth tls`: the new bundle's certificate writes; the certificate
+    of the bundle it replaces (and any SCRAM user of the camera) is revoked like `keys revoke --broker`."""
+    from kafka.errors import TopicAuthorizationFailedError
+
+    lk, camera = mtls_kafka, "cam-rot"
+    env = tls_env(lk, "admin", dict(os.environ, TILESTREAM_KEYS_DIR=str(keystore.path),
+                                    TILESTREAM_HOME=str(tmp_path / "home")))
+    ca = ["--broker", "--broker-auth", "tls", "--client-ca", str(lk.state_dir / "tls")]
+    lk.add_camera(camera)  # a SCRAM user from before: rotation to a certificate retires it too
+
+    def bundle_conn() -> tuple[str, Connection]:
+        k = json.loads(keystore.bundle_path(camera).read_text())["kafka"]
+        return k["principal"], Connection(lk.mtls_bootstrap, "SSL", ssl_cafile=str(lk.ca_file),
+                                          ssl_cert_pem=k["ssl_certificate"], ssl_key_pem=k["ssl_key"])
+
+    for argv in (["keys", "enroll", camera, *ca], ["keys", "rotate-device", camera, *ca]):
+        if argv[1] == "rotate-device":
+            old_principal, old_conn = bundle_conn()
+        out = subprocess.run([sys.executable, "-m", "tilestream_cli", *argv], env=env, capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+    assert "older certificates denied" in out.stdout
+    principal, conn = bundle_conn()
+    assert principal != old_principal
+    p = _producer(conn.client_kwargs(), enable_idempotence=False)
+    try:
+        _write(p, "frames")
+    finally:
+        p.close()
+    p = _producer(old_conn.client_kwargs(), enable_idempotence=False)
+    try:
+        with pytest.raises(TopicAuthorizationFailedError):
+            _write(p, "frames")
+    finally:
+        p.close()
+    from kafka.admin import ACLFilter, ACLOperation, ACLPermissionType, ACLResourcePatternType, KafkaAdminClient
+    from kafka.admin import ResourcePatternFilter, ResourceType
+
+    admin = KafkaAdminClient(**lk.client_config("admin", tls=True))
+    try:
+        acls, _ = admin.describe_acls(ACLFilter(f"User:camera-{camera}", None, ACLOperation.ANY,
+                                                ACLPermissionType.ANY,
+                                                ResourcePatternFilter(ResourceType.ANY, None,
+                                                                      ACLResourcePatternType.ANY)))
+    finally:
+        admin.close()
+    assert acls == []  # the SCRAM user's rights are gone
