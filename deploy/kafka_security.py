@@ -14,6 +14,9 @@ TLS material (``<state>/tls``, written once per state dir, keys mode 0600):
                                       cert subject CN=tilestream-broker,
                                       SAN IP:127.0.0.<i>, DNS:localhost, serverAuth+clientAuth
 
+    clients/<name>.pem / .key         a client certificate (+ CA) and its key (0600) for mutual TLS,
+                                      subject OU=tilestream-clients, CN=<principal>, clientAuth only
+
 The broker reads them with ``ssl.keystore.type=PEM`` / ``ssl.truststore.type=PEM`` (no keytool).
 The inter-broker (INTERNAL) and controller listeners are SSL with *required* client
 certificates: the broker's principal there is ``User:CN=tilestream-broker``, a super user. A
@@ -22,6 +25,26 @@ loopback PLAINTEXT inter-broker listener would have been cheaper, but its princi
 cannot authenticate the controller listener (controllers authenticate before the metadata with
 the SCRAM credentials is loaded). So certificates: only a holder of the CA key (0600 in the
 state dir) can mint a cert that maps to the broker principal.
+
+Mutual TLS for clients (the MTLS listener, SSL with *required* client certificates): a client
+certificate issued by the same CA (``issue_client_cert``) authenticates its holder as the principal
+its CN names. ``MTLS_PRINCIPAL_RULES`` maps ``CN=<name>,OU=tilestream-clients`` to ``User:<name>``,
+so a certificate for ``processor`` is ``User:processor`` and the ACL table below applies unchanged.
+The rules end without ``DEFAULT``: a certificate without that OU -- a node certificate, whose
+DEFAULT principal ``User:CN=tilestream-broker`` is a super user -- matches no rule, and Kafka
+refuses the connection instead of letting it in under its full DN. The OU is no secret: what
+keeps anyone from naming themselves ``processor`` is that only the CA key signs.
+
+Cameras with a certificate (``add_camera_cert``, ``tilestream keys enroll --broker --broker-auth
+tls``) get a principal of their own *per certificate*: ``camera-<id>@<16 hex>`` (the hex: random,
+new for each certificate; ``@`` cannot occur in a camera id). Why not
+``camera-<id>`` as for SCRAM: a certificate cannot be deleted -- it stays valid until it expires
+(``CAMERA_CERT_DAYS``), and Kafka reads no CRL. Revocation (``revoke_camera_user``) therefore
+deletes the ALLOW ACLs of every principal of that camera *and* adds a DENY of every operation on
+every resource for each certificate principal. With one principal per certificate, a re-enrolled
+camera (same id, new certificate) gets new rights that the stolen old certificate never shares,
+and the DENY keeps the old one dead even if someone later re-grants ``camera-<id>``'s ACLs by hand;
+a DENY on ``camera-<id>`` itself would have burned the camera id for good.
 
 SCRAM credentials: one user per role (``ROLES``), random 32-byte passwords generated once per
 state dir into ``<state>/credentials.json`` (mode 0600, never printed or logged). They are
@@ -52,8 +75,9 @@ import json
 import os
 import re
 import secrets
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
@@ -71,6 +95,13 @@ CREDENTIALS_FILE = "credentials.json"
 # character that SCRAM (",", "=") or principal strings (":", ";") give a meaning to.
 CAMERA_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 CAMERA_PREFIX = "camera-"
+# Mutual TLS: what a client certificate's subject must look like, and the principal it maps to.
+CLIENT_OU = "tilestream-clients"
+# A principal name in a certificate: a role, camera-<id> or camera-<id>@<16 hex>.
+CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,71}(@[0-9a-f]{16})?")
+MTLS_PRINCIPAL_RULES = rf"RULE:^CN=([A-Za-z0-9][A-Za-z0-9._@-]{{0,90}}),OU={CLIENT_OU}$/$1/"
+CLIENT_CERT_DAYS = 825
+CAMERA_CERT_DAYS = 397  # a stolen camera certificate is dead by itself after a year, DENY or not
 
 
 class SecurityError(Refused, ValueError):
@@ -97,37 +128,65 @@ class TlsFiles:
     keystores: dict[int, Path]  # node id -> PEM keystore (key + cert chain)
 
 
-def ensure_tls(tls_dir: Path, hosts: dict[int, str]) -> TlsFiles:
-    """The CA and one certificate per node (``hosts``: node id -> loopback IP), created once."""
+# One maker of TLS material at a time: a 3-node cluster formats its nodes in parallel threads, and
+# two threads that both found no CA made two, so node 3 got a certificate of a CA that node 1 no
+# longer trusted ("PKIX path validation failed: signature check failed" at start-up).
+_TLS_LOCK = threading.RLock()
+
+
+def _ca(tls_dir: Path):
+    """The local CA's (key, certificate) in ``tls_dir``, created once (EC P-256, 5 years)."""
+    with _TLS_LOCK:
+        return _ca_locked(tls_dir)
+
+
+def _ca_locked(tls_dir: Path):
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    from cryptography.x509.oid import NameOID
 
     tls_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     ca_key_path, ca_path = tls_dir / "ca.key", tls_dir / "ca.pem"
     now = datetime.datetime.now(datetime.timezone.utc)
     if ca_key_path.exists() and ca_path.exists():
-        ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), None)
-        ca_cert = x509.load_pem_x509_certificate(ca_path.read_bytes())
-    else:
-        ca_key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tilestream local Kafka CA")])
-        ca_cert = (
-            x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=5 * 365))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
-                                         data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                         crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-            .sign(ca_key, hashes.SHA256())
-        )
-        _write_private(ca_key_path, ca_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                         serialization.NoEncryption()))
-        ca_path.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+        return (serialization.load_pem_private_key(ca_key_path.read_bytes(), None),
+                x509.load_pem_x509_certificate(ca_path.read_bytes()))
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tilestream local Kafka CA")])
+    ca_cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=5 * 365))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                     crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    _write_private(ca_key_path, ca_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                     serialization.NoEncryption()))
+    ca_path.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    return ca_key, ca_cert
+
+
+def ensure_tls(tls_dir: Path, hosts: dict[int, str]) -> TlsFiles:
+    """The CA and one certificate per node (``hosts``: node id -> loopback IP), created once."""
+    with _TLS_LOCK:
+        return _ensure_tls_locked(tls_dir, hosts)
+
+
+def _ensure_tls_locked(tls_dir: Path, hosts: dict[int, str]) -> TlsFiles:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    ca_key, ca_cert = _ca(tls_dir)
+    ca_path = tls_dir / "ca.pem"
+    now = datetime.datetime.now(datetime.timezone.utc)
     ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
     keystores = {}
     for node_id, host in hosts.items():
@@ -155,6 +214,62 @@ def ensure_tls(tls_dir: Path, hosts: dict[int, str]) -> TlsFiles:
                                                serialization.NoEncryption())
                        + cert.public_bytes(serialization.Encoding.PEM) + ca_pem)
     return TlsFiles(ca_path, keystores)
+
+
+
+@dataclass(frozen=True)
+class ClientCert:
+    """A client certificate for mutual TLS: PEM text (certificate + CA chain, PKCS#8 key), its principal."""
+
+    principal: str  # the name after "User:" that the broker's mapping rules give it
+    cert_pem: str
+    key_pem: str = field(repr=False)
+
+
+def issue_client_cert(ca_dir: Path, name: str, days: int = CLIENT_CERT_DAYS) -> ClientCert:
+    """A client certificate ``CN=<name>, OU=tilestream-clients`` signed by the CA in ``ca_dir``
+    (``ca.pem`` + ``ca.key``: the local broker's ``<state>/tls``). EC P-256, clientAuth only."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    if not isinstance(name, str) or not CLIENT_NAME.fullmatch(name):
+        raise SecurityError(f"client name {name!r} is not a role, camera-<id> or camera-<id>@<kid>", "bad_client_name")
+    if not (ca_dir / "ca.key").exists():
+        raise SecurityError(f"no CA private key in {ca_dir} (ca.pem + ca.key): client certificates are issued where "
+                            f"the CA key is", "no_ca")
+    ca_key, ca_cert = _ca(ca_dir)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        # RDN order OU, CN: Java's RFC 2253 name (what the mapping rules read) is then "CN=..,OU=..".
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, CLIENT_OU),
+                                 x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    return ClientCert(name, (cert.public_bytes(pem) + ca_cert.public_bytes(pem)).decode(),
+                      key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode())
+
+
+def client_cert_files(ca_dir: Path, name: str) -> tuple[Path, Path]:
+    """``(<ca_dir>/clients/<name>.pem, .key)`` for ``name``, issued on first use; the key is 0600."""
+    out = ca_dir / "clients"
+    out.mkdir(exist_ok=True, mode=0o700)
+    cert_path, key_path = out / f"{name}.pem", out / f"{name}.key"
+    if not (cert_path.exists() and key_path.exists()):
+        cert = issue_client_cert(ca_dir, name)
+        _write_private(key_path, cert.key_pem.encode())
+        cert_path.write_text(cert.cert_pem)
+    return cert_path, key_path
 
 
 # -- credentials --------------------------------------------------------------------------
@@ -296,23 +411,66 @@ def add_camera_user(admin, state_dir: Path | None, camera_id: str) -> str:
     return password
 
 
-def revoke_camera_user(admin, state_dir: Path | None, camera_id: str) -> int:
-    """Delete the camera's ACLs (effective at once, also on open connections) and its SCRAM
-    credential (no new logins; a live session ends at ``connections.max.reauth.ms``).
-    Returns the number of ACLs removed."""
-    from kafka.admin import (ACLFilter, ACLOperation, ACLPermissionType, ACLResourcePatternType,
-                             ResourcePatternFilter, ResourceType, ScramMechanism, UserScramCredentialDeletion)
+def add_camera_cert(admin, ca_dir: Path, camera_id: str) -> ClientCert:
+    """A client certificate for one camera, principal ``camera-<id>@<16 random hex>``, with the
+    agent's ACLs on that principal (it is valid only on the brokers' mutual-TLS listener)."""
+    user = f"{camera_username(camera_id)}@{secrets.token_hex(8)}"
+    cert = issue_client_cert(ca_dir, user, days=CAMERA_CERT_DAYS)
+    _create_acls(admin, role_acls("agent", user))
+    return cert
+
+
+def _camera_principals(admin, camera_id: str) -> set[str]:
+    """Every principal of ``camera_id`` that has an ACL: ``camera-<id>`` and ``camera-<id>@<hex>``."""
+    from kafka.admin import ACLFilter, ACLOperation, ACLPermissionType, ACLResourcePatternType, ResourcePatternFilter, ResourceType
 
     user = camera_username(camera_id)
-    flt = ACLFilter(f"User:{user}", None, ACLOperation.ANY, ACLPermissionType.ANY,
-                    ResourcePatternFilter(ResourceType.ANY, None, ACLResourcePatternType.ANY))
+    mine = re.compile(re.escape(f"User:{user}") + r"(@[0-9a-f]{16})?")
+    acls, error = admin.describe_acls(ACLFilter(None, None, ACLOperation.ANY, ACLPermissionType.ANY,
+                                                ResourcePatternFilter(ResourceType.ANY, None, ACLResourcePatternType.ANY)))
     from kafka.errors import NoError
 
+    if error is not NoError:
+        raise SecurityError(f"listing ACLs failed: {error.__name__}", "acl_refused")
+    return {a.principal for a in acls if mine.fullmatch(a.principal)}
+
+
+def deny_all_acls(principal: str) -> list:
+    """DENY of every operation on every topic, group, transactional id and the cluster for ``principal``."""
+    from kafka.admin import ACL, ACLOperation, ACLPermissionType, ACLResourcePatternType, ResourcePattern, ResourceType
+
+    return [ACL(principal, "*", ACLOperation.ALL, ACLPermissionType.DENY,
+                ResourcePattern(rtype, name, ACLResourcePatternType.LITERAL))
+            for rtype, name in ((ResourceType.TOPIC, "*"), (ResourceType.GROUP, "*"),
+                                (ResourceType.TRANSACTIONAL_ID, "*"), (ResourceType.CLUSTER, "kafka-cluster"))]
+
+
+def revoke_camera_user(admin, state_dir: Path | None, camera_id: str, keep: str | None = None) -> int:
+    """Take every broker right of a camera away; returns the number of ALLOW ACLs removed.
+
+    SCRAM user ``camera-<id>``: its ACLs go (effective at once, also on open connections) and its
+    credential (no new logins; a live session ends at ``connections.max.reauth.ms``). Certificate
+    principals ``camera-<id>@<hex>``: their ACLs go and a DENY of everything is added for each
+    (a certificate cannot be deleted; see the module docstring). ``keep``: one principal left alone
+    (``keys rotate-device --broker-auth tls``: the new certificate's).
+    """
+    from kafka.admin import (ACLFilter, ACLOperation, ACLPermissionType, ACLResourcePatternType,
+                             ResourcePatternFilter, ResourceType, ScramMechanism, UserScramCredentialDeletion)
+    from kafka.errors import NoError
+
+    user = camera_username(camera_id)
+    principals = (_camera_principals(admin, camera_id) | {f"User:{user}"}) - {keep}
     removed = 0
-    for _, matched, error in admin.delete_acls([flt]):
-        if error is not NoError:
-            raise SecurityError(f"deleting the ACLs of {user} failed: {error.__name__}", "acl_refused")
-        removed += len(matched)
+    for principal in sorted(principals):
+        flt = ACLFilter(principal, None, ACLOperation.ANY, ACLPermissionType.ALLOW,
+                        ResourcePatternFilter(ResourceType.ANY, None, ACLResourcePatternType.ANY))
+        for _, matched, error in admin.delete_acls([flt]):
+            if error is not NoError:
+                raise SecurityError(f"deleting the ACLs of {principal} failed: {error.__name__}", "acl_refused")
+            removed += len(matched)
+    certs = sorted(p for p in principals if "@" in p)
+    if certs:
+        _create_acls(admin, [acl for p in certs for acl in deny_all_acls(p)])
     errors = admin.alter_user_scram_credentials([UserScramCredentialDeletion(user, ScramMechanism.SCRAM_SHA_512)])
     if errors.get(user) and "not found" not in str(errors[user]).lower() and "does not exist" not in str(errors[user]).lower():
         raise SecurityError(f"deleting the credential of {user} failed: {errors[user]}", "scram_refused")

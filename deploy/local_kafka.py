@@ -39,12 +39,20 @@ Modes (they combine: ``--brokers 3 --secure`` is a secured 3-node cluster)
         node 1  127.0.0.1:9092 CLIENT     SASL_SSL, SCRAM-SHA-512, server cert only
                 127.0.0.1:9094 INTERNAL   SSL with required client certs (inter-broker)
                 127.0.0.1:9093 CONTROLLER SSL with required client certs
-                (INTERNAL defaults to controller port + 1; ``--internal-port``)
-        state   <state>/tls/{ca.pem,ca.key,node-<i>.keystore.pem}, <state>/credentials.json (0600)
+                127.0.0.1:9095 MTLS       SSL with required client certs: clients by certificate
+                (INTERNAL defaults to controller port + 1, ``--internal-port``; MTLS to controller
+                port + 2 or, when that port is taken, a free one, ``--mtls-port``; both recorded
+                in layout.json)
+        state   <state>/tls/{ca.pem,ca.key,node-<i>.keystore.pem}, <state>/credentials.json (0600),
+                <state>/tls/clients/<name>.{pem,key} (client certificates, keys 0600)
         authz   StandardAuthorizer, allow.everyone.if.no.acl.found=false,
                 super.users = User:admin;User:CN=tilestream-broker; one SCRAM user + ACLs per role
                 (deploy/kafka_security.py has the table and why the inter-broker listener is SSL)
-        clients ``LocalKafka.client_config(role)`` -> kafka-python keyword arguments
+        clients ``LocalKafka.client_config(role)`` -> kafka-python keyword arguments (SCRAM);
+                ``client_config(role, tls=True)`` / ``connection(role, tls=True)``: the role's
+                client certificate on the MTLS listener, principal ``User:<role>`` as with SCRAM
+                (CN -> principal: ``kafka_security.MTLS_PRINCIPAL_RULES``), so one ACL table
+                serves both; ``add_camera(id, tls=True)`` issues a camera certificate
 
 Tests and operators can disturb single nodes: ``node_pids()``, ``kill_node(i, signal)``
 (SIGKILL / SIGSTOP / SIGCONT / SIGTERM), ``start_node(i)``, ``leader_of(topic, partition)``,
@@ -116,6 +124,7 @@ class Node:
     controller_port: int
     internal_port: int | None  # secure mode only: the SSL inter-broker listener
     dir: Path
+    mtls_port: int | None = None  # secure mode only: clients with certificates (SSL, client auth required)
 
     @property
     def info_path(self) -> Path:
@@ -217,9 +226,10 @@ class LocalKafka:
         brokers: int | None = None,
         secure: bool | None = None,
         internal_port: int | None = None,
+        mtls_port: int | None = None,
     ):
-        """``brokers``/``secure``/``internal_port`` left as None take the state dir's recorded
-        layout (``layout.json``), else 1 node, PLAINTEXT, controller port + 1."""
+        """``brokers``/``secure``/``internal_port``/``mtls_port`` left as None take the state dir's
+        recorded layout (``layout.json``), else 1 node, PLAINTEXT, controller port + 1 (+ 2)."""
         self.version = version
         self.host = host
         self.port = port
@@ -228,7 +238,7 @@ class LocalKafka:
         self.state_dir = Path(state_dir) if state_dir else cache_home() / "kafka" / f"broker-{port}"
         self.progress = progress
         saved = self._saved_layout()
-        self._requested = {"brokers": brokers, "secure": secure, "internal_port": internal_port}
+        self._requested = {"brokers": brokers, "secure": secure, "internal_port": internal_port, "mtls_port": mtls_port}
         self.brokers = brokers if brokers is not None else int(saved.get("brokers", 1))
         self.secure = secure if secure is not None else bool(saved.get("secure", False))
         self.internal_port = (internal_port if internal_port is not None
@@ -236,9 +246,17 @@ class LocalKafka:
         if not 1 <= self.brokers <= MAX_BROKERS:
             raise KafkaError(f"brokers must be 1..{MAX_BROKERS}, not {self.brokers}")
         hosts = cluster_hosts(host, self.brokers)
+        self.mtls_port = mtls_port if mtls_port is not None else saved.get("mtls_port")
+        if self.mtls_port is None and self.secure:
+            # Controller port + 2 as documented; a free port when it is taken (the choice is
+            # recorded in layout.json at the first start and printed).
+            self.mtls_port = controller_port + 2
+            if not all(_bindable(h, self.mtls_port) for h in hosts):
+                self.mtls_port = free_port_on(hosts)
         self.nodes = [
             Node(i + 1, h, port, controller_port, self.internal_port if self.secure else None,
-                 self.state_dir if self.brokers == 1 else self.state_dir / f"node-{i + 1}")
+                 self.state_dir if self.brokers == 1 else self.state_dir / f"node-{i + 1}",
+                 self.mtls_port if self.secure else None)
             for i, h in enumerate(hosts)
         ]
 
@@ -287,7 +305,7 @@ class LocalKafka:
         if not saved:
             return
         for key, want in self._requested.items():
-            if want is not None and key in saved and saved[key] != want and not (key == "internal_port" and not self.secure):
+            if want is not None and key in saved and saved[key] != want and not (key.endswith("_port") and not self.secure):
                 raise KafkaError(f"{self.state_dir} holds a {saved.get('brokers')}-node "
                                  f"{'secure' if saved.get('secure') else 'PLAINTEXT'} Kafka "
                                  f"({key}={saved[key]!r}); use another --state-dir for {key}={want!r}")
@@ -295,7 +313,8 @@ class LocalKafka:
     def _write_layout(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._layout_path.write_text(json.dumps({"brokers": self.brokers, "secure": self.secure,
-                                                 "internal_port": self.internal_port if self.secure else None}))
+                                                 "internal_port": self.internal_port if self.secure else None,
+                                                 "mtls_port": self.mtls_port if self.secure else None}))
 
     # -- jars ---------------------------------------------------------------------------
     def ensure_jars(self) -> Path:
@@ -343,15 +362,33 @@ class LocalKafka:
 
         return load_credentials(self.state_dir)
 
-    def client_config(self, role: str | None = None, camera: str | None = None) -> dict:
+    @property
+    def mtls_bootstrap(self) -> str:
+        """The MTLS listeners (clients authenticated by certificate) of every node."""
+        self._require_secure()
+        return ",".join(f"{n.host}:{n.mtls_port}" for n in self.nodes)
+
+    def client_config(self, role: str | None = None, camera: str | None = None, tls: bool = False) -> dict:
         """kafka-python keyword arguments to reach this Kafka as ``role`` (or as ``camera``).
 
         PLAINTEXT: just ``bootstrap_servers``. Secure: SASL_SSL + SCRAM-SHA-512 with the
-        role's password from ``<state>/credentials.json`` and the local CA as ``ssl_cafile``.
+        role's password from ``<state>/credentials.json`` and the local CA as ``ssl_cafile``;
+        with ``tls=True`` SSL on the MTLS listener with the role's client certificate
+        (``<state>/tls/clients/<role>.{pem,key}``, issued on first use by the local CA).
         """
         if not self.secure:
             return {"bootstrap_servers": self.bootstrap}
-        from deploy.kafka_security import SecurityError, camera_username, client_settings
+        from deploy.kafka_security import ROLES, SecurityError, camera_username, client_cert_files, client_settings
+
+        if tls:
+            if camera is not None:
+                raise SecurityError("a camera's certificate is in its bundle (add_camera(id, tls=True))", "unknown_camera")
+            role = role or "admin"
+            if role not in ROLES:
+                raise SecurityError(f"unknown role {role!r}; roles: {', '.join(ROLES)}", "unknown_role")
+            cert, key = client_cert_files(self.state_dir / "tls", role)
+            return {"bootstrap_servers": self.mtls_bootstrap, "security_protocol": "SSL", "ssl_cafile": str(self.ca_file),
+                    "ssl_certfile": str(cert), "ssl_keyfile": str(key)}
 
         creds = self._credentials()
         if camera is not None:
@@ -363,30 +400,40 @@ class LocalKafka:
             raise SecurityError(f"unknown role {role!r}; roles: {', '.join(creds['roles'])}", "unknown_role")
         return client_settings(self.bootstrap, self.ca_file, role, creds["roles"][role])
 
-    def connection(self, role: str | None = None, camera: str | None = None) -> Connection:
-        """The :class:`kafkaio.Connection` of ``role`` (or ``camera``): what tilestream's clients take."""
+    def connection(self, role: str | None = None, camera: str | None = None, tls: bool = False) -> Connection:
+        """The :class:`kafkaio.Connection` of ``role`` (or ``camera``): what tilestream's clients take.
+        ``tls=True``: the role's client certificate on the MTLS listener."""
         if not self.secure:
             return Connection(self.bootstrap)
-        c = self.client_config(role, camera)
+        c = self.client_config(role, camera, tls)
+        if tls:
+            return Connection(c["bootstrap_servers"], "SSL", ssl_cafile=c["ssl_cafile"], ssl_certfile=c["ssl_certfile"],
+                              ssl_keyfile=c["ssl_keyfile"])
         return Connection(c["bootstrap_servers"], c["security_protocol"], ssl_cafile=c["ssl_cafile"],
                           sasl_mechanism=c["sasl_mechanism"], sasl_username=c["sasl_plain_username"],
                           sasl_password=c["sasl_plain_password"])
 
-    def add_camera(self, camera_id: str) -> dict:
-        """A Kafka user for one camera with the agent's ACLs; returns its ``client_config``."""
-        from deploy.kafka_security import add_camera_user, camera_username
+    def add_camera(self, camera_id: str, tls: bool = False):
+        """A Kafka user for one camera with the agent's ACLs; returns its ``client_config``.
+
+        ``tls=True``: a client certificate instead (principal ``camera-<id>@<hex>``, agent ACLs),
+        returned as a :class:`deploy.kafka_security.ClientCert` (what goes into its bundle)."""
+        from deploy.kafka_security import add_camera_cert, add_camera_user, camera_username
 
         self._require_secure()
         camera_username(camera_id)  # refuse a bad id before connecting
         admin = self._admin()
         try:
+            if tls:
+                return add_camera_cert(admin, self.state_dir / "tls", camera_id)
             add_camera_user(admin, self.state_dir, camera_id)
         finally:
             admin.close()
         return self.client_config(camera=camera_id)
 
     def revoke_camera(self, camera_id: str) -> int:
-        """Delete the camera's ACLs and SCRAM credential; returns the number of ACLs removed."""
+        """Delete the camera's ACLs and SCRAM credential, DENY its certificates; returns the number
+        of ALLOW ACLs removed (``kafka_security.revoke_camera_user``)."""
         from deploy.kafka_security import revoke_camera_user
 
         self._require_secure()
@@ -441,9 +488,10 @@ class LocalKafka:
         voters = ",".join(f"{n.node_id}@{n.host}:{n.controller_port}" for n in self.nodes)
         h = node.host
         if self.secure:
-            listeners = f"CLIENT://{h}:{node.port},INTERNAL://{h}:{node.internal_port},CONTROLLER://{h}:{node.controller_port}"
-            advertised = f"CLIENT://{h}:{node.port},INTERNAL://{h}:{node.internal_port}"
-            inter, protocols = "INTERNAL", "CLIENT:SASL_SSL,INTERNAL:SSL,CONTROLLER:SSL"
+            listeners = (f"CLIENT://{h}:{node.port},INTERNAL://{h}:{node.internal_port},"
+                         f"CONTROLLER://{h}:{node.controller_port},MTLS://{h}:{node.mtls_port}")
+            advertised = f"CLIENT://{h}:{node.port},INTERNAL://{h}:{node.internal_port},MTLS://{h}:{node.mtls_port}"
+            inter, protocols = "INTERNAL", "CLIENT:SASL_SSL,INTERNAL:SSL,CONTROLLER:SSL,MTLS:SSL"
         else:
             listeners = f"PLAINTEXT://{h}:{node.port},CONTROLLER://{h}:{node.controller_port}"
             advertised = f"PLAINTEXT://{h}:{node.port}"
@@ -488,6 +536,10 @@ class LocalKafka:
                 "ssl.truststore.location": str(tls.ca_cert),
                 "ssl.client.auth": "required",  # INTERNAL and CONTROLLER: only holders of a node cert
                 "listener.name.client.ssl.client.auth": "none",  # clients authenticate with SCRAM
+                # MTLS: clients by certificate; CN=<name>,OU=tilestream-clients -> User:<name>, nothing
+                # else (no DEFAULT rule: a node certificate is refused here, see kafka_security).
+                "listener.name.mtls.ssl.client.auth": "required",
+                "listener.name.mtls.ssl.principal.mapping.rules": _mtls_rules(),
                 "listener.name.client.sasl.enabled.mechanisms": "SCRAM-SHA-512",
                 "listener.name.client.scram-sha-512.sasl.jaas.config":
                     "org.apache.kafka.common.security.scram.ScramLoginModule required;",
@@ -571,13 +623,15 @@ class LocalKafka:
         self._check_layout()
         self.ensure_jars()
         for n in nodes:
-            for port in (n.port, n.controller_port) + ((n.internal_port,) if self.secure else ()):
+            for port in (n.port, n.controller_port) + ((n.internal_port, n.mtls_port) if self.secure else ()):
                 if _port_open(n.host, port):
                     raise KafkaError(f"{n.host}:{port} is already in use by another process; choose other ports (--port, --controller-port)")
         self._write_layout()
         if self.secure:
             self.state_dir.chmod(0o700)  # the metadata log holds the salted SCRAM credentials
         cluster_id = self._cluster_id()
+        if self.secure:
+            self._tls()  # the CA and every node's certificate, once, before the nodes are formatted in parallel
         if len(nodes) > 1:
             # Format in parallel: each format is a JVM start (~3 s); in sequence that was 8 s of 18.
             with ThreadPoolExecutor(len(nodes)) as pool:
@@ -599,7 +653,7 @@ class LocalKafka:
             f"-Dtilestream.kafka.log={node.log_path}",
         ) + ["kafka.Kafka", str(config)]
         where = f"{node.host}:{node.port}" + (f" (node {node.node_id})" if self.brokers > 1 else "")
-        mode = "KRaft" + (", SASL_SSL" if self.secure else "")
+        mode = "KRaft" + (f", SASL_SSL; mTLS clients on :{node.mtls_port}" if self.secure else "")
         self.progress(f"starting Apache Kafka {self.version} ({mode}) on {where}; log: {node.log_path}")
         with open(stdout, "ab") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
@@ -784,6 +838,12 @@ class LocalKafka:
             if info is not None:
                 n.info_path.unlink(missing_ok=True)
         return bool(live)
+
+
+def _mtls_rules() -> str:
+    from deploy.kafka_security import MTLS_PRINCIPAL_RULES
+
+    return MTLS_PRINCIPAL_RULES
 
 
 def _broker_principal() -> str:

@@ -114,7 +114,7 @@ def test_secrets_stay_private(secure):
     props = (secure.state_dir / "server.properties").read_text()
     for line in ("authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer",
                  "allow.everyone.if.no.acl.found=false", "super.users=User:admin;User:CN=tilestream-broker",
-                 "ssl.keystore.type=PEM", "listener.security.protocol.map=CLIENT:SASL_SSL,INTERNAL:SSL,CONTROLLER:SSL"):
+                 "ssl.keystore.type=PEM", "listener.security.protocol.map=CLIENT:SASL_SSL,INTERNAL:SSL,CONTROLLER:SSL,MTLS:SSL"):
         assert line in props.splitlines()
 
 

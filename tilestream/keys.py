@@ -30,6 +30,11 @@ to it, ``bundle_dir``)::
      "cloud_keys": {"current": <kid>, "keys": {<kid>: <cloud/<kid>.pub JSON>}},
      "kafka": null}                  # broker credentials: filled by the ``broker_credentials`` hook
 
+``kafka`` is the camera's own broker principal (``tilestream keys enroll --broker``), one of
+``{"sasl_mechanism", "sasl_username", "sasl_password"}`` (SCRAM over TLS) or ``{"security_protocol":
+"SSL", "principal", "ssl_certificate", "ssl_key"}`` (mutual TLS: PEM certificate chain and PKCS#8
+key; :class:`kafkaio.Connection` loads them from memory and bounds them), or null.
+
 The agent loads it with :class:`DeviceBundle` (``[agent] bundle``), which has the two methods
 the agent uses from a :class:`KeyStore` (``cloud_public_key``, ``device_private_key``).
 

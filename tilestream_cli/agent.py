@@ -44,7 +44,12 @@ def cmd_agent(args: argparse.Namespace, settings: Settings) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     # The camera's own broker principal comes from its bundle (`keys enroll --broker`), if it has one.
-    conn = Connection.from_settings(settings.kafka, args.bootstrap, credentials=keys.kafka)
+    try:
+        conn = Connection.from_settings(settings.kafka, args.bootstrap, credentials=keys.kafka)
+        conn.ssl_context()  # a bundle's client certificate that does not load is refused now, not at the first send
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     agent = EdgeAgent(a, keys, conn, settings.kafka.max_frame_bytes)
     if a.http_port:
         from types import SimpleNamespace

@@ -26,4 +26,5 @@ def local_kafka(args: argparse.Namespace, settings: Settings):
         brokers=getattr(args, "brokers", None),
         secure=getattr(args, "secure", None) or None,  # absent: the state dir's recorded mode
         internal_port=getattr(args, "internal_port", None),
+        mtls_port=getattr(args, "mtls_port", None),
     )

@@ -24,6 +24,7 @@ def cmd_kafka(args: argparse.Namespace, settings: Settings) -> int:
             if lk.secure:
                 print(f"security: SASL_SSL SCRAM-SHA-512; CA {lk.ca_file}; "
                       f"credentials (mode 0600) {lk.state_dir / 'credentials.json'}")
+                print(f"mutual TLS (client certificates from {lk.ca_file.parent}): {lk.mtls_bootstrap}")
         elif args.action == "stop":
             if not lk.stop():
                 print(f"no local Kafka running for {lk.state_dir}")
@@ -58,4 +59,6 @@ def register(sub) -> None:
     k.add_argument("--secure", action="store_true",
                    help="SASL_SSL + SCRAM-SHA-512 clients, TLS between nodes, one user + ACLs per role")
     k.add_argument("--internal-port", type=int, help="secure mode: inter-broker SSL port (default controller port + 1)")
+    k.add_argument("--mtls-port", type=int, help="secure mode: client listener that requires client certificates "
+                                                 "(default controller port + 2, a free port if that one is taken)")
     k.set_defaults(func=cmd_kafka)
