@@ -339,7 +339,8 @@ class DeadLetter:
                    original_size=len(raw), original_sha256=hashlib.sha256(raw).hexdigest())
 
     def to_json(self) -> bytes:
-        d: dict[str, Any] = asdict(self)
+        # Every field is a scalar: a flat dict, not asdict's deep copy (a third of a forged frame's cost).
+        d: dict[str, Any] = {name: getattr(self, name) for name in self.__dataclass_fields__}
         d["original"] = base64.b64encode(self.original).decode("ascii")
         return json.dumps(d, separators=(",", ":")).encode()
 
