@@ -4,7 +4,10 @@
   band): one record per frame, the feature matrix as base64 of little-endian float32 (compact
   and exact), MACed by the processor (:meth:`TileBatch.to_wire`, see "Record authentication"
   below). Read back only through :meth:`TileBatch.from_wire` (MAC first, then the bounded
-  ``from_bytes``). :class:`TileFeatures` is one tile of it in memory.
+  ``from_bytes``). :class:`TileFeatures` is one tile of it in memory. Both (and the processor's
+  tile jobs) name their frame with one :class:`FrameRef` — frame id, camera, seq, capture time,
+  size — bounded in one place (:meth:`FrameRef.read`) and flat at the head of the JSON, so the
+  bytes are those written before the type existed (pinned by ``tests/test_frame_ref.py``).
 * :class:`FrameResult` — classifier -> everyone, plain JSON that follows the committed
   JSON Schema ``tilestream/schemas/result.v1.json``, carried signed inside the envelope of
   ``tilestream/schemas/result.v2.json`` (:meth:`FrameResult.to_signed` / :meth:`FrameResult.from_signed`).
