@@ -41,7 +41,6 @@ by the next owner.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import socket
 import time
@@ -58,8 +57,6 @@ from tilestream.metrics import Metrics, Snapshots, observe_gc_pauses
 
 from stream_processor import replay, transport
 from stream_processor.stage import STAGES, ProcessorStage, ReplaySync, StageIO
-
-log = logging.getLogger("tilestream.processor")
 
 
 def faust_broker(conn: Connection) -> dict:
@@ -104,7 +101,7 @@ def create_app(settings: Settings, where: Connection | str, datadir: Path, web_p
         web_enabled=True,
     )
     transport.install(app)
-    out_topics = {name: app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+    faust_topics = {name: app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
                   for name in (topics.FRAMES, topics.TILE_FEATURES, topics.TILE_JOBS, topics.DEAD_LETTERS,
                                topics.METRICS, topics.REPLAY_MARKS)}
 
@@ -132,16 +129,16 @@ def create_app(settings: Settings, where: Connection | str, datadir: Path, web_p
 
         async def send(self, outputs) -> None:
             for o in outputs:
-                await out_topics[o.topic].send(key=o.key, value=o.value)
+                await faust_topics[o.topic].send(key=o.key, value=o.value)
 
-    @app.agent(out_topics[topics.FRAMES])
+    @app.agent(faust_topics[topics.FRAMES])
     async def process_frames(stream):
         loop = asyncio.get_running_loop()
         async for event in stream.events():
             msg = event.message
             await stage.frame(event.value, msg.partition, msg.offset, ref_ns(msg), WorkerIO(loop, msg.generation_id))
 
-    @app.agent(out_topics[topics.TILE_JOBS])
+    @app.agent(faust_topics[topics.TILE_JOBS])
     async def compute_tile_jobs(stream):
         loop = asyncio.get_running_loop()
         async for event in stream.events():
@@ -183,7 +180,7 @@ def create_app(settings: Settings, where: Connection | str, datadir: Path, web_p
             {"frames_total": metrics.counter("frames_total"), "tiles_total": metrics.counter("tiles_total")},
             {stage_name: ("stage_seconds", {"stage": stage_name}) for stage_name in STAGES}, lag,
             {"event_loop_lag_ms_p99": metrics.quantiles("event_loop_lag_seconds").get(0.99, 0.0) * 1e3})
-        await out_topics[topics.METRICS].send(key=f"processor/{instance}".encode(), value=snap.to_json())
+        await faust_topics[topics.METRICS].send(key=f"processor/{instance}".encode(), value=snap.to_json())
 
     @app.page("/healthz")
     async def healthz(web, request):
