@@ -278,8 +278,22 @@ def digit_sheets(n: int, seed: int = 0, digits=None) -> list[tuple["object", "ob
     return out
 
 
+def make_stage(store, cfg):
+    """The processor's stage (:class:`stream_processor.stage.ProcessorStage`, the worker's per-record
+    path) with the worker's default limits, the store's keys and feature settings ``cfg``."""
+    from stream_processor.stage import ProcessorStage
+    from tilestream.config import Settings
+    from tilestream.metrics import Metrics
+
+    settings = Settings(keys_dir=str(store.path), features=cfg)
+    settings.kafka.max_frame_bytes, settings.processor.max_image_pixels = MAX_FRAME_BYTES, MAX_PIXELS
+    return ProcessorStage.create(settings, Metrics("tilestream_bench"))
+
+
 def make_processor(store, cfg):
-    """The processor's FrameProcessor with the worker's default limits and the store's keys."""
+    """The pure compute inside the stage (FrameProcessor) with the worker's default limits and the store's
+    keys, for the benchmarks that time its parts one by one; the worker's whole per-frame path is
+    :func:`make_stage`'s ``on_frame``."""
     from stream_processor.pipeline import FrameProcessor
 
     return FrameProcessor(store.cloud_private_keys(), store.device_registry(), cfg,

@@ -10,13 +10,13 @@ the same number of HOG cells and the vectors differ only in how they are cut.
 
 For each size, in a fresh process of its own (so peak memory is that size's):
 
-* frames/s and ms/frame of the processor's real path (``FrameProcessor.process``: verify,
-  open, decode, tile, features, records) on sealed vtest frames (JPEG q80), one thread;
-* the classifier's per-frame cost (parse the records, classify with a logistic model trained
+* frames/s and ms/frame of the processor's real path (``ProcessorStage.on_frame``, what the
+  worker runs per record: verify, replay check, open, decode, tile, features, the MACed
+  records and the replay mark) on sealed vtest frames (JPEG q80), one thread;
+* the classifier's per-frame cost (check the records' MAC and parse them, classify with a logistic model trained
   here on the fly on synthetic labels: a linear model costs the same whatever it learned);
-* bytes on Kafka per frame and topic, computed exactly as the processor produces them:
-  key + value of the sealed frame on `frames`, key + the record's own JSON serialisation
-  (what Faust sends) of every tile on `tile-features`;
+* bytes on Kafka per frame and topic, as the worker sends them: key + value of the sealed
+  frame on `frames`, key + the MACed record of every tile batch on `tile-features`;
 * peak RSS (VmHWM) of that process and the Python/numpy allocation peak of one frame
   (tracemalloc).
 
@@ -76,18 +76,25 @@ def _one_size(args) -> dict:
     from classifier.stage import classify_frame
     from tilestream.config import FeatureConfig
     from tilestream.keys import KeyStore
+    from tilestream import topics
     from tilestream.records import TileBatch
 
-    from benchmarks.common import make_processor, proc_status_kib
+    from benchmarks.common import make_stage, proc_status_kib
     import os
 
     cfg = FeatureConfig(**kw)
-    fp = make_processor(KeyStore(keys_dir), cfg)
+    stage = make_stage(KeyStore(keys_dir), cfg)
+    mac = stage.stage_keys
+
+    def tile_values(out) -> list[tuple[bytes, bytes]]:
+        return [(o.key, o.value) for o in out if o.topic == topics.TILE_FEATURES]
+
     base_rss = proc_status_kib(os.getpid(), "VmRSS") / 1024
     # Train a logistic model on synthetic labels (tile brighter than the frame's median tile or not).
+    # A blob's offset is its index: the same record read again, which the replay check lets through.
     X, y = [], []
-    for key, blob in blobs[:8]:
-        recs = [t for r in fp.process(blob)[0] for t in r.split()]
+    for offset, (key, blob) in enumerate(blobs[:8]):
+        recs = [t for _, v in tile_values(stage.on_frame(blob, 0, offset)) for t in TileBatch.from_wire(v, mac).split()]
         v = np.stack([r.vector() for r in recs])
         X.append(v)
         means = np.array([r.vector().mean() for r in recs])
@@ -100,39 +107,37 @@ def _one_size(args) -> dict:
     model = TileModel.train(X, y, cfg, kind="logistic", C=1.0)
     if model_out:
         model.save(model_out)
-    proc_t, cls_t, ser_t, tiles, fr_bytes, tf_bytes, n_rec = [], [], [], 0, 0, 0, 0
-    for i, (key, blob) in enumerate([*blobs[:2], *blobs]):
+    proc_t, cls_t, tiles, fr_bytes, tf_bytes, n_rec = [], [], 0, 0, 0, 0
+    for i, (offset, (key, blob)) in enumerate([*enumerate(blobs[:2]), *enumerate(blobs)]):
         t0 = time.perf_counter()
-        records, _ = fp.process(blob)
+        values = tile_values(stage.on_frame(blob, 0, offset))
         t1 = time.perf_counter()
-        values = [(r.frame_id.encode(), r.to_bytes()) for r in records]
-        t2 = time.perf_counter()
         asm = FrameAssembler()
         frame = None
+        batches = []
         for k, (_, v) in enumerate(values):
-            for t in TileBatch.from_bytes(v).split():
+            batches.append(TileBatch.from_wire(v, mac))
+            for t in batches[-1].split():
                 frame = asm.add(t, 0, k, 0.0) or frame
         classify_frame(model, frame, time.time_ns()).to_json()
-        t3 = time.perf_counter()
+        t2 = time.perf_counter()
         if i < 2:
             continue
         proc_t.append(t1 - t0)
-        ser_t.append(t2 - t1)
-        cls_t.append(t3 - t2)
-        tiles += sum(len(r.tiles) for r in records)
-        n_rec += len(records)
+        cls_t.append(t2 - t1)
+        tiles += sum(len(b.tiles) for b in batches)
+        n_rec += len(values)
         fr_bytes += len(key) + len(blob)
         tf_bytes += sum(len(k) + len(v) for k, v in values)
     n = len(blobs)
     tracemalloc.start()
-    records, _ = fp.process(blobs[0][1])
-    [r.to_bytes() for r in records]
+    stage.on_frame(blobs[0][1], 0, 0)
     _, tm_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     return {
         "tile_size": kw["tile_size"], "edge_policy": kw.get("edge_policy", "pad"), "hog_cell": kw["hog_cell"],
         "features_per_tile": int(X.shape[1]), "tiles_per_frame": tiles / n,
-        "ms_process": 1e3 * float(np.mean(proc_t)), "ms_serialize": 1e3 * float(np.mean(ser_t)),
+        "ms_process": 1e3 * float(np.mean(proc_t)),
         "ms_classify": 1e3 * float(np.mean(cls_t)),
         "fps_process": 1 / float(np.mean(proc_t)),
         "fps_with_classify": 1 / float(np.mean(proc_t) + np.mean(cls_t)),

@@ -44,8 +44,8 @@ from aiokafka.structs import TopicPartition
 from kafkaio import Connection, aio, connection
 from tilestream import topics
 from tilestream.errors import TilestreamError
-from tilestream.metrics import observe_gc_pauses
-from tilestream.records import DeadLetter, StageMetrics
+from tilestream.metrics import Snapshots, observe_gc_pauses
+from tilestream.records import DeadLetter
 
 from classifier.registry import ModelWatcher
 from classifier.results import AnsweredFrames
@@ -83,7 +83,8 @@ class ClassifierService:
         self._busy = asyncio.Lock()
         self._unseeded: set[int] = set()
         self._answered: AnsweredFrames | None = None
-        self._last_results = 0.0
+        self._snapshots = Snapshots(self.metrics, "classifier", self.instance, group_id, metrics_interval_s,
+                                    rates={"frames_per_s": "results_total"})
         self.last_turn = self.last_record = self.assigned_since = time.monotonic()
         self.assigned: set[int] = set()
         self.lag: dict[int, int] = {}
@@ -300,24 +301,16 @@ class ClassifierService:
         for p, v in lag.items():
             m.set("consumer_lag", float(v), partition=f"{topics.TILE_FEATURES}/{p}")
         results = m.counter("results_total")
-        q = m.quantiles("capture_to_result_seconds")
         counters = {"results_total": results, "frames_incomplete_total": m.counter("frames_incomplete_total"),
                     "duplicates_dropped_total": float(self.classifier.assembler.duplicates),
                     "rebalances_total": m.counter("rebalances_total")}
-        for (name, labels), value in m.counters.items():
-            if name == "dead_letters_total":
-                counters[f"dead_letters_total:{dict(labels)['reason']}"] = value
         model = self.classifier.model
-        snap = StageMetrics(
-            stage="classifier", instance=self.instance, at_ns=time.time_ns(), interval_s=self.metrics_interval_s,
-            counters=counters, rates={"frames_per_s": (results - self._last_results) / max(dt, 1e-6)},
-            latency_ms={"capture_to_result": {f"p{int(k * 100)}": v * 1e3 for k, v in q.items()}} if q else {},
-            consumer_lag={f"{topics.TILE_FEATURES}/{p}": v for p, v in lag.items()}, group=self.group_id,
-            extra={"model_id": model.model_id, "model_version": model.version,
-                   "pending_frames": len(self.classifier.assembler.pending),
-                   "assigned_partitions": sorted(self.assigned)},
-        )
-        self._last_results = results
+        snap = self._snapshots.take(
+            counters, {"capture_to_result": ("capture_to_result_seconds", {})},
+            {f"{topics.TILE_FEATURES}/{p}": v for p, v in lag.items()},
+            {"model_id": model.model_id, "model_version": model.version,
+             "pending_frames": len(self.classifier.assembler.pending), "assigned_partitions": sorted(self.assigned)},
+            dt=dt)
         # Metrics are best effort: a lost snapshot is replaced by the next one, never retried.
         await producer.send(topics.METRICS, key=f"classifier/{self.instance}".encode(), value=snap.to_json())
 

@@ -1,14 +1,23 @@
-"""The Faust stream processor: all wiring in one place.
+"""The Faust stream processor: the Faust wiring around :class:`stream_processor.stage.ProcessorStage`.
 
     frames (sealed)  --process_frames-->  tile-features   (one TileBatch per frame, key = frame id)
                      \\--> tile-jobs  --compute_tile_jobs--> tile-features   (frames >= fanout_min_pixels)
                      \\--> dead-letters   (DeadLetter: stage, reason, original still-encrypted record)
+                     \\--> replay-marks   (one mark per accepted frame or band, after its records)
     every 2 s        ------------------>  metrics         (StageMetrics snapshot for the dashboard)
 
-Per frame: verify the device signature (on the loop, ~0.1 ms) -> replay check -> open, decode,
-tile and features in a thread pool (``run_in_executor``) so the event loop keeps serving
-heartbeats, commits and rebalances -> send the tile records. Agent concurrency stays 1
-(faust-streaming #606).
+What a record becomes is the stage's (:mod:`stream_processor.stage`: verify, replay check, open,
+decode, features or fan-out, dead letters, marks — the same path the tests and the benchmarks
+run). This module only says where each step runs: the agents are short loops that hand each
+record to the stage with a :class:`WorkerIO` — the signature and replay checks on the event loop
+(~0.1 ms), the replay state read to the end of ``replay-marks`` for the record's consumer
+generation first (:class:`stream_processor.stage.ReplaySync`), open/decode/tile/features in a
+thread pool (``run_in_executor``) so the loop keeps serving heartbeats, commits and rebalances,
+and the stage's outputs sent in order through Faust's producer. Agent concurrency stays 1
+(faust-streaming #606). Also here: the timers (replay-marks follower, event-loop lag, the
+metrics snapshot built by :class:`tilestream.metrics.Snapshots`), ``/healthz`` and ``/metrics``,
+and our transport (:mod:`stream_processor.transport`: a Consumer that refuses acks of skipped
+messages).
 
 Replays: :mod:`stream_processor.replay` (its docstring has the design). Per camera a durable
 record of accepted seqs on the compacted ``replay-marks`` topic, read by every worker at start,
@@ -24,15 +33,14 @@ rebalancing.
 Tile batches are MACed with the stage key (:mod:`tilestream.stagekeys`, the current one, followed
 across rotations) as they are sent: the classifier believes only what a processor wrote.
 
-Delivery: at least once. Faust commits a frame's offset after its tile records were handed
-to the producer; a worker killed before that commit has its frames re-read by the next owner.
+Delivery: at least once. Faust commits a frame's offset after its tile records (and then its
+mark) were handed to the producer; a worker killed before that commit has its frames re-read
+by the next owner.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import logging
 import os
 import socket
 import time
@@ -45,18 +53,10 @@ from kafkaio import Connection, aio, connection
 from kafkaio.clients import ensure_topics
 from tilestream import topics
 from tilestream.config import Settings
-from tilestream.crypto import FrameRejected
-from tilestream.keys import KeyStore
-from tilestream.metrics import Metrics, observe_gc_pauses
-from tilestream.stagekeys import StageKeys
-from tilestream.records import DeadLetter, StageMetrics
+from tilestream.metrics import Metrics, Snapshots, observe_gc_pauses
 
-from stream_processor import replay, tilejobs, transport
-from stream_processor.pipeline import FrameProcessor, StageTimes
-
-log = logging.getLogger("tilestream.processor")
-STAGES = ("verify", "open", "decode", "features")
-UNSYNCED = object()  # consumer generation before the first read of replay-marks
+from stream_processor import replay, transport
+from stream_processor.stage import STAGES, ProcessorStage, ReplaySync, StageIO
 
 
 def faust_broker(conn: Connection) -> dict:
@@ -101,182 +101,53 @@ def create_app(settings: Settings, where: Connection | str, datadir: Path, web_p
         web_enabled=True,
     )
     transport.install(app)
-    frames = app.topic(topics.FRAMES, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
-    tile_features = app.topic(topics.TILE_FEATURES, key_type=bytes, value_type=bytes, key_serializer="raw",
-                              value_serializer="raw")
-    tile_jobs = app.topic(topics.TILE_JOBS, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
-    dead_letters = app.topic(topics.DEAD_LETTERS, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
-    metrics_topic = app.topic(topics.METRICS, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
-
-    marks_topic = app.topic(topics.REPLAY_MARKS, key_type=bytes, value_type=bytes, key_serializer="raw",
-                            value_serializer="raw")
-    replays = replay.ReplayState(ps.replay_window_seqs, ps.max_frame_age_s, ps.max_clock_skew_s)
+    faust_topics = {name: app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+                  for name in (topics.FRAMES, topics.TILE_FEATURES, topics.TILE_JOBS, topics.DEAD_LETTERS,
+                               topics.METRICS, topics.REPLAY_MARKS)}
 
     metrics = Metrics("tilestream_processor")
-    # Keys: the cloud private keys, the admin-signed device registry (refused and counted in
-    # registry_refused_total if it does not verify) and the shared tile-job key, which the worker
-    # never makes itself (TileKeyMissing: `tilestream keys tile-key create`, copied to every host).
-    keystore = KeyStore(settings.keys_path())
-    processor = FrameProcessor(
-        keystore.cloud_private_keys(),
-        keystore.device_registry(metrics=metrics),
-        settings.features,
-        max_bytes=settings.kafka.max_frame_bytes,
-        max_pixels=ps.max_image_pixels,
-    )
-    tile_key_id, tile_keys = keystore.tile_keys()
-    stage_keys = StageKeys(keystore.path).mac_keys()
-    stage_keys.current()  # no stage key: refuse to start (ConfigError says how to make one)
-    mark_keys = replay.derive_mark_keys(tile_keys)
-    marks_reader = replay.MarksFollower(conn, mark_keys)
-    marks_io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tilestream-marks")  # one reader thread
-    marks_sync: dict = {"generation": UNSYNCED, "lock": None}
-    n_bands = ps.fanout_bands or settings.kafka.tile_jobs_partitions
+    stage = ProcessorStage.create(settings, metrics)
+    marks = ReplaySync(stage.replays, replay.MarksFollower(conn, stage.mark_keys), metrics)
     executor = ThreadPoolExecutor(max_workers=ps.workers_threads, thread_name_prefix="tilestream-cpu")
     observe_gc_pauses(metrics)
     instance = f"{socket.gethostname()}:{os.getpid()}"
-    app.tilestream_metrics = metrics  # type: ignore[attr-defined]
+    snapshots = Snapshots(metrics, "processor", instance, ps.app_id, ps.metrics_interval_s,
+                          rates={"frames_per_s": "frames_total", "tiles_per_s": "tiles_total"})
 
-    def open_frame(env):
-        """In the executor: open + decode, then either all tile features or the band jobs.
+    class WorkerIO(StageIO):
+        """The stage's steps in this worker: heavy work in the thread pool, the replay state read
+        for this record's consumer generation, records handed to Faust's producer in order."""
 
-        The guard of the per-frame work: whatever an authenticated frame's pixels make go wrong
-        beyond the refusals we know (a decoder or numpy error we did not foresee) is refused as
-        ``internal`` — a counted dead letter with the original — never an exception in the agent."""
-        times = StageTimes()
-        try:
-            gray = processor.open_and_decode(env, times)
-            if gray.size >= ps.fanout_min_pixels:
-                return None, tilejobs.make_jobs(env.header, gray, settings.features, n_bands, tile_key_id,
-                                                tile_keys[tile_key_id]), times
-            return processor.features_of(env.header, gray, times), None, times
-        except FrameRejected:
-            raise
-        except Exception as exc:  # noqa: BLE001 - see the docstring
-            log.exception(json.dumps({"event": "frame_failed", "frame_id": env.header.frame_id}))
-            raise FrameRejected("internal", f"{type(exc).__name__}: {exc}", env.header) from None
+        def __init__(self, loop: asyncio.AbstractEventLoop, generation: int):
+            self.loop, self.generation = loop, generation
 
-    async def dead_letter(rej: FrameRejected, event, stage: str = "processor") -> None:
-        msg = event.message
-        metrics.inc("dead_letters_total", reason=rej.reason)
-        fid = rej.header.frame_id if rej.header else None
-        log.warning(json.dumps({"event": "dead_letter", "stage": stage, "reason": rej.reason, "frame_id": fid,
-                                "partition": msg.partition, "offset": msg.offset, "error": str(rej)}))
-        letter = DeadLetter.of(stage, rej.reason, str(rej), event.value, fid, msg.topic, msg.partition, msg.offset)
-        await dead_letters.send(key=(fid or "").encode(), value=letter.to_json())
+        async def compute(self, fn, *args):
+            return await self.loop.run_in_executor(executor, fn, *args)
 
-    async def read_marks() -> None:
-        """Fold what was added to replay-marks into the state (read in its own thread, merged on the loop)."""
-        if marks_sync["lock"] is None:
-            marks_sync["lock"] = asyncio.Lock()
-        async with marks_sync["lock"]:
-            marks = await asyncio.get_running_loop().run_in_executor(marks_io, marks_reader.read_new)
-            replay.merge_all(replays, marks)
-            metrics.set("replay_marks_refused", float(marks_reader.refused))
+        async def replay_state(self) -> None:
+            await marks.ready(self.generation)
 
-    async def replay_state_for(generation: int) -> replay.ReplayState:
-        """The replay state, read to the end of replay-marks first after a start or a rebalance.
-        Fail closed: until that read succeeds nothing is checked (retried; Faust keeps the membership)."""
-        delay = 0.5
-        while marks_sync["generation"] != generation:
-            try:
-                await read_marks()
-                marks_sync["generation"] = generation
-            except Exception as exc:  # noqa: BLE001 - broker away / topic missing: wait, retry
-                log.warning(json.dumps({"event": "replay_marks_unreadable", "error": str(exc), "retry_in_s": delay}))
-                await asyncio.sleep(delay)
-                delay = min(10.0, delay * 2)
-        return replays
+        async def send(self, outputs) -> None:
+            for o in outputs:
+                await faust_topics[o.topic].send(key=o.key, value=o.value)
 
-    async def write_mark(verdict: replay.Verdict) -> None:
-        if verdict.mark is not None:
-            key, value = replay.encode_mark(verdict.mark, tile_key_id, mark_keys[tile_key_id])
-            await marks_topic.send(key=key, value=value)
-
-    @app.timer(interval=ps.replay_sync_interval_s)
-    async def follow_replay_marks():
-        if marks_sync["generation"] is not UNSYNCED:  # after the first full read: only what other workers added
-            try:
-                await read_marks()
-            except Exception as exc:  # noqa: BLE001 - retried on the next tick
-                log.warning(json.dumps({"event": "replay_marks_unreadable", "error": str(exc)}))
-
-    def ref_ns(msg) -> int | None:
-        # The broker's append time when the record carries it (LogAppendTime = 1): no writer sets it.
-        if getattr(msg, "timestamp_type", None) == 1 and msg.timestamp:
-            return int(msg.timestamp * 1e9)
-        return time.time_ns()
-
-    @app.agent(frames)
+    @app.agent(faust_topics[topics.FRAMES])
     async def process_frames(stream):
         loop = asyncio.get_running_loop()
         async for event in stream.events():
             msg = event.message
-            t0 = time.perf_counter()
-            verdict = None
-            try:
-                env = processor.verify(event.value)
-                h = env.header
-                state = await replay_state_for(msg.generation_id)
-                verdict = state.check(h.camera_id, replay.NO_BAND, h.seq, h.capture_ns, topics.FRAMES, msg.partition,
-                                      msg.offset, ref_ns(msg))
-                if verdict.refused:
-                    raise FrameRejected(verdict.kind, f"frame {h.frame_id}: {verdict.detail}", h)
-                t1 = time.perf_counter()
-                records, jobs, times = await loop.run_in_executor(executor, open_frame, env)
-            except FrameRejected as rej:
-                await dead_letter(rej, event)
-                if verdict is not None:  # accepted, then refused by a later stage: a copy is still a replay
-                    await write_mark(verdict)
-                continue
-            if jobs is not None:
-                for key, job in jobs:
-                    await tile_jobs.send(key=key, value=job)
-                metrics.inc("tile_jobs_total", len(jobs))
-            else:
-                for rec in records:
-                    await tile_features.send(key=rec.frame_id.encode(), value=rec.to_wire(*stage_keys.current()))
-                metrics.inc("tiles_total", sum(len(r.tiles) for r in records))
-            await write_mark(verdict)  # accept-then-mark; handed to the producer before this offset can commit
-            metrics.inc("frames_total")
-            times.verify = t1 - t0
-            for stage in STAGES:
-                metrics.observe("stage_seconds", getattr(times, stage), stage=stage)
-            metrics.observe("frame_seconds", time.perf_counter() - t0)
-            metrics.observe("capture_to_features_seconds", max(0.0, (time.time_ns() - env.header.capture_ns) / 1e9))
+            await stage.frame(event.value, msg.partition, msg.offset, ref_ns(msg), WorkerIO(loop, msg.generation_id))
 
-    def compute_job(record: bytes):
-        try:
-            job, band = tilejobs.open_job(record, tile_keys)
-            tilejobs.check_binding(job)
-        except FrameRejected:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the guard of one tile-job record, like open_frame's
-            log.exception(json.dumps({"event": "tile_job_failed"}))
-            raise FrameRejected("internal", f"{type(exc).__name__}: {exc}") from None
-        return job, band
-
-    @app.agent(tile_jobs)
+    @app.agent(faust_topics[topics.TILE_JOBS])
     async def compute_tile_jobs(stream):
         loop = asyncio.get_running_loop()
         async for event in stream.events():
             msg = event.message
-            t0 = time.perf_counter()
-            try:
-                job, band = await loop.run_in_executor(executor, compute_job, event.value)
-                state = await replay_state_for(msg.generation_id)
-                verdict = replay.check_job(state, job, msg.partition, msg.offset, time.time_ns())
-                if verdict.refused:
-                    raise FrameRejected(verdict.kind, f"tile job {job.frame_id}#{job.band}: {verdict.detail}")
-                batch = await loop.run_in_executor(executor, tilejobs.job_features, job, band, settings.features,
-                                                   processor.digest)
-            except FrameRejected as rej:
-                await dead_letter(rej, event, stage="tiles")
-                continue
-            await tile_features.send(key=batch.frame_id.encode(), value=batch.to_wire(*stage_keys.current()))
-            await write_mark(verdict)
-            metrics.inc("tiles_total", len(batch.tiles))
-            metrics.observe("tile_job_seconds", time.perf_counter() - t0)
+            await stage.tile_job(event.value, msg.partition, msg.offset, WorkerIO(loop, msg.generation_id))
+
+    @app.timer(interval=ps.replay_sync_interval_s)
+    async def follow_replay_marks():
+        await marks.follow()
 
     @app.timer(interval=0.5)
     async def event_loop_lag():
@@ -299,36 +170,17 @@ def create_app(settings: Settings, where: Connection | str, datadir: Path, web_p
             pass
         return lag
 
-    last = {"t": time.monotonic(), "frames": 0.0, "tiles": 0.0}
-
     @app.timer(interval=ps.metrics_interval_s)
     async def publish_metrics():
-        now = time.monotonic()
-        dt = max(1e-6, now - last["t"])
-        frames_total, tiles_total = metrics.counter("frames_total"), metrics.counter("tiles_total")
         lag = consumer_lag()
         metrics.set("rebalance_acks_refused", float(getattr(app.consumer, "refused_acks", 0)))
         for key, value in lag.items():
             metrics.set("consumer_lag", value, partition=key)
-        counters = {"frames_total": frames_total, "tiles_total": tiles_total}
-        for (name, labels), value in metrics.counters.items():
-            if name == "dead_letters_total":
-                counters[f"dead_letters_total:{dict(labels)['reason']}"] = value
-        latency = {}
-        for stage in STAGES:
-            q = metrics.quantiles("stage_seconds", stage=stage)
-            if q:
-                latency[stage] = {"p50": q[0.5] * 1e3, "p95": q[0.95] * 1e3, "p99": q[0.99] * 1e3}
-        loop_lag = metrics.quantiles("event_loop_lag_seconds")
-        snap = StageMetrics(
-            stage="processor", instance=instance, at_ns=time.time_ns(), interval_s=ps.metrics_interval_s,
-            counters=counters,
-            rates={"frames_per_s": (frames_total - last["frames"]) / dt, "tiles_per_s": (tiles_total - last["tiles"]) / dt},
-            latency_ms=latency, consumer_lag=lag, group=ps.app_id,
-            extra={"event_loop_lag_ms_p99": loop_lag.get(0.99, 0.0) * 1e3},
-        )
-        last.update(t=now, frames=frames_total, tiles=tiles_total)
-        await metrics_topic.send(key=f"processor/{instance}".encode(), value=snap.to_json())
+        snap = snapshots.take(
+            {"frames_total": metrics.counter("frames_total"), "tiles_total": metrics.counter("tiles_total")},
+            {stage_name: ("stage_seconds", {"stage": stage_name}) for stage_name in STAGES}, lag,
+            {"event_loop_lag_ms_p99": metrics.quantiles("event_loop_lag_seconds").get(0.99, 0.0) * 1e3})
+        await faust_topics[topics.METRICS].send(key=f"processor/{instance}".encode(), value=snap.to_json())
 
     @app.page("/healthz")
     async def healthz(web, request):
@@ -339,6 +191,14 @@ def create_app(settings: Settings, where: Connection | str, datadir: Path, web_p
         return web.text(metrics.render(), content_type="text/plain; version=0.0.4")
 
     return app
+
+
+def ref_ns(msg) -> int | None:
+    """The replay check's reference time of a record: the broker's append time when the record
+    carries it (LogAppendTime = 1: no writer sets it), else this worker's clock."""
+    if getattr(msg, "timestamp_type", None) == 1 and msg.timestamp:
+        return int(msg.timestamp * 1e9)
+    return time.time_ns()
 
 
 def run_worker(settings: Settings, where: Connection | str, datadir: Path, web_port: int | None = None,

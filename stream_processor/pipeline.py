@@ -1,8 +1,11 @@
 """Per-frame processing without I/O: open -> decode under limits -> tile -> features.
 
-:class:`FrameProcessor` is what the Faust agent runs in its executor; training and the
-benchmarks call the same :func:`image_tile_features`, so a model never sees features
-computed another way than the ones it is served. Replay protection is
+:class:`FrameProcessor` is the pure compute inside :class:`stream_processor.stage.ProcessorStage`
+(the worker's per-record path, which adds the replay check, fan-out, dead letters, MACed records
+and marks: time and test that, ``ProcessorStage.on_frame``); training calls the same
+:func:`image_tile_features`, so a model never sees features computed another way than the ones
+it is served. :meth:`FrameProcessor.process` (verify + compute, no replay check, no fan-out) is
+kept for the benchmarks that time the compute alone. Replay protection is
 :mod:`stream_processor.replay`.
 """
 

@@ -25,7 +25,7 @@ import json
 import os
 import struct
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from tilestream.config import FeatureConfig
 from tilestream.crypto import FrameRejected
 from tilestream.envelope import FrameHeader, frame_id
-from tilestream.records import RecordError, TileBatch, parse_json_object
+from tilestream.records import FRAME_FIELDS, FrameFields, FrameRef, RecordError, TileBatch, parse_json_object
 
 from stream_processor.features import tile_features
 from stream_processor.tiling import Tile, extract_tile, tile_grid
@@ -48,13 +48,11 @@ MAX_BANDS = 4096
 
 
 @dataclass
-class TileJob:
-    frame_id: str
-    camera_id: str
-    seq: int
-    capture_ns: int
-    frame_width: int
-    frame_height: int
+class TileJob(FrameFields):
+    """The header of a tile job: its frame (:class:`~tilestream.records.FrameRef`, flat at the head
+    of the JSON like every per-frame record's) and the band. The JSON is the AES-GCM associated data."""
+
+    frame: FrameRef
     n_tiles: int
     band: int
     n_bands: int
@@ -64,6 +62,18 @@ class TileJob:
     last_tile: int
     key_id: str
     made_ns: int = 0  # when the processor made the job (0: a job from before this field)
+
+    def header_json(self) -> bytes:
+        d = {**self.frame.fields(), **{k: getattr(self, k) for k in self.__dataclass_fields__ if k != "frame"}}
+        return json.dumps(d, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_header(cls, d: dict) -> "TileJob":
+        """From a parsed header, as it is (an authenticated job's types are checked by
+        :func:`check_binding`); a missing or unknown field raises TypeError."""
+        d = dict(d)
+        frame = {k: d.pop(k) for k in FRAME_FIELDS if k in d}
+        return cls(FrameRef(**frame), **d)
 
 
 def bands(tiles: list[Tile], height: int, n_bands: int) -> list[tuple[int, int, int, int]]:
@@ -95,9 +105,9 @@ def make_jobs(header: FrameHeader, gray: np.ndarray, cfg: FeatureConfig, n_bands
     out = []
     split = bands(tiles, gray.shape[0], n_bands)
     for i, (first, last, y0, y1) in enumerate(split):
-        job = TileJob(header.frame_id, header.camera_id, header.seq, header.capture_ns, gray.shape[1], gray.shape[0],
-                      len(tiles), i, len(split), y0, y1 - y0, first, last, key_id, time.time_ns())
-        head = json.dumps(asdict(job), separators=(",", ":")).encode()
+        frame = FrameRef(header.frame_id, header.camera_id, header.seq, header.capture_ns, gray.shape[1], gray.shape[0])
+        job = TileJob(frame, len(tiles), i, len(split), y0, y1 - y0, first, last, key_id, time.time_ns())
+        head = job.header_json()
         nonce = os.urandom(_NONCE)
         band = np.ascontiguousarray(gray[y0:y1])
         record = _HEAD.pack(MAGIC, VERSION, len(head)) + head + nonce + aead.encrypt(nonce, band.tobytes(), head)
@@ -119,7 +129,7 @@ def open_job(record: bytes, keys: dict[str, bytes]) -> tuple[TileJob, np.ndarray
         raise FrameRejected("malformed", "tile job shorter than its header, nonce and tag (or header too large)")
     head = record[_HEAD.size:_HEAD.size + n]
     try:
-        job = TileJob(**parse_json_object(head, MAX_JOB_HEADER, "tile job header"))
+        job = TileJob.from_header(parse_json_object(head, MAX_JOB_HEADER, "tile job header"))
     except RecordError as exc:
         raise FrameRejected("malformed", str(exc)) from None
     except TypeError as exc:

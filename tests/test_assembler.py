@@ -3,12 +3,11 @@ from __future__ import annotations
 import numpy as np
 
 from classifier.assembler import FrameAssembler
-from tilestream.records import TileFeatures
+from tilestream.records import FrameRef, TileFeatures
 
 
 def tile(frame: str, index: int, n: int = 3) -> TileFeatures:
-    return TileFeatures(frame_id=frame, camera_id="c", seq=int(frame.split("/")[1]), capture_ns=1, frame_width=8,
-                        frame_height=8, tile_index=index, n_tiles=n, x=0, y=0, w=8, h=8, feature_digest="d",
+    return TileFeatures(frame=FrameRef(frame, "c", int(frame.split("/")[1]), 1, 8, 8), tile_index=index, n_tiles=n, x=0, y=0, w=8, h=8, feature_digest="d",
                         processed_ns=2, vec=np.zeros(4, np.float32))
 
 

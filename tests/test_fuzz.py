@@ -7,7 +7,9 @@ test_classifier_stage.py.)"""
 from __future__ import annotations
 
 import json
+import logging
 import random
+import time
 from typing import Callable, Iterator
 
 import numpy as np
@@ -18,10 +20,11 @@ from classifier.model import ModelRefused
 from dashboard.feed import decode
 from edge_agent.agent import EdgeAgent
 from stream_processor import tilejobs
-from stream_processor.pipeline import FrameProcessor
+from stream_processor.stage import ProcessorStage
 from tilestream import topics
-from tilestream.config import AgentSettings, FeatureConfig
-from tilestream.crypto import FrameRejected
+from tilestream.config import AgentSettings, FeatureConfig, Settings
+from tilestream.metrics import Metrics
+from tilestream.stagekeys import StageKeys
 from tilestream.records import (AgentHeartbeat, DeadLetter, FrameResult, RecordError, StageMetrics, TileLabel)
 
 N = 100_000
@@ -84,30 +87,52 @@ def frame_keys(tmp_path_factory):
 
     store = KeyStore(tmp_path_factory.mktemp("fuzz-keys") / "keys")
     store.init()
+    StageKeys(store.path).init()
     store.enroll("cam-fuzz")
     return store
 
 
-def test_frames_through_the_processors_handler(frame_keys, tmp_path):
+class Refusal(Exception):
+    """A record the stage answered with a dead letter (other than ``internal``)."""
+
+
+def stage_handler(on_record: Callable[[bytes, int, int], list]) -> Callable[[bytes], object]:
+    """One of the processor's per-record methods as a fuzz handler: a dead letter is a refusal; an
+    ``internal`` one is a bug the guard caught, so it counts as escaped."""
+    offsets = iter(range(1, 10**9))
+
+    def handle(value: bytes) -> None:
+        out = on_record(value, 0, next(offsets))
+        letters = [DeadLetter.from_json(o.value) for o in out if o.topic == topics.DEAD_LETTERS]
+        if letters and letters[0].reason == "internal":
+            raise RuntimeError(letters[0].message)
+        if letters:
+            raise Refusal(letters[0].reason)
+    return handle
+
+
+def test_frames_through_the_processors_handler(frame_keys, tmp_path, caplog):
+    caplog.set_level(logging.ERROR, logger="tilestream.processor")  # 100,000 dead-letter lines: not kept
     agent = EdgeAgent(AgentSettings(camera_id="cam-fuzz", source="unused"), frame_keys, "127.0.0.1:1",
                       4 * 1024 * 1024, state_dir=tmp_path / "agent")
     image = (np.arange(48 * 64, dtype=np.uint32).reshape(48, 64) % 251).astype(np.uint8)
-    _, sealed = agent.seal(image, 1)
-    processor = FrameProcessor(frame_keys.cloud_private_keys(), frame_keys.device_registry(), FeatureConfig(),
-                               max_bytes=4 * 1024 * 1024, max_pixels=40_000_000)
-    processor.process(sealed)  # the valid record itself goes through
-    check(*fuzz(sealed, processor.process, FrameRejected, seed=1))
+    _, sealed = agent.seal(image, time.time_ns())  # fresh: the stage checks the capture time
+    stage = ProcessorStage.create(Settings(keys_dir=str(frame_keys.path)), Metrics("tilestream_test"))
+    assert [o.topic for o in stage.on_frame(sealed, 0, 0)] == [topics.TILE_FEATURES, topics.REPLAY_MARKS]
+    check(*fuzz(sealed, stage_handler(stage.on_frame), Refusal, seed=1))
 
 
-def test_tile_jobs_through_open_job(frame_keys):
+def test_tile_jobs_through_the_processors_handler(frame_keys, caplog):
+    caplog.set_level(logging.ERROR, logger="tilestream.processor")
     from tilestream.envelope import FrameHeader
 
     kid, keys = frame_keys.tile_keys()
     header = FrameHeader(camera_id="cam-fuzz", seq=1, capture_ns=1, width=128, height=128, encoding="png",
                          device_key_id=b"\0" * 8, cloud_key_id=b"\0" * 8)
     [(_, record), *_] = tilejobs.make_jobs(header, np.zeros((128, 128), np.uint8), FeatureConfig(), 2, kid, keys[kid])
-    tilejobs.open_job(record, keys)
-    check(*fuzz(record, lambda v: tilejobs.open_job(v, keys), FrameRejected, seed=2))
+    stage = ProcessorStage.create(Settings(keys_dir=str(frame_keys.path)), Metrics("tilestream_test"))
+    assert [o.topic for o in stage.on_tile_job(record, 0, 0)] == [topics.TILE_FEATURES, topics.REPLAY_MARKS]
+    check(*fuzz(record, stage_handler(stage.on_tile_job), Refusal, seed=2))
 
 
 def test_model_records_through_verify_record(frame_keys, tmp_path):

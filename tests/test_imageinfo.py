@@ -1,5 +1,5 @@
 """The decode-cost check (tilestream.imageinfo) on crafted hostile images, alone and through the
-processor's FrameProcessor (pure: no broker).
+processor's stage (:class:`stream_processor.stage.ProcessorStage`, the worker's per-frame path; no broker).
 
 The crafted images are never decoded here: the 3000-scan JPEG below takes OpenCV about a second,
 the reviewer's 6000x6000 one 34 s. That the check refuses without decoding is shown by structure
@@ -13,20 +13,21 @@ import re
 import struct
 import subprocess
 import sys
+import time
 import zlib
 
 import cv2
 import numpy as np
 import pytest
 
-from stream_processor.pipeline import FrameProcessor
-from tilestream import crypto
-from tilestream.config import FeatureConfig
-from tilestream.crypto import FrameRejected
+from stream_processor.stage import ProcessorStage
+from tilestream import crypto, topics
+from tilestream.config import Settings
 from tilestream.envelope import FrameHeader
 from tilestream.imageinfo import (FORMATS, MAX_JPEG_SEGMENTS, MAX_SCANS, DecodeLimits, ImageHeaderError, check,
                                   inspect, probe)
-from tilestream.keys import DeviceRegistry
+from tilestream.metrics import Metrics
+from tilestream.records import DeadLetter
 
 LIMITS = DecodeLimits(max_bytes=4 << 20, max_pixels=40_000_000)  # the processor's defaults
 
@@ -213,7 +214,7 @@ def seal(keystore):
     device_kid, device_key = keystore.device_private_key("cam-test")
 
     def sealed(data: bytes, width: int, height: int, encoding: str = "jpeg", seq: int = 1) -> bytes:
-        header = FrameHeader("cam-test", seq, 1, width, height, encoding, cloud_kid, device_kid, suite=suite)
+        header = FrameHeader("cam-test", seq, time.time_ns(), width, height, encoding, cloud_kid, device_kid, suite=suite)
         return crypto.seal_frame(data, header, cloud_public, device_key)
 
     return sealed
@@ -221,32 +222,35 @@ def seal(keystore):
 
 @pytest.fixture
 def processor(keystore):
-    return FrameProcessor(keystore.cloud_private_keys(), DeviceRegistry(keystore.registry_path), FeatureConfig(),
-                          max_bytes=LIMITS.max_bytes, max_pixels=LIMITS.max_pixels)
+    settings = Settings(keys_dir=str(keystore.path))
+    settings.kafka.max_frame_bytes, settings.processor.max_image_pixels = LIMITS.max_bytes, LIMITS.max_pixels
+    return ProcessorStage.create(settings, Metrics("tilestream_test"))
 
 
-def rejection(processor: FrameProcessor, blob: bytes) -> FrameRejected:
-    with pytest.raises(FrameRejected) as exc:
-        processor.process(blob)
-    return exc.value
+def rejection(processor: ProcessorStage, blob: bytes) -> DeadLetter:
+    """The dead letter the processor's per-frame path makes of ``blob`` (then the frame's replay mark:
+    it was accepted before its image was refused, so a copy of it is a replay)."""
+    out = processor.on_frame(blob, 0, 1)
+    assert [o.topic for o in out] == [topics.DEAD_LETTERS, topics.REPLAY_MARKS]
+    return DeadLetter.from_bytes(out[0].value)
 
 
 def test_the_processor_dead_letters_work_bombs_as_too_large_and_broken_images_as_bad(processor, seal):
     good = cv2.imencode(".jpg", np.random.default_rng(5).integers(0, 256, (240, 320), dtype=np.uint8))[1].tobytes()
-    records, _ = processor.process(seal(good, 320, 240))
-    assert len(records) == 1
+    out = processor.on_frame(seal(good, 320, 240), 0, 0)
+    assert [o.topic for o in out] == [topics.TILE_FEATURES, topics.REPLAY_MARKS]
 
     r = rejection(processor, seal(progressive_jpeg(2000, 2000, 3000), 2000, 2000, seq=2))
-    assert r.reason == "too_large" and r.header.seq == 2
+    assert r.reason == "too_large" and r.frame_id == "cam-test/2"
     r = rejection(processor, seal(progressive_jpeg(320, 240, MAX_SCANS + 1), 320, 240, seq=3))
-    assert r.reason == "too_large" and "scans > limit" in str(r)
+    assert r.reason == "too_large" and "scans > limit" in r.message
     r = rejection(processor, seal(png(30000, 30000, b"\x00" * 30001), 30000 % 65536, 30000, "png", seq=4))
     assert r.reason == "too_large"
     rows = (b"\x00" + b"\x00" * 320) * 240
     r = rejection(processor, seal(png(320, 240, rows + b"\x00" * 10_000_000), 320, 240, "png", seq=5))
-    assert r.reason == "bad_image" and "inflates past" in str(r)
+    assert r.reason == "bad_image" and "inflates past" in r.message
     r = rejection(processor, seal(good[: len(good) // 2], 320, 240, seq=6))
-    assert r.reason == "bad_image" and "truncated" in str(r)
+    assert r.reason == "bad_image" and "truncated" in r.message
     gif = b"GIF89a" + struct.pack("<HH", 320, 240) + b"\x00" * 32
     r = rejection(processor, seal(gif, 320, 240, seq=7))
     assert r.reason == "bad_image"  # the wire knows no reason unsupported_format

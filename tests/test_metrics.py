@@ -1,4 +1,4 @@
-"""Service metrics that need no broker: garbage-collector pauses."""
+"""Service metrics that need no broker: garbage-collector pauses, the stage snapshot both stages publish."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import gc
 import json
 import logging
 
-from tilestream.metrics import Metrics, observe_gc_pauses
+from tilestream.metrics import Metrics, Snapshots, observe_gc_pauses
+from tilestream.records import StageMetrics
 
 
 def test_gc_pauses_are_timed_per_generation_and_long_ones_logged(caplog):
@@ -26,3 +27,25 @@ def test_gc_pauses_are_timed_per_generation_and_long_ones_logged(caplog):
     assert 'tilestream_test_gc_pause_seconds{generation="2",quantile="0.99"}' in m.render()
     events = [json.loads(r.getMessage()) for r in caplog.records if r.name == "tilestream.gc"]
     assert any(e["event"] == "gc_pause" and e["generation"] == 2 and e["ms"] >= 0 for e in events)
+
+
+def test_the_stage_snapshot_has_dead_letters_by_reason_rates_and_latencies_and_reads_back_strictly():
+    m = Metrics("tilestream_test")
+    snaps = Snapshots(m, "processor", "host:1", "grp", 2.0, rates={"frames_per_s": "frames_total"})
+    m.inc("frames_total", 10)
+    m.inc("dead_letters_total", reason="replay")
+    m.inc("dead_letters_total", 2, reason="bad_signature")
+    for ms in range(1, 101):
+        m.observe("stage_seconds", ms / 1e3, stage="decode")
+    snap = snaps.take({"frames_total": m.counter("frames_total")},
+                      {"decode": ("stage_seconds", {"stage": "decode"}), "open": ("stage_seconds", {"stage": "open"})},
+                      {"frames/0": 3}, {"k": "v"}, dt=2.0)
+    assert list(snap.counters) == ["frames_total", "dead_letters_total:replay", "dead_letters_total:bad_signature"]
+    assert snap.counters["dead_letters_total:bad_signature"] == 2
+    assert snap.rates == {"frames_per_s": 5.0}
+    assert snap.latency_ms == {"decode": {"p50": 51.0, "p95": 96.0, "p99": 100.0}}  # "open" has no samples: left out
+    assert (snap.stage, snap.instance, snap.group, snap.interval_s) == ("processor", "host:1", "grp", 2.0)
+    assert snap.consumer_lag == {"frames/0": 3} and snap.extra == {"k": "v"}
+    assert StageMetrics.from_bytes(snap.to_json()) == snap
+    m.inc("frames_total", 4)
+    assert snaps.take({"frames_total": m.counter("frames_total")}, {}, {}, {}, dt=1.0).rates == {"frames_per_s": 4.0}

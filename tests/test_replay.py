@@ -4,6 +4,7 @@ another partition, a stale frame, a replayed tile job."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import zlib
@@ -181,10 +182,10 @@ def test_a_tile_job_cannot_be_spliced_into_another_frame():
     assert exc.value.reason == "decrypt_failed"
     # Even a job made with the key (a processor bug) must name one frame consistently.
     job, _ = tilejobs.open_job(record, {"k1": key})
-    job.seq = 4
+    job.frame = dataclasses.replace(job.frame, seq=4)
     with pytest.raises(FrameRejected, match="names frame"):
         tilejobs.check_binding(job)
-    job.seq, job.band = 3, 1
+    job.frame, job.band = dataclasses.replace(job.frame, seq=3), 1
     with pytest.raises(FrameRejected, match="band 1 of 1"):
         tilejobs.check_binding(job)
 

@@ -11,7 +11,9 @@ import collections
 import json
 import logging
 import time
-from typing import Iterable
+from typing import Any, Iterable, Mapping
+
+from tilestream.records import StageMetrics
 
 
 def _labels(labels: dict[str, str]) -> str:
@@ -73,6 +75,53 @@ class Metrics:
             for q, v in self.quantiles(name, **dict(labels)).items():
                 lines.append(f"{self.prefix}_{name}{_labels({**dict(labels), 'quantile': str(q)})} {v:.6f}")
         return "\n".join(lines) + "\n"
+
+
+def latency_ms(metrics: Metrics, name: str, **labels: str) -> dict[str, float]:
+    """``{"p50": .., "p95": .., "p99": ..}`` in milliseconds of a latency summary (empty: no samples)."""
+    return {f"p{int(q * 100)}": v * 1e3 for q, v in metrics.quantiles(name, **labels).items()}
+
+
+class Snapshots:
+    """A stage's periodic :class:`~tilestream.records.StageMetrics` from its :class:`Metrics`: the one
+    place the processor and the classifier build the snapshot the dashboard reads from ``metrics``.
+
+    What both stages put in it the same way: ``at_ns``, the interval, the group, every
+    ``dead_letters_total{reason}`` counter as ``dead_letters_total:<reason>`` after the stage's own
+    counters, rates per second over the time since the previous snapshot (``rates`` maps a rate
+    name to the counter it is the rate of), and latencies as p50/p95/p99 in ms (a summary without
+    samples is left out). The stage adds its own counters, consumer lag and extras.
+    """
+
+    def __init__(self, metrics: Metrics, stage: str, instance: str, group: str, interval_s: float,
+                 rates: Mapping[str, str]):
+        self.metrics = metrics
+        self.stage, self.instance, self.group, self.interval_s = stage, instance, group, interval_s
+        self.rates = dict(rates)
+        self._at = time.monotonic()
+        self._last: dict[str, float] = {counter: 0.0 for counter in self.rates.values()}
+
+    def take(self, counters: Mapping[str, float], latencies: Mapping[str, tuple[str, dict[str, str]]],
+             consumer_lag: Mapping[str, int], extra: Mapping[str, Any], dt: float | None = None) -> StageMetrics:
+        """``latencies``: snapshot name -> (summary name, labels). ``dt``: seconds since the previous
+        snapshot, when the caller keeps that clock itself (default: since the previous ``take``)."""
+        now = time.monotonic()
+        dt = max(1e-6, now - self._at if dt is None else dt)
+        out = dict(counters)
+        for (name, labels), value in self.metrics.counters.items():
+            if name == "dead_letters_total":
+                out[f"dead_letters_total:{dict(labels)['reason']}"] = value
+        latency = {}
+        for key, (name, labels) in latencies.items():
+            q = latency_ms(self.metrics, name, **labels)
+            if q:
+                latency[key] = q
+        rates = {rate: (out[counter] - self._last[counter]) / dt for rate, counter in self.rates.items()}
+        self._at = now
+        self._last = {counter: out[counter] for counter in self.rates.values()}
+        return StageMetrics(stage=self.stage, instance=self.instance, at_ns=time.time_ns(), interval_s=self.interval_s,
+                            counters=out, rates=rates, latency_ms=latency, consumer_lag=dict(consumer_lag),
+                            group=self.group, extra=dict(extra))
 
 
 def observe_gc_pauses(metrics: Metrics, log_over_s: float = 0.05):

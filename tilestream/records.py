@@ -4,7 +4,10 @@
   band): one record per frame, the feature matrix as base64 of little-endian float32 (compact
   and exact), MACed by the processor (:meth:`TileBatch.to_wire`, see "Record authentication"
   below). Read back only through :meth:`TileBatch.from_wire` (MAC first, then the bounded
-  ``from_bytes``). :class:`TileFeatures` is one tile of it in memory.
+  ``from_bytes``). :class:`TileFeatures` is one tile of it in memory. Both (and the processor's
+  tile jobs) name their frame with one :class:`FrameRef` — frame id, camera, seq, capture time,
+  size — bounded in one place (:meth:`FrameRef.read`) and flat at the head of the JSON, so the
+  bytes are those written before the type existed (pinned by ``tests/test_frame_ref.py``).
 * :class:`FrameResult` — classifier -> everyone, plain JSON that follows the committed
   JSON Schema ``tilestream/schemas/result.v1.json``, carried signed inside the envelope of
   ``tilestream/schemas/result.v2.json`` (:meth:`FrameResult.to_signed` / :meth:`FrameResult.from_signed`).
@@ -62,10 +65,14 @@ def decode_vector(s: str) -> np.ndarray:
     return np.frombuffer(base64.b64decode(s), dtype="<f4")
 
 
-@dataclass
-class TileFeatures:
-    """One tile's features in memory (what the classifier assembles); on the wire they travel
-    in a :class:`TileBatch`."""
+@dataclass(frozen=True)
+class FrameRef:
+    """Which frame a record is about: the identity every per-frame record carries (a tile batch,
+    one tile's features in memory, a tile job), in one place.
+
+    On the wire these six fields stay flat at the head of each record's JSON, in this order
+    (:meth:`fields`), so the bytes are the ones written before this type existed; :meth:`read` is
+    the one strict, bounded reader of them."""
 
     frame_id: str
     camera_id: str
@@ -73,6 +80,53 @@ class TileFeatures:
     capture_ns: int
     frame_width: int
     frame_height: int
+
+    @classmethod
+    def of(cls, frame: Any) -> "FrameRef":
+        """From a frame's header (``width``/``height``) or anything with the ``frame_*`` fields."""
+        if isinstance(frame, FrameRef):
+            return frame
+        if isinstance(getattr(frame, "frame", None), FrameRef):  # a record that carries one (a tile job)
+            return frame.frame
+        return cls(frame.frame_id, frame.camera_id, frame.seq, frame.capture_ns,
+                   getattr(frame, "frame_width", None) or frame.width,
+                   getattr(frame, "frame_height", None) or frame.height)
+
+    @classmethod
+    def read(cls, d: dict) -> "FrameRef":
+        """Strict: ids non-empty strings of at most MAX_ID_LEN characters, seq and capture time
+        non-negative 64-bit integers, sides in [1, MAX_SIDE]; raises :class:`RecordError`."""
+        return cls(frame_id=_str(d, "frame_id"), camera_id=_str(d, "camera_id"), seq=_int(d, "seq"),
+                   capture_ns=_int(d, "capture_ns"), frame_width=_int(d, "frame_width", 1, MAX_SIDE),
+                   frame_height=_int(d, "frame_height", 1, MAX_SIDE))
+
+    def fields(self) -> dict[str, Any]:
+        """The six fields, in wire order."""
+        return {"frame_id": self.frame_id, "camera_id": self.camera_id, "seq": self.seq,
+                "capture_ns": self.capture_ns, "frame_width": self.frame_width, "frame_height": self.frame_height}
+
+
+FRAME_FIELDS = tuple(FrameRef.__dataclass_fields__)
+
+
+class FrameFields:
+    """The frame's fields read through a record's ``frame`` (``batch.frame_id`` etc., as before)."""
+
+    frame: FrameRef
+    frame_id = property(lambda self: self.frame.frame_id)
+    camera_id = property(lambda self: self.frame.camera_id)
+    seq = property(lambda self: self.frame.seq)
+    capture_ns = property(lambda self: self.frame.capture_ns)
+    frame_width = property(lambda self: self.frame.frame_width)
+    frame_height = property(lambda self: self.frame.frame_height)
+
+
+@dataclass
+class TileFeatures(FrameFields):
+    """One tile's features in memory (what the classifier assembles); on the wire they travel
+    in a :class:`TileBatch`."""
+
+    frame: FrameRef
     tile_index: int
     n_tiles: int
     x: int
@@ -151,22 +205,19 @@ def parse_json_object(data: bytes | str, max_bytes: int, what: str) -> dict:
 
 
 @dataclass
-class TileBatch:
+class TileBatch(FrameFields):
     """processor -> classifier: the features of all tiles of one frame (or of one band of a
     fanned-out frame) in one record — one Kafka record per frame instead of one per tile.
 
     ``tiles`` lists ``[index, x, y, w, h]`` per tile; ``features`` is base64 of a little-endian
     float32 matrix of ``len(tiles)`` rows and ``dim`` columns, row i belonging to ``tiles[i]``.
     ``n_tiles`` is the number of tiles of the whole frame. On the wire: compact JSON
-    (:meth:`to_bytes`), read back only through the bounded :meth:`from_bytes`.
+    (:meth:`to_bytes`), read back only through the bounded :meth:`from_bytes`. The frame's
+    identity is :attr:`frame` (its fields readable as before: ``batch.frame_id`` ...), flat at
+    the head of the JSON.
     """
 
-    frame_id: str
-    camera_id: str
-    seq: int
-    capture_ns: int
-    frame_width: int
-    frame_height: int
+    frame: FrameRef
     n_tiles: int
     feature_digest: str
     processed_ns: int
@@ -180,17 +231,16 @@ class TileBatch:
         width/height or frame_width/frame_height) and ``[(tile, vector), ...]`` (tile: index, x, y, w, h)."""
         matrix = np.stack([v for _, v in tiles]).astype("<f4") if tiles else np.zeros((0, 0), "<f4")
         return cls(
-            frame_id=frame.frame_id, camera_id=frame.camera_id, seq=frame.seq, capture_ns=frame.capture_ns,
-            frame_width=getattr(frame, "frame_width", None) or frame.width,
-            frame_height=getattr(frame, "frame_height", None) or frame.height,
-            n_tiles=n_tiles, feature_digest=digest, processed_ns=now_ns,
+            frame=FrameRef.of(frame), n_tiles=n_tiles, feature_digest=digest, processed_ns=now_ns,
             tiles=[[t.index, t.x, t.y, t.w, t.h] for t, _ in tiles], dim=int(matrix.shape[1]) if tiles else 0,
             features=encode_vector(matrix.ravel()),
         )
 
     def to_bytes(self) -> bytes:
         """The bare JSON (what the MAC covers); on the wire use :meth:`to_wire`."""
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
+        d = {**self.frame.fields(), "n_tiles": self.n_tiles, "feature_digest": self.feature_digest,
+             "processed_ns": self.processed_ns, "tiles": self.tiles, "dim": self.dim, "features": self.features}
+        return json.dumps(d, separators=(",", ":")).encode()
 
     def to_wire(self, kid: str, key: bytes) -> bytes:
         """The record the processor writes to ``tile-features``: the JSON MACed with stage key ``kid``."""
@@ -207,9 +257,7 @@ class TileBatch:
 
     def split(self) -> list[TileFeatures]:
         m = self.matrix()
-        return [TileFeatures(self.frame_id, self.camera_id, self.seq, self.capture_ns, self.frame_width,
-                             self.frame_height, index, self.n_tiles, x, y, w, h, self.feature_digest,
-                             self.processed_ns, m[i])
+        return [TileFeatures(self.frame, index, self.n_tiles, x, y, w, h, self.feature_digest, self.processed_ns, m[i])
                 for i, (index, x, y, w, h) in enumerate(self.tiles)]
 
     @classmethod
@@ -220,7 +268,8 @@ class TileBatch:
         if unknown:
             raise RecordError(f"unknown fields {sorted(unknown)[:5]}")
         n_tiles, dim = _int(d, "n_tiles", 1, MAX_TILES), _int(d, "dim", 0, MAX_DIM)
-        w, h = _int(d, "frame_width", 1, MAX_SIDE), _int(d, "frame_height", 1, MAX_SIDE)
+        frame = FrameRef.read(d)
+        w, h = frame.frame_width, frame.frame_height
         tiles = d.get("tiles")
         if not isinstance(tiles, list) or len(tiles) > n_tiles:
             raise RecordError(f"tiles must be a list of at most n_tiles={n_tiles} entries")
@@ -239,13 +288,11 @@ class TileBatch:
                 raise ValueError("length")
         except ValueError:
             raise RecordError(f"features is not base64 of {want} bytes") from None
-        return cls(frame_id=_str(d, "frame_id"), camera_id=_str(d, "camera_id"), seq=_int(d, "seq"),
-                   capture_ns=_int(d, "capture_ns"), frame_width=w, frame_height=h, n_tiles=n_tiles,
-                   feature_digest=_str(d, "feature_digest", 64), processed_ns=_int(d, "processed_ns"),
+        return cls(frame=frame, n_tiles=n_tiles, feature_digest=_str(d, "feature_digest", 64), processed_ns=_int(d, "processed_ns"),
                    tiles=tiles, dim=dim, features=features)
 
 
-_TILE_BATCH_FIELDS = {f for f in TileBatch.__dataclass_fields__}
+_TILE_BATCH_FIELDS = (set(TileBatch.__dataclass_fields__) - {"frame"}) | set(FRAME_FIELDS)
 
 
 @dataclass
@@ -339,7 +386,8 @@ class DeadLetter:
                    original_size=len(raw), original_sha256=hashlib.sha256(raw).hexdigest())
 
     def to_json(self) -> bytes:
-        d: dict[str, Any] = asdict(self)
+        # Every field is a scalar: a flat dict, not asdict's deep copy (a third of a forged frame's cost).
+        d: dict[str, Any] = {name: getattr(self, name) for name in self.__dataclass_fields__}
         d["original"] = base64.b64encode(self.original).decode("ascii")
         return json.dumps(d, separators=(",", ":")).encode()
 

@@ -1,0 +1,66 @@
+"""One frame identity (:class:`tilestream.records.FrameRef`) in every per-frame record, and the wire
+bytes it must not change: a tile batch's JSON (what the stage key MACs) and a tile job's header
+(the AES-GCM associated data) are pinned here as they were written before it existed."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace as NS
+
+import numpy as np
+import pytest
+
+from stream_processor.tilejobs import TileJob
+from tilestream.envelope import FrameHeader
+from tilestream.records import FrameRef, RecordError, TileBatch
+
+HEADER = FrameHeader("cam-pin", 42, 1_700_000_000_123_456_789, 96, 64, "jpeg", b"c" * 8, b"d" * 8)
+BATCH = (b'{"frame_id":"cam-pin/42","camera_id":"cam-pin","seq":42,"capture_ns":1700000000123456789,"frame_width":96,'
+         b'"frame_height":64,"n_tiles":6,"feature_digest":"sha256:abcd","processed_ns":1700000001000000000,"tiles":'
+         b'[[0,0,0,32,32],[1,32,0,32,32],[2,64,0,32,32],[3,0,32,32,32],[4,32,32,32,32],[5,64,32,32,32]],"dim":4,'
+         b'"features":"AAAAAAAAgD8AAABAAABAQAAAgD8AAABAAABAQAAAgEAAAABAAABAQAAAgEAAAKBAAABAQAAAgEAAAKBAAADAQAAAgEAAAKBA'
+         b'AADAQAAA4EAAAKBAAADAQAAA4EAAAABB"}')
+JOB = (b'{"frame_id":"cam-pin/42","camera_id":"cam-pin","seq":42,"capture_ns":1700000000123456789,"frame_width":96,'
+       b'"frame_height":64,"n_tiles":6,"band":1,"n_bands":2,"y0":32,"band_height":32,"first_tile":3,"last_tile":6,'
+       b'"key_id":"0123456789abcdef","made_ns":1700000000500000000}')
+
+
+def batch() -> TileBatch:
+    tiles = [(NS(index=i, x=32 * (i % 3), y=32 * (i // 3), w=32, h=32), np.arange(4, dtype=np.float32) + i)
+             for i in range(6)]
+    return TileBatch.make(HEADER, 6, tiles, "sha256:abcd", 1_700_000_001_000_000_000)
+
+
+def test_the_tile_batch_bytes_are_the_ones_written_before_and_read_back_the_same():
+    b = batch()
+    assert b.to_bytes() == BATCH
+    back = TileBatch.from_bytes(BATCH)
+    assert back == b and back.to_bytes() == BATCH
+    assert back.frame == FrameRef.of(HEADER) == FrameRef("cam-pin/42", "cam-pin", 42, 1_700_000_000_123_456_789, 96, 64)
+    assert (back.frame_id, back.camera_id, back.seq, back.frame_width, back.frame_height) == ("cam-pin/42", "cam-pin",
+                                                                                              42, 96, 64)
+    [t] = [t for t in back.split() if t.tile_index == 1]
+    assert t.frame is back.frame and (t.frame_id, t.capture_ns, t.x) == ("cam-pin/42", 1_700_000_000_123_456_789, 32)
+
+
+def test_the_tile_job_header_is_the_one_written_before():
+    job = TileJob(FrameRef.of(HEADER), 6, 1, 2, 32, 32, 3, 6, "0123456789abcdef", 1_700_000_000_500_000_000)
+    assert job.header_json() == JOB
+    import json
+
+    assert TileJob.from_header(json.loads(JOB)) == job
+    with pytest.raises(TypeError):
+        TileJob.from_header({k: v for k, v in json.loads(JOB).items() if k != "camera_id"})
+    assert FrameRef.of(job) is job.frame  # a batch of a band takes the job's frame as it is
+
+
+@pytest.mark.parametrize("field, value", [("frame_id", ""), ("camera_id", "x" * 129), ("seq", -1), ("seq", True),
+                                          ("capture_ns", 2**63), ("frame_width", 0), ("frame_height", 65_536)])
+def test_the_frame_fields_are_bounded_in_one_place(field, value):
+    import json
+
+    d = json.loads(BATCH)
+    d[field] = value
+    with pytest.raises(RecordError, match=field):
+        FrameRef.read(d)
+    with pytest.raises(RecordError):
+        TileBatch.from_bytes(json.dumps(d).encode())
