@@ -22,20 +22,22 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import (Sealer, bench_keys, local_broker, machine, machine_load, make_processor, progress,
+from benchmarks.common import (Sealer, bench_keys, local_broker, machine, machine_load, make_stage, progress,
                                table, vtest_encoded, write_json)
 
 TILES = 108
 
 
 def record_sizes(tmp: Path) -> tuple[int, int]:
+    from tilestream import topics
     from tilestream.config import FeatureConfig
 
     store = bench_keys(tmp / "keys", ["size"])
     s = Sealer(store, "size")
     blobs = [s.seal(e, i)[1] for i, e in enumerate(vtest_encoded(30))]
-    fp = make_processor(store, FeatureConfig())
-    tiles = [len(r.to_bytes()) for b in blobs[:5] for r in fp.process(b)[0]]
+    stage = make_stage(store, FeatureConfig())  # the worker's path: tile batches as sent, MAC header included
+    tiles = [len(o.value) for i, b in enumerate(blobs[:5]) for o in stage.on_frame(b, 0, i)
+             if o.topic == topics.TILE_FEATURES]
     return int(np.mean([len(b) for b in blobs])), int(np.mean(tiles))
 
 

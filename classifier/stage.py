@@ -22,29 +22,19 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 
 from tilestream import topics
 from tilestream.errors import Refused
 from tilestream.metrics import LogBudget, Metrics
-from tilestream.records import DeadLetter, FrameResult, TileBatch, TileLabel
+from tilestream.records import DeadLetter, FrameResult, Output, TileBatch, TileLabel
 from tilestream.stagekeys import ClassifierKeys
 
 from classifier.assembler import FrameAssembler, PendingFrame
 from classifier.model import TileModel
 
 log = logging.getLogger("tilestream.classifier")
-
-
-@dataclass(frozen=True)
-class Output:
-    """A record to send: topic, key, value."""
-
-    topic: str
-    key: bytes
-    value: bytes
 
 
 def classify_frame(model: TileModel, frame: PendingFrame, now_ns: int) -> FrameResult:

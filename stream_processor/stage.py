@@ -54,7 +54,7 @@ from tilestream.envelope import Envelope
 from tilestream.errors import Refused
 from tilestream.keys import KeyStore
 from tilestream.metrics import Metrics
-from tilestream.records import DeadLetter, TileBatch
+from tilestream.records import DeadLetter, Output, TileBatch
 from tilestream.stagekeys import StageKeys
 
 from stream_processor import replay, tilejobs
@@ -63,15 +63,6 @@ from stream_processor.pipeline import FrameProcessor, StageTimes
 log = logging.getLogger("tilestream.processor")
 STAGES = ("verify", "open", "decode", "features")
 UNSYNCED = object()  # consumer generation before the first read of replay-marks
-
-
-@dataclass(frozen=True)
-class Output:
-    """A record to send: topic, key, value."""
-
-    topic: str
-    key: bytes
-    value: bytes
 
 
 class StageIO:

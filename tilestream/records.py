@@ -66,6 +66,15 @@ def decode_vector(s: str) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class Output:
+    """A record a stage's per-record method wants sent: topic, key, value (the service sends it)."""
+
+    topic: str
+    key: bytes
+    value: bytes
+
+
+@dataclass(frozen=True)
 class FrameRef:
     """Which frame a record is about: the identity every per-frame record carries (a tile batch,
     one tile's features in memory, a tile job), in one place.
