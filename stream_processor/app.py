@@ -53,7 +53,7 @@ from kafkaio import Connection, aio, connection
 from kafkaio.clients import ensure_topics
 from tilestream import topics
 from tilestream.config import Settings
-from tilestream.metrics import Metrics, Snapshots, observe_gc_pauses
+from tilestream.metrics import Liveness, Metrics, Snapshots, observe_gc_pauses
 
 from stream_processor import replay, transport
 from stream_processor.stage import STAGES, ProcessorStage, ReplaySync, StageIO
@@ -110,6 +110,7 @@ def create_app(settings: Settings, where: Connection | str, datadir: Path, web_p
     marks = ReplaySync(stage.replays, replay.MarksFollower(conn, stage.mark_keys), metrics)
     executor = ThreadPoolExecutor(max_workers=ps.workers_threads, thread_name_prefix="tilestream-cpu")
     observe_gc_pauses(metrics)
+    liveness = Liveness(ps.stall_after_s)
     instance = f"{socket.gethostname()}:{os.getpid()}"
     snapshots = Snapshots(metrics, "processor", instance, ps.app_id, ps.metrics_interval_s,
                           rates={"frames_per_s": "frames_total", "tiles_per_s": "tiles_total"})
@@ -136,6 +137,7 @@ def create_app(settings: Settings, where: Connection | str, datadir: Path, web_p
         loop = asyncio.get_running_loop()
         async for event in stream.events():
             msg = event.message
+            liveness.read()
             await stage.frame(event.value, msg.partition, msg.offset, ref_ns(msg), WorkerIO(loop, msg.generation_id))
 
     @app.agent(faust_topics[topics.TILE_JOBS])
@@ -143,6 +145,7 @@ def create_app(settings: Settings, where: Connection | str, datadir: Path, web_p
         loop = asyncio.get_running_loop()
         async for event in stream.events():
             msg = event.message
+            liveness.read()
             await stage.tile_job(event.value, msg.partition, msg.offset, WorkerIO(loop, msg.generation_id))
 
     @app.timer(interval=ps.replay_sync_interval_s)
@@ -152,15 +155,16 @@ def create_app(settings: Settings, where: Connection | str, datadir: Path, web_p
     @app.timer(interval=0.5)
     async def event_loop_lag():
         # How late the loop wakes us from a 100 ms sleep: time the loop spent not serving callbacks.
+        liveness.turned()
         t0 = time.perf_counter()
         await asyncio.sleep(0.1)
         metrics.observe("event_loop_lag_seconds", max(0.0, time.perf_counter() - t0 - 0.1))
 
-    def consumer_lag() -> dict[str, int]:
+    def consumer_lag(topic_names=(topics.FRAMES,)) -> dict[str, int]:
         lag = {}
         try:
             for tp in app.consumer.assignment():
-                if tp.topic != topics.FRAMES:
+                if tp.topic not in topic_names:
                     continue
                 read = app.monitor.tp_read_offsets.get(tp)
                 high = app.consumer.highwater(tp)
@@ -173,6 +177,9 @@ def create_app(settings: Settings, where: Connection | str, datadir: Path, web_p
     @app.timer(interval=ps.metrics_interval_s)
     async def publish_metrics():
         lag = consumer_lag()
+        liveness.holds(held_partitions())
+        metrics.set("assigned_partitions", float(held_partitions()))
+        metrics.set("seconds_since_record", liveness.seconds_since_record())
         metrics.set("rebalance_acks_refused", float(getattr(app.consumer, "refused_acks", 0)))
         for key, value in lag.items():
             metrics.set("consumer_lag", value, partition=key)
@@ -182,9 +189,22 @@ def create_app(settings: Settings, where: Connection | str, datadir: Path, web_p
             {"event_loop_lag_ms_p99": metrics.quantiles("event_loop_lag_seconds").get(0.99, 0.0) * 1e3})
         await faust_topics[topics.METRICS].send(key=f"processor/{instance}".encode(), value=snap.to_json())
 
+    def held_partitions() -> int:
+        try:
+            return sum(1 for tp in app.consumer.assignment() if tp.topic in (topics.FRAMES, topics.TILE_JOBS))
+        except Exception:  # noqa: BLE001 - consumer not started yet: holds nothing
+            return 0
+
     @app.page("/healthz")
     async def healthz(web, request):
-        return web.json({"status": "ok", "app": ps.app_id, "instance": instance, "frames": metrics.counter("frames_total")})
+        """503 ``stalled`` when the worker stops making progress while up (:class:`Liveness`)."""
+        liveness.holds(held_partitions())
+        problems = liveness.problems(sum(consumer_lag((topics.FRAMES, topics.TILE_JOBS)).values()))
+        return web.json({"status": "stalled" if problems else "ok", "problems": problems, "app": ps.app_id,
+                         "instance": instance, "frames": metrics.counter("frames_total"),
+                         "assigned_partitions": held_partitions(),
+                         "seconds_since_record": round(liveness.seconds_since_record(), 1)},
+                        status=503 if problems else 200)
 
     @app.page("/metrics")
     async def metrics_page(web, request):

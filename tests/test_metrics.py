@@ -49,3 +49,40 @@ def test_the_stage_snapshot_has_dead_letters_by_reason_rates_and_latencies_and_r
     assert StageMetrics.from_bytes(snap.to_json()) == snap
     m.inc("frames_total", 4)
     assert snaps.take({"frames_total": m.counter("frames_total")}, {}, {}, {}, dt=1.0).rates == {"frames_per_s": 4.0}
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_liveness_reports_each_kind_of_stall_and_clears_when_progress_resumes():
+    from tilestream.metrics import Liveness
+
+    clock = FakeClock()
+    live = Liveness(stall_after_s=10, clock=clock)
+    live.holds(3)
+    live.turned()
+    assert live.problems(waiting=5) == []
+    clock.t += 11  # the loop went round, but nothing was read while 5 records wait
+    live.turned()
+    assert [p.split(" ")[1:4] for p in live.problems(waiting=5)] == [["records", "wait", "on"]]
+    assert live.problems(waiting=0) == []  # nothing waits: idle, not stalled
+    live.read()
+    assert live.problems(waiting=5) == []
+    clock.t += 11  # the loop itself stopped turning
+    assert any(p.startswith("loop has not turned for 11s") for p in live.problems(waiting=0))
+    live.turned()
+    live.holds(0)  # evicted
+    clock.t += 5
+    assert live.problems(waiting=0) == []  # a rebalance, not yet a stall
+    clock.t += 6
+    live.turned()
+    assert live.problems(waiting=0) == ["no partition assigned for 11s (evicted, not rejoining?)"]
+    live.turned()
+    live.holds(2)  # rejoined: a fresh assignment has its own stall_after_s to read
+    assert live.problems(waiting=7) == []
+    assert live.seconds_since_record() == 0

@@ -126,6 +126,11 @@ def test_encrypted_frames_become_exactly_one_result_each(version, kafka_any, key
         assert 'tilestream_processor_dead_letters_total{reason="bad_signature"} 1' in metrics
         assert f"tilestream_processor_frames_total {N_FRAMES + 1}" in metrics
         assert 'tilestream_processor_dead_letters_total{reason="replay"} 1' in metrics
+        # Health from what the worker does (tilestream.metrics.Liveness): it holds partitions and
+        # nothing waits unread, so it is "ok" with its partitions listed, not merely up.
+        with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/healthz", timeout=5) as resp:
+            health = json.loads(resp.read())
+        assert health["status"] == "ok" and health["problems"] == [] and health["assigned_partitions"] > 0, health
 
         # Any Kafka client can read and verify the results: Kafka's own Java console consumer, every
         # record valid against the committed JSON Schemas (v2 envelope, v1 result inside), its

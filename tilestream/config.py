@@ -181,6 +181,9 @@ class ProcessorSettings:
     # tile-jobs topic (encrypted), so one large frame is computed by several workers.
     fanout_min_pixels: int = 4_000_000
     fanout_bands: int = 0  # 0: one band per tile-jobs partition
+    # /healthz reports "stalled" (503) when the loop stops, no frames/tile-jobs partition is held,
+    # or records wait and none was read, for this long (tilestream.metrics.Liveness).
+    stall_after_s: float = 60.0
 
 
 @dataclass

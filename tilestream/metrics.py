@@ -124,6 +124,53 @@ class Snapshots:
                             group=self.group, extra=dict(extra))
 
 
+class Liveness:
+    """A consumer's health judged by what it does, not by being up: its loop turns, it holds
+    partitions, and when records wait on them it reads some. ``problems()`` is empty when all is
+    well; each problem that lasted ``stall_after_s`` is one sentence for ``/healthz`` (HTTP 503).
+
+    Why: a classifier evicted from its group kept its poll loop turning and said "ok" for minutes
+    while no frame was answered (the Production Kafka issue); being alive is not making progress.
+    The classifier and every processor worker use this one judge.
+    """
+
+    def __init__(self, stall_after_s: float, clock=time.monotonic):
+        self.stall_after_s = stall_after_s
+        self.clock = clock
+        self.last_turn = self.last_record = self.unassigned_since = clock()
+        self.assigned = False
+
+    def turned(self) -> None:
+        """The loop went round once."""
+        self.last_turn = self.clock()
+
+    def read(self) -> None:
+        """A record was read."""
+        self.last_record = self.clock()
+
+    def holds(self, partitions: int) -> None:
+        """The consumer holds ``partitions`` now (called on every assignment change, or periodically)."""
+        if partitions and not self.assigned:
+            self.last_record = self.clock()  # a fresh assignment has had no time to read yet
+        elif not partitions and self.assigned:
+            self.unassigned_since = self.clock()
+        self.assigned = bool(partitions)
+
+    def seconds_since_record(self) -> float:
+        return self.clock() - self.last_record
+
+    def problems(self, waiting: int) -> list[str]:
+        """``waiting``: records on the held partitions not read yet (the consumer's lag)."""
+        now, out = self.clock(), []
+        if now - self.last_turn > self.stall_after_s:
+            out.append(f"loop has not turned for {now - self.last_turn:.0f}s")
+        if waiting and now - self.last_record > self.stall_after_s:
+            out.append(f"{waiting} records wait on assigned partitions, none read for {now - self.last_record:.0f}s")
+        if not self.assigned and now - self.unassigned_since > self.stall_after_s:
+            out.append(f"no partition assigned for {now - self.unassigned_since:.0f}s (evicted, not rejoining?)")
+        return out
+
+
 def observe_gc_pauses(metrics: Metrics, log_over_s: float = 0.05):
     """Time every run of this process's garbage collector into ``gc_pause_seconds{generation}``
     (and ``gc_pause_max_seconds``); a pause longer than ``log_over_s`` is also logged, since it
