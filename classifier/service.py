@@ -78,6 +78,11 @@ class ClassifierService:
         self._stop_requested = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="classifier-cpu")
+        # Model checks read the models topic (kafka-python) in a thread of their own, and the loop
+        # never waits for one: a check that hit a frozen models leader held the loop and the cpu
+        # thread, so no tile was classified, for the 22 s it took (py-spy, hung-broker fault test).
+        self._models_io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="classifier-models")
+        self._model_check: asyncio.Future | None = None
         self._busy = asyncio.Lock()
         self._unseeded: set[int] = set()
         self._answered: AnsweredFrames | None = None
@@ -134,7 +139,20 @@ class ClassifierService:
             if self._answered is not None:
                 self._answered.close()
             if self.models is not None:
-                self.models.close()
+                await self._close_models()
+
+    async def _close_models(self) -> None:
+        """Close the watcher, unless a check still reads with it (a hung broker): that thread ends
+        with its read budget and the process; stopping the service does not wait for it."""
+        check = self._model_check
+        if check is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(check), 5.0)
+            except Exception:  # noqa: BLE001 - a failed or stuck check: nothing left to report
+                pass
+        if check is None or check.done():
+            self.models.close()
+        self._models_io.shutdown(wait=False, cancel_futures=True)
 
     async def _loop_until_stopped(self, consumer, producer) -> None:
         loop = asyncio.get_running_loop()
@@ -254,16 +272,27 @@ class ClassifierService:
     async def _maybe_swap_model(self, loop, producer) -> None:
         """Between two batches: switch to a newer published model (same features only).
 
-        A refused model record (unsigned, bad signature, unknown key, outside the allow-list...)
-        never replaces the running model: it is counted, logged and dead-lettered (reason
-        ``model_refused``, the record's first 4 KiB as original).
+        The check itself (:meth:`ModelWatcher.poll`) runs in its own thread, started by one call
+        and collected by a later one, so a slow read of the models topic delays a model swap,
+        never a tile. A refused model record (unsigned, bad signature, unknown key, outside the
+        allow-list...) never replaces the running model: it is counted, logged and dead-lettered
+        (reason ``model_refused``, the record's first 4 KiB as original). A check that fails to
+        read (a broker away or hung) is counted in ``model_checks_failed_total`` and made again.
         """
+        check = self._model_check
+        if check is None:
+            self._model_check = loop.run_in_executor(self._models_io, self.models.poll)
+            return
+        if not check.done():
+            return  # still reading; the loop goes on
+        self._model_check = None
         try:
-            model = await loop.run_in_executor(self._cpu, self.models.poll)
+            model = check.result()
         except Exception as exc:  # noqa: BLE001 - keep serving the current model
             model = None
-            self.metrics.inc("models_refused_total")
-            log.error(json.dumps({"event": "model_refused", "version": self.models.version, "error": str(exc)}))
+            self.metrics.inc("model_checks_failed_total")
+            log.warning(json.dumps({"event": "model_check_failed", "version": self.models.version,
+                                    "error": f"{type(exc).__name__}: {exc}"}))
         letters = []
         for r in self.models.take_refusals():
             self.metrics.inc("models_refused_total")
@@ -287,7 +316,9 @@ class ClassifierService:
             high = consumer.highwater(tp)
             if high is not None:
                 try:
-                    lag[tp.partition] = max(0, high - await consumer.position(tp))
+                    # Bounded: position() waits for an offset reset when the position is unknown,
+                    # and a reset asks the partition's leader, which may be the node that hangs.
+                    lag[tp.partition] = max(0, high - await asyncio.wait_for(consumer.position(tp), 1.0))
                 except Exception:  # noqa: BLE001 - a partition being revoked right now has no position
                     pass
         self.lag = lag

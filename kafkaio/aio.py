@@ -31,6 +31,25 @@ GROUP_TIMING = {"session_timeout_ms": 10000, "heartbeat_interval_ms": 3000, "max
 # 10 s per client. Faust takes it as ``consumer/producer_metadata_max_age_ms``.
 METADATA_MAX_AGE_MS = 10000
 
+# Request timeout of aiokafka consumers (aiokafka's default 40 s; Faust passes its own
+# ``broker_request_timeout``, 90 s). A hung node's kernel accepts the request and nothing answers
+# it, and aiokafka 0.14 judges its coordinator only when a heartbeat *returns*
+# (group_coordinator.py ``_heartbeat_routine``: the session-expired check runs after
+# ``_do_heartbeat``), unlike the Java client which gives up on the coordinator when the session
+# timeout passes. So a member whose coordinator froze sat in one heartbeat for the whole request
+# timeout; meanwhile the new coordinator (KRaft fences the frozen node after 9 s and moves its
+# ``__consumer_offsets`` partitions) expired the silent member after session_timeout_ms, and the
+# member only learnt it after the freeze: a rebalance that began 30-90 s after the fault. 10 s
+# (the session timeout; Faust refuses a request timeout below it): the heartbeat fails ~10-13 s
+# after the freeze, the member finds the new coordinator before that one expires it (it starts
+# the session clock when it loads the group, ~10 s in), and no rebalance happens at all. Fetches
+# and ListOffsets pinned to the frozen leader also give up after 10 s and move to the new leader.
+# The price: a JoinGroup that waits more than 10 s for the other members is sent again (the
+# broker keeps the member's place; log noise, no second rebalance). Producers keep their
+# defaults: a produce request that times out is a batch that may be on the log, and resending it
+# above the idempotent producer would write it twice.
+CONSUMER_REQUEST_TIMEOUT_MS = 10000
+
 
 def group_consumer(where: Connection | str, group_id: str, client_id: str, **overrides: Any):
     """An aiokafka consumer in ``group_id`` with manual commits, starting at the earliest offset."""
@@ -38,7 +57,7 @@ def group_consumer(where: Connection | str, group_id: str, client_id: str, **ove
 
     kw = {**connection(where).client_kwargs(), "group_id": group_id, "client_id": client_id,
           "enable_auto_commit": False, "auto_offset_reset": "earliest", "metadata_max_age_ms": METADATA_MAX_AGE_MS,
-          **GROUP_TIMING, **overrides}
+          "request_timeout_ms": CONSUMER_REQUEST_TIMEOUT_MS, **GROUP_TIMING, **overrides}
     return AIOKafkaConsumer(**kw)
 
 
@@ -47,7 +66,8 @@ def reader(where: Connection | str, client_id: str, **overrides: Any):
     from aiokafka import AIOKafkaConsumer
 
     return AIOKafkaConsumer(**connection(where).client_kwargs(), group_id=None, enable_auto_commit=False,
-                            client_id=client_id, **{"metadata_max_age_ms": METADATA_MAX_AGE_MS, **overrides})
+                            client_id=client_id, **{"metadata_max_age_ms": METADATA_MAX_AGE_MS,
+                                                            "request_timeout_ms": CONSUMER_REQUEST_TIMEOUT_MS, **overrides})
 
 
 def producer(where: Connection | str, client_id: str, profile: str = "stage", **overrides: Any):
