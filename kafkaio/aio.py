@@ -45,10 +45,19 @@ METADATA_MAX_AGE_MS = 10000
 # the session clock when it loads the group, ~10 s in), and no rebalance happens at all. Fetches
 # and ListOffsets pinned to the frozen leader also give up after 10 s and move to the new leader.
 # The price: a JoinGroup that waits more than 10 s for the other members is sent again (the
-# broker keeps the member's place; log noise, no second rebalance). Producers keep their
-# defaults: a produce request that times out is a batch that may be on the log, and resending it
-# above the idempotent producer would write it twice.
+# broker keeps the member's place; log noise, no second rebalance).
 CONSUMER_REQUEST_TIMEOUT_MS = 10000
+
+# Request timeout of the idempotent aiokafka producers (the classifier's; Faust's through
+# stream_processor.transport). A produce request to a hung leader waited for aiokafka's 40 s (and
+# Faust's 20 min), i.e. for the node to come back: the classifier awaits every result's
+# acknowledgement before it reads on, so one result batch for a partition of the frozen node
+# stopped it for the whole 30 s freeze (no result from the fault to SIGCONT). At 10 s the
+# request is given up and the batch is sent again to the new leader. Only for idempotent
+# producers: aiokafka then never expires a batch and the broker drops a copy it already has, so
+# a timed-out request that did land is not written twice (a non-idempotent batch older than the
+# timeout is failed instead).
+PRODUCER_REQUEST_TIMEOUT_MS = 10000
 
 
 def group_consumer(where: Connection | str, group_id: str, client_id: str, **overrides: Any):
@@ -76,6 +85,8 @@ def producer(where: Connection | str, client_id: str, profile: str = "stage", **
 
     kw = {**connection(where).client_kwargs(), **PROFILES[profile], "client_id": client_id,
           "metadata_max_age_ms": METADATA_MAX_AGE_MS, **overrides}
+    if kw.get("enable_idempotence"):
+        kw.setdefault("request_timeout_ms", PRODUCER_REQUEST_TIMEOUT_MS)
     if "batch_size" in kw:  # aiokafka's name for it
         kw["max_batch_size"] = kw.pop("batch_size")
     return AIOKafkaProducer(**kw)

@@ -1,4 +1,5 @@
-"""Our Faust transport: aiokafka's, with a Consumer that refuses acks of skipped messages.
+"""Our Faust transport: aiokafka's, with a Consumer that refuses acks of skipped messages and an
+idempotent Producer.
 
 Plugged in through Faust's own extension point (``Transport.Consumer``; the app's
 ``transport`` is set to :class:`Transport` in :func:`stream_processor.app.create_app`),
@@ -38,8 +39,26 @@ class GuardedConsumer(faust_aiokafka.Consumer):
         return super().ack(message)
 
 
+class IdempotentProducer(faust_aiokafka.Producer):
+    """Faust's producer with ``enable_idempotence`` (Faust sets it only inside transactions).
+
+    Why: a produce request to a hung leader is answered by nothing but the request timeout, and
+    with Faust's 20-minute one the producer waited for the node to come back: its commit (which
+    flushes the producer first) hung 31 s, the whole 30 s freeze, and the processor stalled
+    behind it (hung-broker fault test). A shorter request timeout alone would lose records:
+    aiokafka fails a batch of a non-idempotent producer once it is older than the request
+    timeout, and Faust commits past a failed send. An idempotent aiokafka producer never expires
+    a batch: it retries it, with the same sequence numbers, at the partition's new leader, and the
+    broker drops a copy it already has (``aiokafka/producer/sender.py`` ``_can_retry``).
+    """
+
+    def _settings_extra(self):  # type: ignore[no-untyped-def]
+        return {"acks": "all", "enable_idempotence": True, **super()._settings_extra()}
+
+
 class Transport(faust_aiokafka.Transport):
     Consumer = GuardedConsumer
+    Producer = IdempotentProducer
 
 
 def install(app) -> Transport:
