@@ -35,24 +35,24 @@ METADATA_MAX_AGE_MS = 10000
 # ``broker_request_timeout``, 90 s). A hung node's kernel accepts the request and nothing answers
 # it, and aiokafka 0.14 judges its coordinator only when a heartbeat *returns*
 # (group_coordinator.py ``_heartbeat_routine``: the session-expired check runs after
-# ``_do_heartbeat``), unlike the Java client which gives up on the coordinator when the session
-# timeout passes. So a member whose coordinator froze sat in one heartbeat for the whole request
-# timeout; meanwhile the new coordinator (KRaft fences the frozen node after 9 s and moves its
-# ``__consumer_offsets`` partitions) expired the silent member after session_timeout_ms, and the
-# member only learnt it after the freeze: a rebalance that began 30-90 s after the fault. 10 s
-# (the session timeout; Faust refuses a request timeout below it): the heartbeat fails ~10-13 s
-# after the freeze, the member finds the new coordinator before that one expires it (it starts
-# the session clock when it loads the group, ~10 s in), and no rebalance happens at all. Fetches
-# and ListOffsets pinned to the frozen leader also give up after 10 s and move to the new leader.
-# The price: a JoinGroup that waits more than 10 s for the other members is sent again (the
-# broker keeps the member's place; log noise, no second rebalance).
+# ``_do_heartbeat``), unlike the Java client, which gives up on the coordinator when the session
+# timeout passes. A connection attempt to the hung node also waits out this timeout, holding the
+# client's connection lock (client.py ``_get_conn``), and FindCoordinator goes to a random node.
+# With Faust's 90 s the processor whose coordinator froze marked it dead 0.5 s after SIGCONT,
+# i.e. after the whole 30 s freeze; with 10 s, 12 s after the fault (hung-broker fault test).
+# 10 s (= the session timeout; Faust refuses a request timeout below it): a heartbeat,
+# commit, fetch or ListOffsets pinned to the frozen node fails after 10 s and the client moves on
+# to the new coordinator or leader (KRaft fences the silent node after 9 s); at worst the new
+# coordinator has expired the member and it rejoins: one rebalance. The price: a JoinGroup that
+# waits more than 10 s for the other members is sent again (the broker keeps the member's place).
 CONSUMER_REQUEST_TIMEOUT_MS = 10000
 
 # Request timeout of the idempotent aiokafka producers (the classifier's; Faust's through
 # stream_processor.transport). A produce request to a hung leader waited for aiokafka's 40 s (and
 # Faust's 20 min), i.e. for the node to come back: the classifier awaits every result's
 # acknowledgement before it reads on, so one result batch for a partition of the frozen node
-# stopped it for the whole 30 s freeze (no result from the fault to SIGCONT). At 10 s the
+# stopped it for the whole 30 s freeze (no result from the fault to SIGCONT: 30.3 s), and Faust's
+# commit, which flushes its producer first, hung 31 s. At 10 s the
 # request is given up and the batch is sent again to the new leader. Only for idempotent
 # producers: aiokafka then never expires a batch and the broker drops a copy it already has, so
 # a timed-out request that did land is not written twice (a non-idempotent batch older than the

@@ -24,7 +24,13 @@ de-duplication absorbs.
 
 from __future__ import annotations
 
+import logging
+
+from aiokafka.errors import KafkaTimeoutError
+from faust.exceptions import ProducerSendError
 from faust.transport.drivers import aiokafka as faust_aiokafka
+
+log = logging.getLogger("tilestream.processor")
 
 
 class GuardedConsumer(faust_aiokafka.Consumer):
@@ -40,6 +46,8 @@ class GuardedConsumer(faust_aiokafka.Consumer):
 
 
 class IdempotentProducer(faust_aiokafka.Producer):
+    requeued = 0  # records queued again by send() (see there)
+
     """Faust's producer with ``enable_idempotence`` (Faust sets it only inside transactions).
 
     Why: a produce request to a hung leader is answered by nothing but the request timeout, and
@@ -54,6 +62,25 @@ class IdempotentProducer(faust_aiokafka.Producer):
 
     def _settings_extra(self):  # type: ignore[no-untyped-def]
         return {"acks": "all", "enable_idempotence": True, **super()._settings_extra()}
+
+    async def send(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        """Faust's send, which waits (again) instead of failing when the record could not be
+        *queued* within the request timeout: aiokafka raises KafkaTimeoutError from
+        ``send()`` only before the record is appended (a full batch of a partition whose
+        request is still out to a hung leader, or no metadata for the topic), so queueing it
+        again cannot write it twice. With the 20-minute timeout this wait was simply longer;
+        with 10 s it surfaced as ProducerSendError in the agent, which lost the frame's ack."""
+        while True:
+            try:
+                return await super().send(*args, **kwargs)
+            except ProducerSendError as exc:
+                if not isinstance(exc.__cause__, KafkaTimeoutError) or self._closed_for_send():
+                    raise
+                self.requeued += 1
+                log.warning("producer: record not queued within the request timeout (a hung leader?); queueing again")
+
+    def _closed_for_send(self) -> bool:
+        return bool(getattr(self, "_shutdown_initiated", False) or self.should_stop)
 
 
 class Transport(faust_aiokafka.Transport):
