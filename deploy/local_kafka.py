@@ -774,17 +774,31 @@ class LocalKafka:
             raise KafkaError(f"node {node_id} did not come up; see {node.log_path}")
         return info
 
-    def partition_state(self, topic: str, partition: int) -> dict:
-        """``{"leader": id, "replicas": [...], "isr": [...]}`` from the cluster's metadata."""
-        admin = self._admin()
-        try:
-            for t in admin.describe_topics([topic]):
-                for p in t["partitions"]:
-                    if p["partition_index"] == partition:
-                        return {"leader": p["leader_id"], "replicas": list(p["replica_nodes"]), "isr": list(p["isr_nodes"])}
-        finally:
-            admin.close()
-        raise KafkaError(f"no partition {topic}-{partition}")
+    def partition_state(self, topic: str, partition: int, timeout_s: float = 15.0) -> dict:
+        """``{"leader": id, "replicas": [...], "isr": [...]}`` from the cluster's metadata.
+
+        Each KRaft broker applies the metadata log at its own pace, so a topic created a moment
+        ago can be missing from the answer of the node asked while another node already knew it
+        (a clean-clone run with a busy core failed "no partition durable-stop-0" right after
+        the same call had answered): asked again, with a new client, until ``timeout_s``."""
+        from kafka.errors import UnknownTopicOrPartitionError
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            admin = self._admin()
+            try:
+                for t in admin.describe_topics([topic]):
+                    for p in t["partitions"]:
+                        if p["partition_index"] == partition:
+                            return {"leader": p["leader_id"], "replicas": list(p["replica_nodes"]),
+                                    "isr": list(p["isr_nodes"])}
+            except UnknownTopicOrPartitionError:
+                pass
+            finally:
+                admin.close()
+            if time.monotonic() > deadline:
+                raise KafkaError(f"no partition {topic}-{partition}")
+            time.sleep(0.2)
 
     def leader_of(self, topic: str, partition: int) -> int:
         """The node id leading ``topic``-``partition`` (-1 while it has none)."""
