@@ -38,7 +38,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import CommitFailedError, IllegalStateError
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from aiokafka.structs import TopicPartition
 
 from kafkaio import Connection, aio, connection
@@ -53,6 +53,9 @@ from classifier.stage import FrameClassifier, Output
 log = logging.getLogger("tilestream.classifier")
 
 SEND_ATTEMPTS = 3
+# How long a revocation or the shutdown waits for a commit still out before committing again: one
+# consumer request timeout (kafkaio.aio.CONSUMER_REQUEST_TIMEOUT_MS).
+CONSUMER_WAIT_S = 10.0
 
 
 class SendFailed(RuntimeError):
@@ -83,6 +86,7 @@ class ClassifierService:
         # thread, so no tile was classified, for the 22 s it took (py-spy, hung-broker fault test).
         self._models_io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="classifier-models")
         self._model_check: asyncio.Future | None = None
+        self._commit_task: asyncio.Task | None = None
         self._busy = asyncio.Lock()
         self._unseeded: set[int] = set()
         self._answered: AnsweredFrames | None = None
@@ -131,7 +135,7 @@ class ClassifierService:
             consumer.subscribe([topics.TILE_FEATURES], listener=_Listener(self, consumer, producer))
             await self._loop_until_stopped(consumer, producer)
             async with self._busy:
-                await self._commit(consumer, producer)
+                await self._commit(consumer, producer, wait=True)
         finally:
             await consumer.stop()  # leaves the group: the partitions move at once, not after the session timeout
             await producer.stop()
@@ -211,19 +215,42 @@ class ClassifierService:
             raise SendFailed(f"{len(todo)} records could not be sent after {SEND_ATTEMPTS} attempts; "
                              "nothing past them was committed")
 
-    async def _commit(self, consumer, producer) -> None:
-        """Commit what is safe to commit. A commit refused because the group is rebalancing is
-        not an error: the revocation callback commits again, and at worst tiles are re-read."""
+    async def _commit(self, consumer, producer, wait: bool = False) -> None:
+        """Commit what is safe to commit: every result and dead letter was acknowledged in
+        :meth:`_send` before this is called, so the offsets never run ahead of them.
+
+        In the loop (``wait`` false) the commit runs as a task of its own and the loop goes on;
+        while one is still out, the next call skips (the one after carries the newer offsets).
+        Why: a commit waits for the group coordinator to be known, and with a broker hung aiokafka
+        can take until the node is back to find it (FindCoordinator goes to a random node, and a
+        connection attempt to the hung one holds the client's connection lock for the request
+        timeout): an awaited commit held the loop, and every result, for the whole 30 s freeze
+        while the fetches and sends had long moved to the new leaders (hung-broker fault test). A
+        commit that has not happened only means tiles re-read after a rebalance, which the
+        read-back of answered frames absorbs. On revocation and at the end (``wait``) the commit
+        is awaited, after the one still out. A commit refused because the group is rebalancing is
+        not an error: the revocation callback commits again."""
         offsets = {TopicPartition(topics.TILE_FEATURES, p): o
                    for p, o in self.classifier.assembler.committable().items() if p in self.assigned}
-        if not offsets:
+        pending = self._commit_task
+        if not wait:
+            if offsets and (pending is None or pending.done()):
+                self._commit_task = asyncio.ensure_future(self._commit_offsets(consumer, offsets))
             return
-        await producer.flush()
+        if pending is not None and not pending.done():
+            await asyncio.wait([pending], timeout=CONSUMER_WAIT_S)
+        if offsets:
+            await self._commit_offsets(consumer, offsets)
+
+    async def _commit_offsets(self, consumer, offsets: dict) -> None:
         try:
             await consumer.commit(offsets)
         except (CommitFailedError, IllegalStateError) as exc:
             self.metrics.inc("commit_refused_total")
             log.info(json.dumps({"event": "commit_refused", "error": f"{type(exc).__name__}: {exc}"}))
+        except KafkaError as exc:  # coordinator away: the next commit carries these offsets too
+            self.metrics.inc("commit_failed_total")
+            log.warning(json.dumps({"event": "commit_failed", "error": f"{type(exc).__name__}: {exc}"}))
 
     def _seed_dedup(self, first_tile_ms: int) -> None:
         """Remember the frames already answered since ``first_tile_ms - margin``.
@@ -361,7 +388,7 @@ class _Listener(ConsumerRebalanceListener):
         svc = self.svc
         async with svc._busy:  # the batch in hand is finished, sent and committed first
             try:
-                await svc._commit(self.consumer, self.producer)
+                await svc._commit(self.consumer, self.producer, wait=True)
             except Exception as exc:  # noqa: BLE001 - the new owner re-reads from the last commit
                 log.warning(json.dumps({"event": "commit_on_revoke_failed", "error": f"{type(exc).__name__}: {exc}"}))
             gone = {tp.partition for tp in revoked}
