@@ -132,8 +132,9 @@ class RangeReader:
 
         Raises ``TimeoutError`` when no record came for ``stall_ms`` while the end is not reached:
         a fetch from a leader that hung loops here until the client's metadata moves on, which
-        kafka-python 3.0.12 did not always do (the classifier's model check sat in this loop for
-        the whole 30 s freeze of the models leader, and its loop with it). The caller reads again,
+        kafka-python 3.0.12 did not always do (with 5-minute-old metadata, see
+        METADATA_MAX_AGE_MS; the classifier's model check, then on its loop, held it 22 s in a
+        read of the models topic whose leader was frozen, py-spy). The caller reads again,
         with a fresh reader that continues at ``next_offsets`` (:meth:`read_from`). A long read
         that progresses (a big topic on a slow machine) never times out."""
         c = self.consumer

@@ -383,9 +383,10 @@ class MarksFollower:
 
     A read that fails or stalls (``read_timeout_s`` without a record before the end offsets: a
     frozen leader) drops the client, and the next call reads with a fresh one that continues at
-    the offsets already read (nothing is read twice, nothing skipped). The old client was kept:
-    a kafka-python consumer whose requests hung on a node kept failing long after the node was
-    back, and every attempt held the processor's marks lock for the whole 60 s budget it had then.
+    the offsets already read (nothing is read twice, nothing skipped). The old client was kept,
+    and a kafka-python consumer whose requests hung on a node could keep failing long after the
+    node was back (the classifier's read-back client did: 60 s per lookup, three in a row), each
+    attempt holding the processor's marks lock, which a rebalance waits for, for its 60 s budget.
     20 s: fencing of the frozen node (9 s) + one request timeout (10 s).
     """
 
