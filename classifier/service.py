@@ -38,7 +38,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError, KafkaTimeoutError
 from aiokafka.structs import TopicPartition
 
 from kafkaio import Connection, aio, connection
@@ -201,7 +201,7 @@ class ClassifierService:
         for attempt in range(1, SEND_ATTEMPTS + 1):
             if not todo:
                 return
-            futures = [await producer.send(o.topic, value=o.value, key=o.key) for o in todo]
+            futures = [await self._enqueue(producer, o) for o in todo]
             done = await asyncio.gather(*futures, return_exceptions=True)
             failed = [(o, r) for o, r in zip(todo, done) if isinstance(r, BaseException)]
             for o, err in failed:
@@ -214,6 +214,24 @@ class ClassifierService:
         if todo:
             raise SendFailed(f"{len(todo)} records could not be sent after {SEND_ATTEMPTS} attempts; "
                              "nothing past them was committed")
+
+    async def _enqueue(self, producer, o: Output):
+        """``producer.send``, queued again while aiokafka cannot queue it within its request timeout.
+
+        aiokafka raises KafkaTimeoutError from ``send()`` only *before* the record is appended
+        (the partition's batch is full while its request is still out to a leader that hung or
+        died, or the topic has no metadata yet), so queueing it again cannot write it twice. With
+        the 10 s request timeout (kafkaio.aio.PRODUCER_REQUEST_TIMEOUT_MS; it was 40 s) that
+        exception ended the service in a controller-kill fault run ("classifier exited with code
+        1"); waiting is what the longer timeout did, without the exit."""
+        while True:
+            try:
+                return await producer.send(o.topic, value=o.value, key=o.key)
+            except KafkaTimeoutError:
+                if self._stop_requested:
+                    raise
+                self.metrics.inc("send_requeued_total", topic=o.topic)
+                log.warning(json.dumps({"event": "send_requeued", "topic": o.topic}))
 
     async def _commit(self, consumer, producer, wait: bool = False) -> None:
         """Commit what is safe to commit: every result and dead letter was acknowledged in
@@ -374,8 +392,12 @@ class ClassifierService:
                    "assigned_partitions": sorted(self.assigned)},
         )
         self._last_results = results
-        # Metrics are best effort: a lost snapshot is replaced by the next one, never retried.
-        await producer.send(topics.METRICS, key=f"classifier/{self.instance}".encode(), value=snap.to_json())
+        # Metrics are best effort: a lost snapshot is replaced by the next one, never retried (also
+        # one aiokafka could not queue within its request timeout, a partition's leader away).
+        try:
+            await producer.send(topics.METRICS, key=f"classifier/{self.instance}".encode(), value=snap.to_json())
+        except KafkaTimeoutError:
+            self.metrics.inc("metrics_dropped_total")
 
 
 class _Listener(ConsumerRebalanceListener):
