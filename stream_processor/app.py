@@ -93,7 +93,7 @@ def create_app(settings: Settings, where: Connection | str, datadir: Path, web_p
         broker_commit_every=100,
         broker_commit_interval=1.0,
         broker_session_timeout=ps.session_timeout_s,
-        # Not Faust's 90 s: a heartbeat to a hung coordinator must fail before the new one expires us
+        # Not Faust's 90 s: a heartbeat or commit to a hung coordinator gives up after 10 s, not at SIGCONT
         # (kafkaio.aio.CONSUMER_REQUEST_TIMEOUT_MS); Faust refuses one below the session timeout.
         broker_request_timeout=max(ps.session_timeout_s, aio.CONSUMER_REQUEST_TIMEOUT_MS / 1000),
         producer_request_timeout=aio.PRODUCER_REQUEST_TIMEOUT_MS / 1000,  # idempotent: see transport.py
