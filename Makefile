@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: setup browser rtsp demo test test-faults bench kafka-start kafka-stop clean
+.PHONY: setup browser rtsp demo test bench kafka-start kafka-stop clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,10 +37,6 @@ demo: setup
 test: setup
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
-
-# The broker fault runs left out of `make test` (README "Broker faults").
-test-faults: setup
-	$(BIN)/python -m pytest -m slow_fault -s tests/test_cluster_faults.py tests/test_kafka_cluster.py
 
 BENCH_STAMP := $(VENV)/.bench-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 

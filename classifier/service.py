@@ -38,7 +38,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import CommitFailedError, IllegalStateError
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError, KafkaTimeoutError
 from aiokafka.structs import TopicPartition
 
 from kafkaio import Connection, aio, connection
@@ -54,6 +54,9 @@ from classifier.stage import FrameClassifier, Output
 log = logging.getLogger("tilestream.classifier")
 
 SEND_ATTEMPTS = 3
+# How long a revocation or the shutdown waits for a commit still out before committing again: one
+# consumer request timeout (kafkaio.aio.CONSUMER_REQUEST_TIMEOUT_MS).
+CONSUMER_WAIT_S = 10.0
 
 
 class SendFailed(TilestreamError, RuntimeError):
@@ -80,6 +83,12 @@ class ClassifierService:
         self._stop_requested = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="classifier-cpu")
+        # Model checks read the models topic (kafka-python) in a thread of their own, and the loop
+        # never waits for one: a check that hit a frozen models leader held the loop and the cpu
+        # thread, so no tile was classified, for the 22 s it took (py-spy, hung-broker fault test).
+        self._models_io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="classifier-models")
+        self._model_check: asyncio.Future | None = None
+        self._commit_task: asyncio.Task | None = None
         self._busy = asyncio.Lock()
         self._unseeded: set[int] = set()
         self._answered: AnsweredFrames | None = None
@@ -129,7 +138,7 @@ class ClassifierService:
             consumer.subscribe([topics.TILE_FEATURES], listener=_Listener(self, consumer, producer))
             await self._loop_until_stopped(consumer, producer)
             async with self._busy:
-                await self._commit(consumer, producer)
+                await self._commit(consumer, producer, wait=True)
         finally:
             await consumer.stop()  # leaves the group: the partitions move at once, not after the session timeout
             await producer.stop()
@@ -137,7 +146,20 @@ class ClassifierService:
             if self._answered is not None:
                 self._answered.close()
             if self.models is not None:
-                self.models.close()
+                await self._close_models()
+
+    async def _close_models(self) -> None:
+        """Close the watcher, unless a check still reads with it (a hung broker): that thread ends
+        with its read budget and the process; stopping the service does not wait for it."""
+        check = self._model_check
+        if check is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(check), 5.0)
+            except Exception:  # noqa: BLE001 - a failed or stuck check: nothing left to report
+                pass
+        if check is None or check.done():
+            self.models.close()
+        self._models_io.shutdown(wait=False, cancel_futures=True)
 
     async def _loop_until_stopped(self, consumer, producer) -> None:
         loop = asyncio.get_running_loop()
@@ -182,7 +204,7 @@ class ClassifierService:
         for attempt in range(1, SEND_ATTEMPTS + 1):
             if not todo:
                 return
-            futures = [await producer.send(o.topic, value=o.value, key=o.key) for o in todo]
+            futures = [await self._enqueue(producer, o) for o in todo]
             done = await asyncio.gather(*futures, return_exceptions=True)
             failed = [(o, r) for o, r in zip(todo, done) if isinstance(r, BaseException)]
             for o, err in failed:
@@ -196,19 +218,60 @@ class ClassifierService:
             raise SendFailed(f"{len(todo)} records could not be sent after {SEND_ATTEMPTS} attempts; "
                              "nothing past them was committed")
 
-    async def _commit(self, consumer, producer) -> None:
-        """Commit what is safe to commit. A commit refused because the group is rebalancing is
-        not an error: the revocation callback commits again, and at worst tiles are re-read."""
+    async def _enqueue(self, producer, o: Output):
+        """``producer.send``, queued again while aiokafka cannot queue it within its request timeout.
+
+        aiokafka raises KafkaTimeoutError from ``send()`` only *before* the record is appended
+        (the partition's batch is full while its request is still out to a leader that hung or
+        died, or the topic has no metadata yet), so queueing it again cannot write it twice. With
+        the 10 s request timeout (kafkaio.aio.PRODUCER_REQUEST_TIMEOUT_MS; it was 40 s) that
+        exception ended the service in a controller-kill fault run ("classifier exited with code
+        1"); waiting is what the longer timeout did, without the exit."""
+        while True:
+            try:
+                return await producer.send(o.topic, value=o.value, key=o.key)
+            except KafkaTimeoutError:
+                if self._stop_requested:
+                    raise
+                self.metrics.inc("send_requeued_total", topic=o.topic)
+                log.warning(json.dumps({"event": "send_requeued", "topic": o.topic}))
+
+    async def _commit(self, consumer, producer, wait: bool = False) -> None:
+        """Commit what is safe to commit: every result and dead letter was acknowledged in
+        :meth:`_send` before this is called, so the offsets never run ahead of them.
+
+        In the loop (``wait`` false) the commit runs as a task of its own and the loop goes on;
+        while one is still out, the next call skips (the one after carries the newer offsets).
+        Why: a commit waits for the group coordinator to be known, and with a broker hung aiokafka
+        can take until the node is back to find it (FindCoordinator goes to a random node, and a
+        connection attempt to the hung one holds the client's connection lock for the request
+        timeout): an awaited commit held the loop, and every result, for the whole 30 s freeze
+        while the fetches and sends had long moved to the new leaders (hung-broker fault test). A
+        commit that has not happened only means tiles re-read after a rebalance, which the
+        read-back of answered frames absorbs. On revocation and at the end (``wait``) the commit
+        is awaited, after the one still out. A commit refused because the group is rebalancing is
+        not an error: the revocation callback commits again."""
         offsets = {TopicPartition(topics.TILE_FEATURES, p): o
                    for p, o in self.classifier.assembler.committable().items() if p in self.assigned}
-        if not offsets:
+        pending = self._commit_task
+        if not wait:
+            if offsets and (pending is None or pending.done()):
+                self._commit_task = asyncio.ensure_future(self._commit_offsets(consumer, offsets))
             return
-        await producer.flush()
+        if pending is not None and not pending.done():
+            await asyncio.wait([pending], timeout=CONSUMER_WAIT_S)
+        if offsets:
+            await self._commit_offsets(consumer, offsets)
+
+    async def _commit_offsets(self, consumer, offsets: dict) -> None:
         try:
             await consumer.commit(offsets)
         except (CommitFailedError, IllegalStateError) as exc:
             self.metrics.inc("commit_refused_total")
             log.info(json.dumps({"event": "commit_refused", "error": f"{type(exc).__name__}: {exc}"}))
+        except KafkaError as exc:  # coordinator away: the next commit carries these offsets too
+            self.metrics.inc("commit_failed_total")
+            log.warning(json.dumps({"event": "commit_failed", "error": f"{type(exc).__name__}: {exc}"}))
 
     def _seed_dedup(self, first_tile_ms: int) -> None:
         """Remember the frames already answered since ``first_tile_ms - margin``.
@@ -257,16 +320,27 @@ class ClassifierService:
     async def _maybe_swap_model(self, loop, producer) -> None:
         """Between two batches: switch to a newer published model (same features only).
 
-        A refused model record (unsigned, bad signature, unknown key, outside the allow-list...)
-        never replaces the running model: it is counted, logged and dead-lettered (reason
-        ``model_refused``, the record's first 4 KiB as original).
+        The check itself (:meth:`ModelWatcher.poll`) runs in its own thread, started by one call
+        and collected by a later one, so a slow read of the models topic delays a model swap,
+        never a tile. A refused model record (unsigned, bad signature, unknown key, outside the
+        allow-list...) never replaces the running model: it is counted, logged and dead-lettered
+        (reason ``model_refused``, the record's first 4 KiB as original). A check that fails to
+        read (a broker away or hung) is counted in ``model_checks_failed_total`` and made again.
         """
+        check = self._model_check
+        if check is None:
+            self._model_check = loop.run_in_executor(self._models_io, self.models.poll)
+            return
+        if not check.done():
+            return  # still reading; the loop goes on
+        self._model_check = None
         try:
-            model = await loop.run_in_executor(self._cpu, self.models.poll)
+            model = check.result()
         except Exception as exc:  # noqa: BLE001 - keep serving the current model
             model = None
-            self.metrics.inc("models_refused_total")
-            log.error(json.dumps({"event": "model_refused", "version": self.models.version, "error": str(exc)}))
+            self.metrics.inc("model_checks_failed_total")
+            log.warning(json.dumps({"event": "model_check_failed", "version": self.models.version,
+                                    "error": f"{type(exc).__name__}: {exc}"}))
         letters = []
         for r in self.models.take_refusals():
             self.metrics.inc("models_refused_total")
@@ -290,7 +364,9 @@ class ClassifierService:
             high = consumer.highwater(tp)
             if high is not None:
                 try:
-                    lag[tp.partition] = max(0, high - await consumer.position(tp))
+                    # Bounded: position() waits for an offset reset when the position is unknown,
+                    # and a reset asks the partition's leader, which may be the node that hangs.
+                    lag[tp.partition] = max(0, high - await asyncio.wait_for(consumer.position(tp), 1.0))
                 except Exception:  # noqa: BLE001 - a partition being revoked right now has no position
                     pass
         self.lag = lag
@@ -311,8 +387,12 @@ class ClassifierService:
             {"model_id": model.model_id, "model_version": model.version,
              "pending_frames": len(self.classifier.assembler.pending), "assigned_partitions": sorted(self.assigned)},
             dt=dt)
-        # Metrics are best effort: a lost snapshot is replaced by the next one, never retried.
-        await producer.send(topics.METRICS, key=f"classifier/{self.instance}".encode(), value=snap.to_json())
+        # Metrics are best effort: a lost snapshot is replaced by the next one, never retried (also
+        # one aiokafka could not queue within its request timeout, a partition's leader away).
+        try:
+            await producer.send(topics.METRICS, key=f"classifier/{self.instance}".encode(), value=snap.to_json())
+        except KafkaTimeoutError:
+            self.metrics.inc("metrics_dropped_total")
 
 
 class _Listener(ConsumerRebalanceListener):
@@ -325,7 +405,7 @@ class _Listener(ConsumerRebalanceListener):
         svc = self.svc
         async with svc._busy:  # the batch in hand is finished, sent and committed first
             try:
-                await svc._commit(self.consumer, self.producer)
+                await svc._commit(self.consumer, self.producer, wait=True)
             except Exception as exc:  # noqa: BLE001 - the new owner re-reads from the last commit
                 log.warning(json.dumps({"event": "commit_on_revoke_failed", "error": f"{type(exc).__name__}: {exc}"}))
             gone = {tp.partition for tp in revoked}

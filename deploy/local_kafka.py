@@ -68,6 +68,8 @@ import os
 import shutil
 import signal
 import socket
+import ssl
+import struct
 import subprocess
 import tempfile
 import time
@@ -185,6 +187,36 @@ def _pid_is_kafka(pid: int) -> bool:
     except OSError:
         return False
     return b"kafka.Kafka" in cmdline
+
+
+# How long a node may take to answer one ApiVersions request before answering_bootstrap leaves
+# it out. A live broker answers in milliseconds; 3 s leaves room for a GC pause or a busy core
+# (the clean-clone runs share 2 cores with a busy loop), and a frozen one never answers.
+PROBE_DEADLINE_S = 3.0
+
+
+def _answers(host: str, port: int, ctx: "ssl.SSLContext | None", deadline_s: float) -> bool:
+    """True if the broker at ``host:port`` answers an ApiVersions (v0) request within ``deadline_s``
+    (over TLS when ``ctx`` is given: brokers answer ApiVersions before SASL authentication)."""
+    end = time.monotonic() + deadline_s
+    request = struct.pack(">hhih", 18, 0, 0x7E57, 5) + b"probe"  # ApiVersions v0, correlation id, client id
+    try:
+        with socket.create_connection((host, port), timeout=deadline_s) as raw:
+            sock = raw
+            if ctx is not None:
+                raw.settimeout(max(0.01, end - time.monotonic()))
+                sock = ctx.wrap_socket(raw, server_hostname=host)
+            sock.sendall(struct.pack(">i", len(request)) + request)
+            got = b""
+            while len(got) < 8:
+                sock.settimeout(max(0.01, end - time.monotonic()))
+                chunk = sock.recv(8 - len(got))
+                if not chunk:
+                    return False
+                got += chunk
+            return struct.unpack(">i", got[4:8])[0] == 0x7E57
+    except (OSError, ValueError):  # refused, reset, timed out, TLS failure
+        return False
 
 
 def _is_stopped(pid: int) -> bool:
@@ -689,20 +721,31 @@ class LocalKafka:
         self.stop()
         raise KafkaError(f"the broker did not answer within {timeout_s:.0f}s ({last_error}); see {self.log_path}")
 
-    def answering_bootstrap(self) -> str:
-        """The bootstrap string without nodes that are dead or SIGSTOPped.
+    def answering_bootstrap(self, deadline_s: float = PROBE_DEADLINE_S) -> str:
+        """The bootstrap string without nodes that are dead, SIGSTOPped or do not answer.
 
         A frozen node still accepts TCP connections (the kernel does), and a kafka-python
-        client whose bootstrap picks it waits out its 30 s request timeout and then fails
+        client whose bootstrap picks it waits out its request timeout and then fails
         ("Unable to bootstrap"): the admin calls here must not stall on a node a test froze.
+        Each node is asked for its API versions (:func:`_answers`), all at once, each with
+        ``deadline_s``; a node whose process is stopped is left out without asking. Checking
+        the process state alone raced with the signal: right after SIGSTOP, with the core busy,
+        the JVM was not stopped yet and stayed in the list (a clean-clone run's failure).
         """
         if self.brokers == 1:
             return self.bootstrap
-        alive = []
+        ctx = None
+        if self.secure:
+            ctx = ssl.create_default_context(cafile=str(self.ca_file))
+            ctx.check_hostname = False  # a liveness probe; the clients verify the name
+        candidates = []
         for n in self.nodes:
             info = _read_info(n.info_path)
             if info is not None and _pid_is_kafka(info.pid) and not _is_stopped(info.pid):
-                alive.append(f"{n.host}:{n.port}")
+                candidates.append(n)
+        with ThreadPoolExecutor(max_workers=max(1, len(candidates))) as pool:
+            answers = list(pool.map(lambda n: _answers(n.host, n.port, ctx, deadline_s), candidates))
+        alive = [f"{n.host}:{n.port}" for n, ok in zip(candidates, answers) if ok]
         return ",".join(alive) or self.bootstrap
 
     def _admin(self, **kw):
@@ -756,6 +799,12 @@ class LocalKafka:
         if info is None or not _pid_is_kafka(info.pid):
             raise KafkaError(f"node {node_id} of {self.state_dir} is not running")
         os.kill(info.pid, sig)
+        if sig == signal.SIGSTOP:
+            # The stop takes effect when the JVM's threads are next scheduled: on a busy core that
+            # is later than kill() returning, and a caller asks the cluster about the node next.
+            deadline = time.monotonic() + timeout_s
+            while not _is_stopped(info.pid) and time.monotonic() < deadline:
+                time.sleep(0.01)
         if sig in (signal.SIGKILL, signal.SIGTERM):
             if sig == signal.SIGTERM:
                 os.kill(info.pid, signal.SIGCONT)  # a stopped JVM would never see the TERM
@@ -780,17 +829,31 @@ class LocalKafka:
             raise KafkaError(f"node {node_id} did not come up; see {node.log_path}")
         return info
 
-    def partition_state(self, topic: str, partition: int) -> dict:
-        """``{"leader": id, "replicas": [...], "isr": [...]}`` from the cluster's metadata."""
-        admin = self._admin()
-        try:
-            for t in admin.describe_topics([topic]):
-                for p in t["partitions"]:
-                    if p["partition_index"] == partition:
-                        return {"leader": p["leader_id"], "replicas": list(p["replica_nodes"]), "isr": list(p["isr_nodes"])}
-        finally:
-            admin.close()
-        raise KafkaError(f"no partition {topic}-{partition}")
+    def partition_state(self, topic: str, partition: int, timeout_s: float = 15.0) -> dict:
+        """``{"leader": id, "replicas": [...], "isr": [...]}`` from the cluster's metadata.
+
+        Each KRaft broker applies the metadata log at its own pace, so a topic created a moment
+        ago can be missing from the answer of the node asked while another node already knew it
+        (a clean-clone run with a busy core failed "no partition durable-stop-0" right after
+        the same call had answered): asked again, with a new client, until ``timeout_s``."""
+        from kafka.errors import UnknownTopicOrPartitionError
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            admin = self._admin()
+            try:
+                for t in admin.describe_topics([topic]):
+                    for p in t["partitions"]:
+                        if p["partition_index"] == partition:
+                            return {"leader": p["leader_id"], "replicas": list(p["replica_nodes"]),
+                                    "isr": list(p["isr_nodes"])}
+            except UnknownTopicOrPartitionError:
+                pass
+            finally:
+                admin.close()
+            if time.monotonic() > deadline:
+                raise KafkaError(f"no partition {topic}-{partition}")
+            time.sleep(0.2)
 
     def leader_of(self, topic: str, partition: int) -> int:
         """The node id leading ``topic``-``partition`` (-1 while it has none)."""

@@ -31,6 +31,34 @@ GROUP_TIMING = {"session_timeout_ms": 10000, "heartbeat_interval_ms": 3000, "max
 # 10 s per client. Faust takes it as ``consumer/producer_metadata_max_age_ms``.
 METADATA_MAX_AGE_MS = 10000
 
+# Request timeout of aiokafka consumers (aiokafka's default 40 s; Faust passes its own
+# ``broker_request_timeout``, 90 s). A hung node's kernel accepts the request and nothing answers
+# it, and aiokafka 0.14 judges its coordinator only when a heartbeat *returns*
+# (group_coordinator.py ``_heartbeat_routine``: the session-expired check runs after
+# ``_do_heartbeat``), unlike the Java client, which gives up on the coordinator when the session
+# timeout passes. A connection attempt to the hung node also waits out this timeout, holding the
+# client's connection lock (client.py ``_get_conn``), and FindCoordinator goes to a random node.
+# With Faust's 90 s the processor whose coordinator froze marked it dead 0.5 s after SIGCONT,
+# i.e. after the whole 30 s freeze; with 10 s, 12 s after the fault (hung-broker fault test).
+# 10 s (= the session timeout; Faust refuses a request timeout below it): a heartbeat,
+# commit, fetch or ListOffsets pinned to the frozen node fails after 10 s and the client moves on
+# to the new coordinator or leader (KRaft fences the silent node after 9 s); at worst the new
+# coordinator has expired the member and it rejoins: one rebalance. The price: a JoinGroup that
+# waits more than 10 s for the other members is sent again (the broker keeps the member's place).
+CONSUMER_REQUEST_TIMEOUT_MS = 10000
+
+# Request timeout of the idempotent aiokafka producers (the classifier's; Faust's through
+# stream_processor.transport). A produce request to a hung leader waited for aiokafka's 40 s (and
+# Faust's 20 min), i.e. for the node to come back: the classifier awaits every result's
+# acknowledgement before it reads on, so one result batch for a partition of the frozen node
+# stopped it for the whole 30 s freeze (no result from the fault to SIGCONT: 30.3 s), and Faust's
+# commit, which flushes its producer first, hung 31 s. At 10 s the
+# request is given up and the batch is sent again to the new leader. Only for idempotent
+# producers: aiokafka then never expires a batch and the broker drops a copy it already has, so
+# a timed-out request that did land is not written twice (a non-idempotent batch older than the
+# timeout is failed instead).
+PRODUCER_REQUEST_TIMEOUT_MS = 10000
+
 
 def group_consumer(where: Connection | str, group_id: str, client_id: str, **overrides: Any):
     """An aiokafka consumer in ``group_id`` with manual commits, starting at the earliest offset."""
@@ -38,7 +66,7 @@ def group_consumer(where: Connection | str, group_id: str, client_id: str, **ove
 
     kw = {**connection(where).client_kwargs(), "group_id": group_id, "client_id": client_id,
           "enable_auto_commit": False, "auto_offset_reset": "earliest", "metadata_max_age_ms": METADATA_MAX_AGE_MS,
-          **GROUP_TIMING, **overrides}
+          "request_timeout_ms": CONSUMER_REQUEST_TIMEOUT_MS, **GROUP_TIMING, **overrides}
     return AIOKafkaConsumer(**kw)
 
 
@@ -47,7 +75,8 @@ def reader(where: Connection | str, client_id: str, **overrides: Any):
     from aiokafka import AIOKafkaConsumer
 
     return AIOKafkaConsumer(**connection(where).client_kwargs(), group_id=None, enable_auto_commit=False,
-                            client_id=client_id, **{"metadata_max_age_ms": METADATA_MAX_AGE_MS, **overrides})
+                            client_id=client_id, **{"metadata_max_age_ms": METADATA_MAX_AGE_MS,
+                                                            "request_timeout_ms": CONSUMER_REQUEST_TIMEOUT_MS, **overrides})
 
 
 def producer(where: Connection | str, client_id: str, profile: str = "stage", **overrides: Any):
@@ -56,6 +85,8 @@ def producer(where: Connection | str, client_id: str, profile: str = "stage", **
 
     kw = {**connection(where).client_kwargs(), **PROFILES[profile], "client_id": client_id,
           "metadata_max_age_ms": METADATA_MAX_AGE_MS, **overrides}
+    if kw.get("enable_idempotence"):
+        kw.setdefault("request_timeout_ms", PRODUCER_REQUEST_TIMEOUT_MS)
     if "batch_size" in kw:  # aiokafka's name for it
         kw["max_batch_size"] = kw.pop("batch_size")
     return AIOKafkaProducer(**kw)

@@ -48,7 +48,17 @@ def producer(where: Connection | str, profile: str = "stage", client_id: str | N
 # exited). 10 s per request, and :data:`OFFSETS_BUDGET_MS` for a whole lookup, so a request
 # that hangs is retried against the new leader (KRaft fences a silent broker after 9 s).
 CONSUMER_REQUEST_TIMEOUT_MS = 10000
-OFFSETS_BUDGET_MS = 60000
+# A whole offsets lookup or read to the end: fencing (9 s) + one timed-out request (10 s) + a
+# metadata refresh (at most METADATA_MAX_AGE_MS) is ~30 s. It was 60 s: a client stuck on a hung
+# node then held the classifier's read-back (and with it every tile) for 60 s per attempt; past
+# this budget the caller gives up on the client and makes a fresh one (see below).
+OFFSETS_BUDGET_MS = 30000
+# kafka-python refreshes metadata after a timed-out ListOffsets only if something else asked for
+# it (fetcher ``_fetch_offsets_by_times_async``: a RetriableError without ``need_update`` backs
+# off and asks the same node again), so with its 5-minute default a reader kept asking a node that
+# had hung, then lost its leadership, for every try of the budget. Same bound as the aiokafka
+# clients (kafkaio.aio.METADATA_MAX_AGE_MS): one metadata request per 10 s per client.
+METADATA_MAX_AGE_MS = 10000
 
 
 def consumer(where: Connection | str, client_id: str = "tilestream", group_id: str | None = None, **overrides):
@@ -56,7 +66,7 @@ def consumer(where: Connection | str, client_id: str = "tilestream", group_id: s
     from kafka import KafkaConsumer
 
     conn = connection(where)
-    kw = {"request_timeout_ms": CONSUMER_REQUEST_TIMEOUT_MS, **overrides}
+    kw = {"request_timeout_ms": CONSUMER_REQUEST_TIMEOUT_MS, "metadata_max_age_ms": METADATA_MAX_AGE_MS, **overrides}
     return KafkaConsumer(**conn.client_kwargs(), client_id=f"{client_id}-{uuid.uuid4().hex[:6]}",
                          group_id=group_id, enable_auto_commit=False, **kw)
 
@@ -65,7 +75,7 @@ def admin(where: Connection | str, **overrides):
     from kafka.admin import KafkaAdminClient
 
     return KafkaAdminClient(**connection(where).client_kwargs(), client_id="tilestream-admin",
-                            **{"request_timeout_ms": 10000, **overrides})
+                            **{"request_timeout_ms": 10000, "metadata_max_age_ms": METADATA_MAX_AGE_MS, **overrides})
 
 
 def partitions(c, topic: str, wait_s: float = 0.0) -> list:
@@ -96,6 +106,7 @@ class RangeReader:
             self.consumer.close()
             raise RuntimeError(f"topic {topic} has no partitions (not created yet?)")
         self.consumer.assign(self.parts)
+        self.next_offsets: dict[int, int] = {}  # partition -> offset after the last record handed out
 
     def seek(self, start: str | int | Callable[[int], int | None]) -> None:
         c = self.consumer
@@ -116,13 +127,34 @@ class RangeReader:
         for tp in self.parts:
             c.position(tp, timeout_ms=OFFSETS_BUDGET_MS)  # resolve the seek now, so "the end" means now
 
-    def read_to_end(self) -> Iterator:
-        """Every record from the current positions up to the end offsets as of this call."""
+    def read_to_end(self, stall_ms: int = OFFSETS_BUDGET_MS) -> Iterator:
+        """Every record from the current positions up to the end offsets as of this call.
+
+        Raises ``TimeoutError`` when no record came for ``stall_ms`` while the end is not reached:
+        a fetch from a leader that hung loops here until the client's metadata moves on, which
+        kafka-python 3.0.12 did not always do (with 5-minute-old metadata, see
+        METADATA_MAX_AGE_MS; the classifier's model check, then on its loop, held it 22 s in a
+        read of the models topic whose leader was frozen, py-spy). The caller reads again,
+        with a fresh reader that continues at ``next_offsets`` (:meth:`read_from`). A long read
+        that progresses (a big topic on a slow machine) never times out."""
         c = self.consumer
-        end = c.end_offsets(self.parts, timeout_ms=OFFSETS_BUDGET_MS)
-        while any(c.position(tp, timeout_ms=OFFSETS_BUDGET_MS) < end[tp] for tp in self.parts):
-            for records in c.poll(timeout_ms=1000).values():
-                yield from records
+        end = c.end_offsets(self.parts, timeout_ms=stall_ms)
+        progress = time.monotonic()
+        while any(c.position(tp, timeout_ms=stall_ms) < end[tp] for tp in self.parts):
+            if time.monotonic() - progress > stall_ms / 1000:
+                raise TimeoutError(f"{self.topic}: no record for {stall_ms / 1000:.0f} s before the end offsets")
+            for records in c.poll(timeout_ms=500).values():
+                progress = time.monotonic()
+                for m in records:
+                    self.next_offsets[m.partition] = m.offset + 1
+                    yield m
+
+    def read_from(self, offsets: dict[int, int]) -> None:
+        """Position the partitions in ``offsets`` there (the others stay where they are): how a
+        fresh reader continues where a stuck one stopped (``next_offsets`` of the old one)."""
+        for tp in self.parts:
+            if tp.partition in offsets:
+                self.consumer.seek(tp, offsets[tp.partition])
 
     def close(self) -> None:
         self.consumer.close()

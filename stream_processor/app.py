@@ -93,6 +93,10 @@ def create_app(settings: Settings, where: Connection | str, datadir: Path, web_p
         broker_commit_every=100,
         broker_commit_interval=1.0,
         broker_session_timeout=ps.session_timeout_s,
+        # Not Faust's 90 s: a heartbeat or commit to a hung coordinator gives up after 10 s, not at SIGCONT
+        # (kafkaio.aio.CONSUMER_REQUEST_TIMEOUT_MS); Faust refuses one below the session timeout.
+        broker_request_timeout=max(ps.session_timeout_s, aio.CONSUMER_REQUEST_TIMEOUT_MS / 1000),
+        producer_request_timeout=aio.PRODUCER_REQUEST_TIMEOUT_MS / 1000,  # idempotent: see transport.py
         broker_heartbeat_interval=max(1.0, ps.session_timeout_s / 4),
         # Bounded metadata staleness: see kafkaio.aio.METADATA_MAX_AGE_MS (a processor stuck for
         # minutes on a broker that came back from a hang).

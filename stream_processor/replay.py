@@ -380,13 +380,22 @@ class MarksFollower:
     """Reads ``replay-marks``: from the beginning on the first call, then what was added since.
 
     Blocking (kafka-python): call it from one thread only (the app gives it its own executor).
+
+    A read that fails or stalls (``read_timeout_s`` without a record before the end offsets: a
+    frozen leader) drops the client, and the next call reads with a fresh one that continues at
+    the offsets already read (nothing is read twice, nothing skipped). The old client was kept,
+    and a kafka-python consumer whose requests hung on a node could keep failing long after the
+    node was back (the classifier's read-back client did: 60 s per lookup, three in a row), each
+    attempt holding the processor's marks lock, which a rebalance waits for, for its 60 s budget.
+    20 s: fencing of the frozen node (9 s) + one request timeout (10 s).
     """
 
-    def __init__(self, where, keys: Mapping[str, bytes], read_timeout_s: float = 60.0):
+    def __init__(self, where, keys: Mapping[str, bytes], read_timeout_s: float = 20.0):
         self.where = where
         self.keys = dict(keys)
         self.read_timeout_s = read_timeout_s
         self.reader = None
+        self.next_offsets: dict[int, int] = {}  # partition -> next offset to read, across readers
         self.refused = 0
         self.read = 0
 
@@ -394,33 +403,44 @@ class MarksFollower:
         """Every verified mark added since the previous call (all of them on the first call)."""
         from kafkaio.clients import RangeReader
 
+        budget_ms = int(self.read_timeout_s * 1000)
         if self.reader is None:
-            reader = RangeReader(self.where, topics.REPLAY_MARKS, client_id="tilestream-replay-marks")
-            reader.seek("beginning")
+            # earliest: a continue-offset that fell out of the log is re-read from the start (a union
+            # of marks read twice is the same), never skipped (kafka-python resets to latest).
+            reader = RangeReader(self.where, topics.REPLAY_MARKS, client_id="tilestream-replay-marks",
+                                 auto_offset_reset="earliest")
+            try:
+                reader.seek("beginning")
+                reader.read_from(self.next_offsets)
+            except BaseException:
+                reader.close()
+                raise
             self.reader = reader
-        c = self.reader.consumer
-        parts = self.reader.parts
-        end = c.end_offsets(parts)
-        deadline = time.monotonic() + self.read_timeout_s
         out: list[Mark] = []
-        while any(c.position(tp) < end[tp] for tp in parts):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"replay-marks: not at the end offsets after {self.read_timeout_s:.0f} s")
-            for records in c.poll(timeout_ms=500).values():
-                for r in records:
-                    self.read += 1
-                    try:
-                        out.append(decode_mark(r.key, r.value, self.keys))
-                    except BadMark as exc:
-                        self.refused += 1
-                        log.warning(json.dumps({"event": "replay_mark_refused", "partition": r.partition,
-                                                "offset": r.offset, "error": str(exc)}))
+        try:
+            for r in self.reader.read_to_end(stall_ms=budget_ms):
+                self.read += 1
+                try:
+                    out.append(decode_mark(r.key, r.value, self.keys))
+                except BadMark as exc:
+                    self.refused += 1
+                    log.warning(json.dumps({"event": "replay_mark_refused", "partition": r.partition,
+                                            "offset": r.offset, "error": str(exc)}))
+        except BaseException:
+            # Nothing of this call is returned, so the next one must read it again: continue at
+            # where the previous *successful* call stopped, with a fresh client.
+            self.close()
+            raise
+        self.next_offsets.update(self.reader.next_offsets)
         return out
 
     def close(self) -> None:
         if self.reader is not None:
-            self.reader.close()
-            self.reader = None
+            reader, self.reader = self.reader, None
+            try:
+                reader.close()
+            except Exception:  # noqa: BLE001 - a client stuck on a hung node may not close cleanly
+                pass
 
 
 def check_job(state: ReplayState, job, partition: int, offset: int, now_ns: int) -> Verdict:

@@ -1,4 +1,5 @@
-"""Our Faust transport: aiokafka's, with a Consumer that refuses acks of skipped messages.
+"""Our Faust transport: aiokafka's, with a Consumer that refuses acks of skipped messages and an
+idempotent Producer.
 
 Plugged in through Faust's own extension point (``Transport.Consumer``; the app's
 ``transport`` is set to :class:`Transport` in :func:`stream_processor.app.create_app`),
@@ -23,7 +24,13 @@ de-duplication absorbs.
 
 from __future__ import annotations
 
+import logging
+
+from aiokafka.errors import KafkaTimeoutError
+from faust.exceptions import ProducerSendError
 from faust.transport.drivers import aiokafka as faust_aiokafka
+
+log = logging.getLogger("tilestream.processor")
 
 
 class GuardedConsumer(faust_aiokafka.Consumer):
@@ -38,8 +45,47 @@ class GuardedConsumer(faust_aiokafka.Consumer):
         return super().ack(message)
 
 
+class IdempotentProducer(faust_aiokafka.Producer):
+    requeued = 0  # records queued again by send() (see there)
+
+    """Faust's producer with ``enable_idempotence`` (Faust sets it only inside transactions).
+
+    Why: a produce request to a hung leader is answered by nothing but the request timeout, and
+    with Faust's 20-minute one the producer waited for the node to come back: its commit (which
+    flushes the producer first) hung 31 s, the whole 30 s freeze, and the processor stalled
+    behind it (hung-broker fault test). A shorter request timeout alone would lose records:
+    aiokafka fails a batch of a non-idempotent producer once it is older than the request
+    timeout, and Faust commits past a failed send. An idempotent aiokafka producer never expires
+    a batch: it retries it, with the same sequence numbers, at the partition's new leader, and the
+    broker drops a copy it already has (``aiokafka/producer/sender.py`` ``_can_retry``).
+    """
+
+    def _settings_extra(self):  # type: ignore[no-untyped-def]
+        return {"acks": "all", "enable_idempotence": True, **super()._settings_extra()}
+
+    async def send(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        """Faust's send, which waits (again) instead of failing when the record could not be
+        *queued* within the request timeout: aiokafka raises KafkaTimeoutError from
+        ``send()`` only before the record is appended (a full batch of a partition whose
+        request is still out to a hung leader, or no metadata for the topic), so queueing it
+        again cannot write it twice. With the 20-minute timeout this wait was simply longer;
+        with 10 s it surfaced as ProducerSendError in the agent, which lost the frame's ack."""
+        while True:
+            try:
+                return await super().send(*args, **kwargs)
+            except ProducerSendError as exc:
+                if not isinstance(exc.__cause__, KafkaTimeoutError) or self._closed_for_send():
+                    raise
+                self.requeued += 1
+                log.warning("producer: record not queued within the request timeout (a hung leader?); queueing again")
+
+    def _closed_for_send(self) -> bool:
+        return bool(getattr(self, "_shutdown_initiated", False) or self.should_stop)
+
+
 class Transport(faust_aiokafka.Transport):
     Consumer = GuardedConsumer
+    Producer = IdempotentProducer
 
 
 def install(app) -> Transport:

@@ -356,11 +356,9 @@ def test_sigkill_of_the_frames_leader(scenario, cluster):
     s.finish()
 
 
-# Not in the default suite (`make test-faults` runs it): it passed in 3 of 4 full runs here, and the run
-# that failed (machine overloaded by a second pipeline) saw no result for 3 minutes after SIGCONT; the
-# passing runs took 61-91 s to recover from a 30 s freeze. Recovery from a hung (not dead) broker is
-# still an open problem of issue 14, not something a 180 s deadline should decide on a shared machine.
-@pytest.mark.slow_fault
+# Recovery took 61-91 s (once more than 3 minutes) while clients waited out their libraries' request
+# timeouts on the frozen node; with the 10 s ones of kafkaio and the classifier's commits and model
+# checks beside its loop, the longest gap between results was 7-16 s (README "Broker faults").
 def test_sigstop_of_a_broker_for_30_s(scenario, cluster):
     s = scenario("broker-stop")
     victim = cluster.leader_of(topics.FRAMES, 0)

@@ -158,10 +158,9 @@ def test_sigkill_of_the_leader_loses_no_acknowledged_record(cluster):
     assert len(cluster.node_pids()) == 3
 
 
-# A frozen (SIGSTOPped) node is the case whose recovery is still open (issue 14, README "Broker
-# faults"): this run passed in the helper's and three clean-clone runs and failed once with one core
-# kept busy, so it runs with `make test-faults`, not in `make test`.
-@pytest.mark.slow_fault
+# It failed once with a busy core on races of the harness, not of Kafka: answering_bootstrap() still
+# listed the node right after SIGSTOP, and partition_state() asked a node that did not know the new
+# topic yet. LocalKafka now waits for the stop, probes each node with a deadline and asks again.
 def test_sigstopped_follower_leaves_the_isr_and_writes_go_on(cluster):
     topic = "durable-stop"
     ensure_topics(cluster.bootstrap, [TopicSpec(topic, 1)], replication=3, min_insync_replicas=2)

@@ -97,3 +97,29 @@ def test_the_faust_ack_hole_our_transport_guards_is_still_there_and_the_guard_is
     FakeApp.flow_control.active = False
     Message.generation_id = 7
     assert consumer.ack(Message()) is False and consumer.refused_acks == 2  # during a rebalance
+
+
+def test_the_faust_producer_is_idempotent_and_requeues_only_what_was_never_queued(tmp_path):
+    """Pins what stream_processor/transport.py's IdempotentProducer relies on: Faust wraps a
+    KafkaError of aiokafka's send() in ProducerSendError ``from`` it, and aiokafka retries (never
+    expires) batches of an idempotent producer, so a 10 s request timeout loses nothing."""
+    import inspect
+
+    import aiokafka.producer.sender
+    import faust
+    import faust.transport.drivers.aiokafka as faust_aiokafka
+
+    from stream_processor import transport
+
+    assert 'raise ProducerSendError(f"Error while sending: {exc!r}") from exc' in inspect.getsource(
+        faust_aiokafka.Producer.send)
+    assert "if self._sender._txn_manager is None and batch.expired():" in inspect.getsource(
+        aiokafka.producer.sender.SendProduceReqHandler._can_retry)
+    app = faust.App("pin-producer", broker="kafka://127.0.0.1:1", datadir=str(tmp_path), web_enabled=False,
+                    producer_request_timeout=10.0)
+    transport.install(app)
+    assert app.transport.Producer is transport.IdempotentProducer
+    producer = app.transport.create_producer()
+    assert isinstance(producer, transport.IdempotentProducer)
+    assert producer._settings_extra()["enable_idempotence"] is True
+    assert producer._settings_default()["request_timeout_ms"] == 10000
