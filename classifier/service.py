@@ -44,7 +44,7 @@ from aiokafka.structs import TopicPartition
 from kafkaio import Connection, aio, connection
 from tilestream import topics
 from tilestream.errors import TilestreamError
-from tilestream.metrics import Snapshots, observe_gc_pauses
+from tilestream.metrics import Liveness, Snapshots, observe_gc_pauses
 from tilestream.records import DeadLetter
 
 from classifier.registry import ModelWatcher
@@ -75,7 +75,6 @@ class ClassifierService:
         self.group_id = group_id
         self.dedup_margin_s = dedup_margin_s
         self.metrics_interval_s = metrics_interval_s
-        self.stall_after_s = stall_after_s
         self.max_records = max_records
         observe_gc_pauses(self.metrics)
         self.instance = f"{socket.gethostname()}:{os.getpid()}"
@@ -94,7 +93,7 @@ class ClassifierService:
         self._answered: AnsweredFrames | None = None
         self._snapshots = Snapshots(self.metrics, "classifier", self.instance, group_id, metrics_interval_s,
                                     rates={"frames_per_s": "results_total"})
-        self.last_turn = self.last_record = self.assigned_since = time.monotonic()
+        self.liveness = Liveness(stall_after_s)  # /healthz from what the loop does
         self.assigned: set[int] = set()
         self.lag: dict[int, int] = {}
 
@@ -109,20 +108,12 @@ class ClassifierService:
         asyncio.run(self.serve())
 
     def health(self) -> dict:
-        now = time.monotonic()
-        problems = []
-        if now - self.last_turn > self.stall_after_s:
-            problems.append(f"poll loop has not turned for {now - self.last_turn:.0f}s")
-        waiting = sum(self.lag.values())
-        if waiting and now - self.last_record > self.stall_after_s:
-            problems.append(f"{waiting} records wait on assigned partitions, none read for {now - self.last_record:.0f}s")
-        if not self.assigned and now - self.assigned_since > self.stall_after_s:
-            problems.append(f"no partition assigned for {now - self.assigned_since:.0f}s (evicted, not rejoining?)")
+        problems = self.liveness.problems(sum(self.lag.values()))
         model = self.classifier.model
         return {"status": "stalled" if problems else "ok", "problems": problems, "model_id": model.model_id,
                 "model_version": model.version, "assigned_partitions": sorted(self.assigned),
                 "pending_frames": len(self.classifier.assembler.pending),
-                "seconds_since_record": round(now - self.last_record, 1)}
+                "seconds_since_record": round(self.liveness.seconds_since_record(), 1)}
 
     # -- the loop -----------------------------------------------------------------------
     async def serve(self) -> None:
@@ -166,10 +157,11 @@ class ClassifierService:
         last_commit = last_metrics = last_model_check = time.monotonic()
         while not self._stop.is_set():
             batch = await consumer.getmany(timeout_ms=200, max_records=self.max_records)
-            now = self.last_turn = time.monotonic()
+            now = time.monotonic()
+            self.liveness.turned()
             async with self._busy:
                 if batch:
-                    self.last_record = now
+                    self.liveness.read()
                     outputs = await loop.run_in_executor(self._cpu, self._handle_batch, batch, now)
                 else:
                     outputs = []
@@ -372,7 +364,7 @@ class ClassifierService:
         self.lag = lag
         m = self.metrics
         m.set("assigned_partitions", float(len(self.assigned)))
-        m.set("seconds_since_record", time.monotonic() - self.last_record)
+        m.set("seconds_since_record", self.liveness.seconds_since_record())
         m.set("healthy", 1.0 if self.health()["status"] == "ok" else 0.0)
         for p, v in lag.items():
             m.set("consumer_lag", float(v), partition=f"{topics.TILE_FEATURES}/{p}")
@@ -413,14 +405,13 @@ class _Listener(ConsumerRebalanceListener):
             svc.assigned -= gone
             svc._unseeded -= gone
         svc.metrics.inc("rebalances_total")
-        if not svc.assigned:
-            svc.assigned_since = time.monotonic()
+        svc.liveness.holds(len(svc.assigned))
 
     async def on_partitions_assigned(self, assigned) -> None:
         svc = self.svc
         now_mine = {tp.partition for tp in assigned}
         svc.assigned = now_mine
-        svc.assigned_since = time.monotonic()
+        svc.liveness.holds(len(now_mine))
         # Before the first tile of a newly assigned partition is used, the worker thread reads back
         # the results written since then (see _seed_dedup).
         svc._unseeded |= now_mine

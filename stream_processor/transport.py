@@ -46,8 +46,6 @@ class GuardedConsumer(faust_aiokafka.Consumer):
 
 
 class IdempotentProducer(faust_aiokafka.Producer):
-    requeued = 0  # records queued again by send() (see there)
-
     """Faust's producer with ``enable_idempotence`` (Faust sets it only inside transactions).
 
     Why: a produce request to a hung leader is answered by nothing but the request timeout, and
@@ -59,6 +57,8 @@ class IdempotentProducer(faust_aiokafka.Producer):
     a batch: it retries it, with the same sequence numbers, at the partition's new leader, and the
     broker drops a copy it already has (``aiokafka/producer/sender.py`` ``_can_retry``).
     """
+
+    requeued = 0  # records queued again by send() (see there)
 
     def _settings_extra(self):  # type: ignore[no-untyped-def]
         return {"acks": "all", "enable_idempotence": True, **super()._settings_extra()}

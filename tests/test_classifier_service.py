@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import threading
-import time
 import urllib.error
 import urllib.request
 
@@ -20,7 +19,7 @@ from classifier.service import ClassifierService
 from classifier.stage import FrameClassifier
 from edge_agent.agent import EdgeAgent
 from tilestream.config import AgentSettings
-from tilestream.metrics import Metrics
+from tilestream.metrics import Liveness, Metrics
 from tilestream_cli.procs import Children, start_cloud_stages
 
 from conftest import child_env, metric, result_keys, wait_for
@@ -101,16 +100,25 @@ def test_health_reports_a_stage_that_makes_no_progress(scene_model, keystore):
     svc = ClassifierService("127.0.0.1:1", FrameClassifier(TileModel.load(scene_model), Metrics("t"),
                                                            keys=StageKeys(keystore.path).for_classifier()), "g",
                             stall_after_s=30)
-    now = time.monotonic()
-    svc.assigned, svc.last_turn, svc.last_record = {0, 1}, now, now
+    clock = [1000.0]
+    svc.liveness = Liveness(30, clock=lambda: clock[0])  # the service's judge, on a clock the test moves
+    svc.assigned = {0, 1}
+    svc.liveness.holds(2)
     assert svc.health()["status"] == "ok"
     svc.lag = {0: 0, 1: 0}
-    svc.last_record = now - 100  # idle with nothing to read: fine
+    clock[0] += 100  # idle with nothing to read: fine
+    svc.liveness.turned()
     assert svc.health()["status"] == "ok"
     svc.lag = {0: 12}  # records waiting, none read for 100 s
     h = svc.health()
-    assert h["status"] == "stalled" and "12 records wait" in h["problems"][0]
-    svc.lag, svc.assigned, svc.assigned_since = {}, set(), now - 100  # evicted, not rejoining
+    assert h["status"] == "stalled" and "12 records wait" in h["problems"][0] and h["seconds_since_record"] == 100
+    svc.lag, svc.assigned = {}, set()  # evicted ...
+    svc.liveness.holds(0)
+    clock[0] += 100  # ... and not rejoining
+    svc.liveness.turned()
     assert "no partition assigned" in svc.health()["problems"][0]
-    svc.assigned, svc.last_turn = {0}, now - 100  # the loop itself stopped turning
+    svc.assigned = {0}
+    svc.liveness.holds(1)
+    assert svc.health()["status"] == "ok"  # rejoined
+    clock[0] += 100  # the loop itself stopped turning
     assert "has not turned" in svc.health()["problems"][0]
