@@ -13,7 +13,7 @@ vtest frames tilestream seals. Compared with tilestream's single-process compute
 end-to-end rate (from benchmarks/pipeline_bench.py in the same run, when given).
 
 (b) **The processor stage written with Quix Streams** (benchmarks/quix_processor.py: the same
-``FrameProcessor`` and record serialisation, confluent-kafka underneath) against tilestream's
+per-record path, ``ProcessorStage.on_frame``, confluent-kafka underneath) against tilestream's
 Faust worker, one process each, each fed the same pre-filled `frames` on the same broker with
 nothing else running; rate = TileBatch records (one per frame) appearing on `tile-features` (10%-90% window).
 """
