@@ -181,8 +181,9 @@ def create_app(settings: Settings, where: Connection | str, datadir: Path, web_p
     @app.timer(interval=ps.metrics_interval_s)
     async def publish_metrics():
         lag = consumer_lag()
-        liveness.holds(held_partitions())
-        metrics.set("assigned_partitions", float(held_partitions()))
+        held = held_partitions()
+        liveness.holds(held)
+        metrics.set("assigned_partitions", float(held))
         metrics.set("seconds_since_record", liveness.seconds_since_record())
         metrics.set("rebalance_acks_refused", float(getattr(app.consumer, "refused_acks", 0)))
         for key, value in lag.items():
@@ -202,11 +203,12 @@ def create_app(settings: Settings, where: Connection | str, datadir: Path, web_p
     @app.page("/healthz")
     async def healthz(web, request):
         """503 ``stalled`` when the worker stops making progress while up (:class:`Liveness`)."""
-        liveness.holds(held_partitions())
+        held = held_partitions()
+        liveness.holds(held)
         problems = liveness.problems(sum(consumer_lag((topics.FRAMES, topics.TILE_JOBS)).values()))
         return web.json({"status": "stalled" if problems else "ok", "problems": problems, "app": ps.app_id,
                          "instance": instance, "frames": metrics.counter("frames_total"),
-                         "assigned_partitions": held_partitions(),
+                         "assigned_partitions": held,
                          "seconds_since_record": round(liveness.seconds_since_record(), 1)},
                         status=503 if problems else 200)
 
