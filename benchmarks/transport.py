@@ -3,12 +3,13 @@
     python -m benchmarks.transport [--frames 2000] [--quick]
 
 Records of the size of a sealed vtest frame (measured: JPEG q80 768x576, sealed as the agent
-seals) and of one tile record on `tile-features` (measured: the processor's JSON of a 64 px
-tile), through Kafka's own ``org.apache.kafka.tools.ProducerPerformance`` and
+seals) and of one tile batch on `tile-features` (measured: the processor's record of all 108 64 px
+tiles of a frame, MAC header included), through Kafka's own ``org.apache.kafka.tools.ProducerPerformance`` and
 ``ConsumerPerformance`` (run with ``LocalKafka.tool`` from the same jars as the broker) and
 through kafka-python, the client the agent and the classifier use, against the same local
-broker. "frames/s equivalent" divides tile records by the 108 tiles of a vtest frame: it is
-the rate at which the transport alone would carry whole frames' worth of records.
+broker. A frame puts one record on each topic, so records/s is also the frames/s the transport
+alone would carry (until 2026-12-02 this step sent one record per *tile*, 50x as many, the layout
+before TileBatch).
 """
 
 from __future__ import annotations
@@ -24,9 +25,6 @@ import numpy as np
 
 from benchmarks.common import (Sealer, bench_keys, local_broker, machine, machine_load, make_stage, progress,
                                table, vtest_encoded, write_json)
-
-TILES = 108
-
 
 def record_sizes(tmp: Path) -> tuple[int, int]:
     from tilestream import topics
@@ -124,7 +122,7 @@ def run(frames: int = 5000, quick: bool = False, broker=None) -> dict:
                                       f"perf-pytiles-{tag}")
         ensure_topics(lk.bootstrap, [TopicSpec(t, 6, {"max.message.bytes": str(5 * 1024 * 1024)})
                                      for t in (big, small, pybig, pysmall)])
-        n_tiles = frames * 50
+        n_tiles = frames  # one tile batch per frame
         frame_props = {"acks": "all", "linger.ms": 5, "batch.size": 1024 * 1024, "max.request.size": 5 * 1024 * 1024}
         tile_props = {"acks": "all"}
 
@@ -134,23 +132,23 @@ def run(frames: int = 5000, quick: bool = False, broker=None) -> dict:
             res["rows"].append(r)
             progress(f"{client} {direction} {what}: {r['records_per_s']:.0f} records/s, {r['mb_per_s']:.1f} MB/s")
 
-        progress(f"sealed frame {frame_size} B, tile record {tile_size} B; Kafka's own perf tools")
+        progress(f"sealed frame {frame_size} B, tile batch {tile_size} B; Kafka's own perf tools")
         add("sealed frame", frame_size, "Java ProducerPerformance (acks=all, 1 MB batches)", "produce",
             java_produce(lk, big, frames, frame_size, frame_props), 1)
         add("sealed frame", frame_size, "Java ConsumerPerformance", "consume", java_consume(lk, big, frames), 1)
-        add("tile record", tile_size, "Java ProducerPerformance (acks=all, default batching)", "produce",
-            java_produce(lk, small, n_tiles, tile_size, tile_props), TILES)
-        add("tile record", tile_size, "Java ConsumerPerformance", "consume", java_consume(lk, small, n_tiles), TILES)
+        add("tile batch", tile_size, "Java ProducerPerformance (acks=all, default batching)", "produce",
+            java_produce(lk, small, n_tiles, tile_size, tile_props), 1)
+        add("tile batch", tile_size, "Java ConsumerPerformance", "consume", java_consume(lk, small, n_tiles), 1)
         progress("kafka-python, the agent's and the classifier's client")
         py_frames = min(frames, 2000)
         add("sealed frame", frame_size, "kafka-python producer (agent settings)", "produce",
             python_produce(lk, pybig, py_frames, frame_size, True), 1)
         add("sealed frame", frame_size, "kafka-python consumer", "consume", python_consume(lk, pybig, py_frames), 1)
         n_py_tiles = min(n_tiles, 40_000)
-        add("tile record", tile_size, "kafka-python producer (acks=all)", "produce",
-            python_produce(lk, pysmall, n_py_tiles, tile_size, False), TILES)
-        add("tile record", tile_size, "kafka-python consumer (as the classifier reads)", "consume",
-            python_consume(lk, pysmall, n_py_tiles), TILES)
+        add("tile batch", tile_size, "kafka-python producer (acks=all)", "produce",
+            python_produce(lk, pysmall, n_py_tiles, tile_size, False), 1)
+        add("tile batch", tile_size, "kafka-python consumer (as the classifier reads)", "consume",
+            python_consume(lk, pysmall, n_py_tiles), 1)
     res["tables"] = {"transport": table(
         ["record", "bytes", "client", "direction", "records/s", "MB/s", "frames/s equivalent", "producer p99 ms"],
         [[r["what"], r["size"], r["client"], r["direction"], f"{r['records_per_s']:.0f}", f"{r['mb_per_s']:.1f}",
@@ -160,7 +158,7 @@ def run(frames: int = 5000, quick: bool = False, broker=None) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--frames", type=int, default=5000, help="frame-sized records (tile records: 50x as many)")
+    ap.add_argument("--frames", type=int, default=5000, help="frame-sized records (and as many tile batches)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json")
     args = ap.parse_args()
