@@ -290,14 +290,14 @@ def make_stage(store, cfg):
     return ProcessorStage.create(settings, Metrics("tilestream_bench"))
 
 
-def make_processor(store, cfg):
-    """The pure compute inside the stage (FrameProcessor) with the worker's default limits and the store's
-    keys, for the benchmarks that time its parts one by one; the worker's whole per-frame path is
-    :func:`make_stage`'s ``on_frame``."""
-    from stream_processor.pipeline import FrameProcessor
+def make_classifier(store, model):
+    """The classifier's stage (:class:`classifier.stage.FrameClassifier`, its service's per-record
+    path) with ``model`` and the store's stage keys (tile batches MACed, results signed)."""
+    from classifier.stage import FrameClassifier
+    from tilestream.metrics import Metrics
+    from tilestream.stagekeys import StageKeys
 
-    return FrameProcessor(store.cloud_private_keys(), store.device_registry(), cfg,
-                          max_bytes=MAX_FRAME_BYTES, max_pixels=MAX_PIXELS)
+    return FrameClassifier(model, Metrics("tilestream_bench"), keys=StageKeys(store.path).for_classifier())
 
 
 def frames_producer(bootstrap: str):

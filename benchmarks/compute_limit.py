@@ -8,15 +8,23 @@ Two workloads, each sealed exactly as the edge agent seals (HPKE X25519 + Ed2551
 * 2000x1000 digit sheets (100x50 digits of OpenCV's digits.png in random order), PNG,
   20 px tiles (5000 per sheet, one digit each), FeatureConfig(tile_size=20, hog_cell=10).
 
-Per frame, on the processor's real code path (``FrameProcessor.process``: verify, HPKE open,
-decode under limits, tile, features, the TileBatch record) and then the classifier's
-(``classify_frame`` with a small logistic model trained here on the fly: the scene model on
-MOG2 labels for vtest, digit labels for the sheets). Serialisation of the tile records
-(what Faust sends) and their parsing (what the classifier reads) are timed too, but are
-transport overhead, not part of the compute limit.
+Per frame, the two stages' own per-record methods, the ones their services run — the
+processor's :meth:`ProcessorStage.on_frame` (verify, replay check, HPKE open, decode under
+limits, tile, features, the MACed tile batch, the replay mark) and the classifier's
+:meth:`FrameClassifier.on_record` (MAC check, parse, assemble, model, the signed result), with a
+small logistic model trained here on the fly (the scene model on MOG2 labels for vtest, digit
+labels for the sheets) — one after the other in one thread, the records handed over in memory.
+The frame must come out as a result, or the run stops.
 
-The **compute limit** is 1 / (verify + open + decode + tile + features + records + classify)
-per frame on one core: the rate the end-to-end pipeline is compared with.
+The **compute limit** is 1 / (on_frame + on_record) per frame on one core: everything the
+pipeline's stages must compute for a frame, without Kafka; the rate and CPU the end-to-end
+pipeline are compared with. (Until 2026-12-02 it was the processor's ``FrameProcessor.process``
+plus ``classify_frame``: the same steps without the replay check, the batch MAC and the result
+signature, and with the tile batch's serialisation and parsing left out as transport.)
+The breakdown by stage times the same frame's steps again with the processor's own timers
+(verify, open, decode, features) and the classifier's parse alone; ``records`` is the rest of
+``on_frame`` (replay check, tile batch build, serialisation and MAC, mark), ``classify`` the
+rest of ``on_record`` (assemble, model, result, signature).
 The **crypto share** is (seal + sign + verify + open) / the whole per-frame cost from
 encode on the camera to the result in the classifier (Kafka transport excluded).
 """
@@ -31,14 +39,12 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import (CpuTimer, EncodedFrame, Sealer, bench_keys, digit_sheets, machine, machine_load,
-                               make_processor, progress, table, write_json)
+                               make_classifier, make_stage, progress, table, write_json)
 
-STAGES = ("encode", "seal", "sign", "verify", "open", "decode", "tile", "features", "records", "serialize", "parse",
-          "classify")
+STAGES = ("encode", "seal", "sign", "verify", "open", "decode", "tile", "features", "records", "parse", "classify")
 AGENT = ("encode", "seal", "sign")
-LIMIT = ("verify", "open", "decode", "tile", "features", "records", "classify")  # the compute limit
+LIMIT = ("verify", "open", "decode", "tile", "features", "records", "parse", "classify")  # on_frame + on_record
 CRYPTO = ("seal", "sign", "verify", "open")
-TRANSPORT = ("serialize", "parse")
 
 VTEST_CFG_KW: dict = {}
 DIGITS_CFG_KW = {"tile_size": 20, "hog_cell": 10}
@@ -60,15 +66,14 @@ def _seal_timed(sealer: Sealer, enc: EncodedFrame, seq: int) -> tuple[bytes, flo
 
 def measure(name: str, images, encoding: str, quality: int, cfg, model, store, sealer: Sealer, warmup: int = 3) -> dict:
     """Per-frame stage times (seconds, one list per stage) of ``images`` through agent, processor, classifier."""
-    from classifier.assembler import FrameAssembler
-    from classifier.stage import classify_frame
     from edge_agent.encode import encode_image
     from stream_processor.pipeline import decode_image
     from stream_processor.tiling import split
-    from tilestream import crypto
+    from tilestream import crypto, topics
     from tilestream.records import TileBatch
 
-    fp = make_processor(store, cfg)
+    stage, classifier = make_stage(store, cfg), make_classifier(store, model)
+    fp = stage.processor  # the stage's own compute, for the breakdown
     times = {s: [] for s in STAGES}
     n_tiles = 0
     rec_bytes = 0
@@ -82,47 +87,47 @@ def measure(name: str, images, encoding: str, quality: int, cfg, model, store, s
             t_enc = time.perf_counter() - t0
             enc = EncodedFrame(data, img.shape[1], img.shape[0], encoding)
             blob, t_seal, t_sign = _seal_timed(sealer, enc, i)
-            # The processor's real path.
+            # The processor's per-record method, as the worker runs it.
             t0 = time.perf_counter()
+            outs = stage.on_frame(blob, 0, i)
+            t_stage = time.perf_counter() - t0
+            values = [o.value for o in outs if o.topic == topics.TILE_FEATURES]
+            if not values:
+                raise RuntimeError(f"{name}: frame {i} gave no tile batch: {[o.topic for o in outs]}")
+            # The classifier's per-record method on each batch, as its service runs it.
+            now, now_ns = time.monotonic(), time.time_ns()
+            t0 = time.perf_counter()
+            results = [o for k, v in enumerate(values) for o in classifier.on_record(v, 0, i * 64 + k, now, now_ns)]
+            t_cls = time.perf_counter() - t0
+            if [o.topic for o in results] != [topics.RESULTS]:
+                raise RuntimeError(f"{name}: frame {i} gave {[o.topic for o in results]}, not one result")
+            # The breakdown, from a second pass over the same frame: the processor's own timers, tiling
+            # alone (a view per tile, a copy for padded edge tiles), the classifier's MAC check + parse.
             records, st = fp.process(blob)
-            t_proc = time.perf_counter() - t0
-            # Tiling alone (a view per tile, a copy for padded edge tiles), to split it from features.
             env = crypto.verify_frame(blob, fp.devices)
             gray = decode_image(crypto.open_envelope(env, fp.cloud_keys), env.header, fp.max_bytes, fp.max_pixels)
             t0 = time.perf_counter()
             split(gray, cfg)
             t_tile = time.perf_counter() - t0
-            # What Faust puts on tile-features (the record's own JSON serializer).
             t0 = time.perf_counter()
-            values = [r.to_bytes() for r in records]
-            t_ser = time.perf_counter() - t0
-            # The classifier: parse, assemble, classify (model + FrameResult), result JSON.
-            t0 = time.perf_counter()
-            parsed = [t for v in values for t in TileBatch.from_bytes(v).split()]
+            for v in values:
+                TileBatch.from_wire(v, classifier.keys.mac)
             t_parse = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            asm = FrameAssembler()
-            frame = None
-            for k, tile in enumerate(parsed):
-                frame = asm.add(tile, 0, k, 0.0) or frame
-            result = classify_frame(model, frame, time.time_ns())
-            result.to_json()
-            t_cls = time.perf_counter() - t0
             if not keep:
                 continue
             n_tiles += sum(len(r.tiles) for r in records)
             rec_bytes += sum(len(v) for v in values)
             blob_bytes += len(blob)
-            rest = t_proc - st.verify - st.open - st.decode - st.features
+            computed = st.verify + st.open + st.decode + st.features
             for s, v in (("encode", t_enc), ("seal", t_seal), ("sign", t_sign), ("verify", st.verify),
                          ("open", st.open), ("decode", st.decode), ("tile", t_tile),
-                         ("features", max(0.0, st.features - t_tile)), ("records", max(0.0, rest)),
-                         ("serialize", t_ser), ("parse", t_parse), ("classify", t_cls)):
+                         ("features", max(0.0, st.features - t_tile)), ("records", max(0.0, t_stage - computed)),
+                         ("parse", t_parse), ("classify", max(0.0, t_cls - t_parse))):
                 times[s].append(v)
     n = len(images)
     mean = {s: float(np.mean(v)) for s, v in times.items()}
     limit_s = sum(mean[s] for s in LIMIT)
-    no_cls_s = limit_s - mean["classify"]
+    no_cls_s = limit_s - mean["classify"] - mean["parse"]
     total_s = sum(mean.values())
     cloud_s = total_s - sum(mean[s] for s in AGENT)
     return {
@@ -197,7 +202,7 @@ def tables(res: dict) -> dict[str, str]:
          "tiles/s (limit)", "ms/frame (limit)"],
         [[w["name"], w["frames"], f"{w['tiles_per_frame']:.0f}", f"{w['fps_process']:.1f}", f"{w['fps_limit']:.1f}",
           f"{w['tiles_per_s_limit']:.0f}", f"{w['ms_limit']:.2f}"] for w in both])
-    side = {"encode": "agent", "seal": "agent", "sign": "agent", "serialize": "transport", "parse": "transport"}
+    side = {"encode": "agent", "seal": "agent", "sign": "agent"}
     stages = table(
         ["stage", "where", "vtest ms/frame", "vtest %", "digits ms/frame", "digits %"],
         [[s, side.get(s, "compute limit"), f"{vt['ms'][s]:.3f}", f"{100 * vt['ms'][s] / vt['ms_total']:.1f}",

@@ -291,9 +291,9 @@ def explain(res: dict) -> list[str]:
     if cl:
         v = cl["vtest"]
         out.append(f"In one process, features are {100 * v['ms']['features'] / v['ms_total']:.0f}% of the whole "
-                   f"frame cost; record JSON+base64 (build {v['ms']['records']:.1f} ms, serialise "
-                   f"{v['ms']['serialize']:.1f} ms, parse {v['ms']['parse']:.1f} ms per frame) is the price of "
-                   f"sending features between processes (one TileBatch record per frame).")
+                   f"frame cost; handing the features from one stage to the next (replay check, tile batch build, "
+                   f"MAC and mark {v['ms']['records']:.2f} ms; MAC check and parse {v['ms']['parse']:.2f} ms per "
+                   f"frame) is part of the compute limit, Kafka is not.")
         if v["crypto_share_total"] > GOALS["crypto"]:
             out.append(f"Crypto is {v['crypto_share_total'] * 100:.1f}% of the whole vtest frame: every frame costs an "
                        f"X25519 key agreement on each side (HPKE), AES-GCM over the ~{v['sealed_bytes'] / 1e3:.0f} KB "
@@ -330,8 +330,8 @@ def limits(res: dict) -> str | None:
     row("model (108 tiles, predict_proba)", ms["classify"], "compute_limit")
     row("crypto, cloud side (Ed25519 verify + HPKE open)", ms["verify"] + ms["open"], "compute_limit")
     row("crypto, camera side (HPKE seal + Ed25519 sign)", ms["seal"] + ms["sign"], "compute_limit (on the camera)")
-    row("tile batch build + serialise + parse", ms["records"] + ms["serialize"] + ms["parse"], "compute_limit")
-    row("**the in-process work of a frame** (compute limit)", v["ms_limit"], "compute_limit: verify..classify")
+    row("replay check, tile batch build + MAC, mark; MAC check + parse", ms["records"] + ms["parse"], "compute_limit")
+    row("**the in-process work of a frame** (compute limit)", v["ms_limit"], "compute_limit: on_frame + on_record")
     if pe and pe.get("seed"):
         s = max(pe["seed"], key=lambda x: x["processes"])
         rows.append([f"seed Pool({s['processes']}) design: decode + features, no crypto, no Kafka", "",
