@@ -111,7 +111,8 @@ def create_app(settings: Settings, where: Connection | str, datadir: Path, web_p
 
     metrics = Metrics("tilestream_processor")
     stage = ProcessorStage.create(settings, metrics)
-    marks = ReplaySync(stage.replays, replay.MarksFollower(conn, stage.mark_keys), metrics)
+    follower = replay.MarksFollower(conn, stage.mark_keys)
+    marks = ReplaySync(stage.replays, follower, metrics)
     executor = ThreadPoolExecutor(max_workers=ps.workers_threads, thread_name_prefix="tilestream-cpu")
     observe_gc_pauses(metrics)
     liveness = Liveness(ps.stall_after_s)
@@ -134,6 +135,8 @@ def create_app(settings: Settings, where: Connection | str, datadir: Path, web_p
 
         async def send(self, outputs) -> None:
             for o in outputs:
+                if o.topic == topics.REPLAY_MARKS:
+                    follower.sent(o.key, o.value)  # before the send: read back, it is skipped
                 await faust_topics[o.topic].send(key=o.key, value=o.value)
 
     @app.agent(faust_topics[topics.FRAMES])

@@ -360,3 +360,36 @@ def test_a_replayed_tile_job_produces_no_second_feature_set(kafka, keystore, vte
 
 
 KAFKA_PARTITIONS = 6  # frames and tile-jobs partitions of KafkaSettings()
+
+
+def test_the_follower_skips_its_own_marks_and_reads_everything_else(kafka):
+    """Marks this worker sent come back unread (its state already holds them); anyone else's are
+    verified and returned, and so is a second copy of an own mark or a copy changed in any byte."""
+    from kafkaio import clients
+    from kafkaio.clients import ensure_topics
+    from tilestream import topics
+    from tilestream.config import KafkaSettings
+
+    ensure_topics(kafka.bootstrap, [t for t in topics.pipeline_topics(KafkaSettings()) if t.name == topics.REPLAY_MARKS],
+                  1)
+    mine, other = state(), state()
+    own = [encode_mark(check(mine, seq, 0, seq, camera="cam-own").mark, "k1", KEYS["k1"]) for seq in range(3)]
+    theirs = encode_mark(check(other, 7, 1, 7, camera="cam-own").mark, "k1", KEYS["k1"])
+    key, value = own[0]
+    changed = (key, value[:-1] + bytes([value[-1] ^ 1]))  # not byte-identical: verified (and refused)
+    follower = replay.MarksFollower(kafka.bootstrap, KEYS)
+    producer = clients.producer(kafka.bootstrap)
+    try:
+        follower.read_new()  # from the beginning: whatever earlier tests left
+        for k, v in own:
+            follower.sent(k, v)
+        for k, v in [*own, theirs, own[1], changed]:
+            producer.send(topics.REPLAY_MARKS, key=k, value=v).get(timeout=30)
+        refused = follower.refused
+        got = follower.read_new()
+        assert follower.own_skipped == 3
+        assert [(m.camera, m.high, m.partition) for m in got] == [("cam-own", 7, 1), ("cam-own", 1, 0)]
+        assert follower.refused == refused + 1
+    finally:
+        producer.close()
+        follower.close()
