@@ -31,6 +31,11 @@ the real agent. CPU is this process's CPU time (all threads); the table shows th
 rounds (the machine is shared: the spread is printed too). Here kafka-python puts several frames
 in one produce request, which a camera never does.
 
+What one produce request costs at camera rate, with nothing else in the process: the same
+paced loop sends pre-sealed vtest frames with the agent's producer settings (acks=all,
+idempotent, no linger) through kafka-python and, when installed (``.[bench]`` brings it with
+quixstreams), through librdkafka (confluent-kafka); CPU of all threads per frame.
+
 Last, each operation the agent adds is timed alone (median CPU per frame): HPKE seal, SHA-256,
 Ed25519 sign, spool append.
 """
@@ -333,6 +338,61 @@ def paced_agent(video: str, rate: float, warm: int, n: int, store: KeyStore, boo
     return out
 
 
+
+def paced_client(client: str, blobs: list[bytes], rate: float, warm: int, n: int, bootstrap: str) -> float:
+    """The Kafka client alone at ``rate``: one sealed frame produced per period from this thread,
+    acks=all, idempotent, no linger, as the agent's producer; CPU seconds per frame of all threads
+    over the window (what one produce request costs a camera, with no capture, crypto or spool)."""
+    from tilestream import topics
+
+    acked = [0]
+
+    def count(*_a):
+        acked[0] += 1
+
+    w = Window()
+    period, total = 1.0 / rate, warm + n
+    if client == "kafka-python":
+        from kafkaio import clients
+
+        prod = clients.producer(bootstrap, "frames", client_id="bench-client-alone", metrics_enabled=False,
+                                max_request_size=MAX_FRAME_BYTES + 64 * 1024)
+        send = lambda i: prod.send(topics.FRAMES, key=b"alone-%d" % i, value=blobs[i % len(blobs)]).add_callback(count)  # noqa: E731
+        serve = lambda: None  # noqa: E731
+        close = lambda: prod.close(timeout=10)  # noqa: E731
+    else:  # librdkafka, the same settings
+        from confluent_kafka import Producer
+
+        prod = Producer({"bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True, "linger.ms": 0,
+                         "batch.size": 1024 * 1024, "message.max.bytes": MAX_FRAME_BYTES + 64 * 1024})
+        send = lambda i: prod.produce(topics.FRAMES, key=b"alone-%d" % i, value=blobs[i % len(blobs)], on_delivery=count)  # noqa: E731
+        serve = lambda: prod.poll(0)  # noqa: E731
+        close = lambda: prod.flush(10)  # noqa: E731
+    next_at = time.monotonic()
+    for i in range(total + 1):
+        next_at += period
+        delay = next_at - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        serve()
+        if i == warm:
+            w.start()
+        elif i == total:
+            w.stop()
+            break
+        send(i)
+    close()
+    assert acked[0] == total, (client, acked[0], total)
+    return sum(w.by_role().values()) / n
+
+
+def client_names() -> list[str]:
+    try:
+        import confluent_kafka  # noqa: F401 - installed with the bench extra (quixstreams)
+        return ["kafka-python", "librdkafka"]
+    except ImportError:
+        return ["kafka-python"]
+
 PACED_ROWS = [  # (label, how to get it from one agent run's figures and the baseline)
     ("capture + encode (alone: the baseline)", lambda a, b: b),
     ("agent capture threads: capture + encode", lambda a, b: a["capture"] - a["crypto"] - a["spool append"]),
@@ -347,7 +407,7 @@ AGENT_THREADS = ("capture", "sender", "kafka-python I/O", "spool syncer", "other
 
 
 def run_paced(video: str, rates: list[float], seconds: float, reps: int, store: KeyStore, bootstrap: str,
-              tmp: Path) -> list[tuple[float, list[float], list[dict[str, float]]]]:
+              tmp: Path, blobs: list[bytes]) -> list[tuple[float, list[float], list[dict[str, float]]]]:
     out = []
     for rate in rates:
         warm, n = round(WARMUP_S * rate), round(seconds * rate)
@@ -362,6 +422,10 @@ def run_paced(video: str, rates: list[float], seconds: float, reps: int, store: 
             progress(f"  baseline {bases[-1] * 1e3:.2f} ms/frame, agent {total * 1e3:.2f} ms/frame "
                      f"(I/O thread {a.get('kafka-python I/O', 0.0) * 1e3:.2f}, sender {a.get('sender', 0.0) * 1e3:.2f}, "
                      f"crypto {a['crypto'] * 1e3:.2f}) = {total / bases[-1]:.2f}x")
+            for client in client_names():
+                progress(f"{rate:g} fps, rep {r + 1}/{reps}: {client} alone, {warm} + {n} sealed frames")
+                a[f"client: {client}"] = paced_client(client, blobs, rate, warm, n, bootstrap)
+                progress(f"  {client} alone: {a[f'client: {client}'] * 1e3:.2f} ms/frame")
         out.append((rate, bases, agents))
     return out
 
@@ -381,6 +445,9 @@ def paced_table(results) -> str:
                                                        for tt, (_, _, agents) in zip(totals, results)])
     verdicts = ["met" if med(r) <= 1.5 else "MISSED" for r in ratios]
     rows.append(["goal: ratio <= 1.5x"] + verdicts)
+    for client in client_names():
+        rows.append([f"the Kafka client alone, per produce request: {client}"]
+                    + [med([a[f"client: {client}"] for a in agents]) * 1e3 for _, _, agents in results])
     return table(head, rows)
 
 
@@ -412,7 +479,8 @@ def main() -> None:
         store.enroll("bench-cam")
         sealer = EdgeAgent(AgentSettings(camera_id="bench-cam", source=video, jpeg_quality=80), store,
                            broker.bootstrap, MAX_FRAME_BYTES, state_dir=Path(tmp) / "sealer")
-        paced_results = run_paced(video, args.rates, args.seconds, args.reps, store, broker.bootstrap, Path(tmp))
+        blobs = [sealer.seal(c.image, c.capture_ns)[1] for c in captures(video, 50)]
+        paced_results = run_paced(video, args.rates, args.seconds, args.reps, store, broker.bootstrap, Path(tmp), blobs)
         for r in range(args.rounds):
             progress(f"round {r + 1}/{args.rounds}: capture + encode, {n} frames")
             t = run_baseline(video, n)
