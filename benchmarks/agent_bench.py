@@ -1,7 +1,7 @@
 """Edge agent cost on vtest.avi at JPEG q80: capture+encode alone vs capture+encode+seal+sign+publish.
 
     python -m benchmarks.agent_bench [--rates 10 25] [--seconds 20] [--reps 2] [--frames 600] [--rounds 3]
-    python -m benchmarks.agent_bench --quick      # about a minute: 8 s per rate, 1 rep, 1 short round
+    python -m benchmarks.agent_bench --quick      # about 2 minutes: 8 s per rate, 1 rep, 1 short round
 
 Goals: issue 3, sealing, signing and publishing add at most 10% CPU over capture+encode (as fast
 as possible); issue 12 section 3, the whole agent uses at most 1.5x the CPU of capture+encode
@@ -460,7 +460,7 @@ def main() -> None:
     ap.add_argument("--frames", type=int, help="frames per as-fast-as-possible round (default 600)")
     ap.add_argument("--rounds", type=int, help="as-fast-as-possible rounds, 0: skip (default 3)")
     ap.add_argument("--quick", action="store_true",
-                    help="defaults of 8 s per rate, 1 rep, 1 round of 200 frames (about a minute)")
+                    help="defaults of 8 s per rate, 1 rep, 1 round of 200 frames (about 2 minutes)")
     args = ap.parse_args()
     for name, normal, quick in (("seconds", 20.0, 8.0), ("reps", 2, 1), ("frames", 600, 200), ("rounds", 3, 1)):
         if getattr(args, name) is None:
