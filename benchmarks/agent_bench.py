@@ -451,6 +451,32 @@ def paced_table(results) -> str:
     return table(head, rows)
 
 
+def paced_ratios(results) -> dict[str, float]:
+    """Median total / capture + encode per rate (``"10"``, ``"25"``): the issue-12 figure."""
+    return {f"{rate:g}": statistics.median(sum(a.get(k, 0.0) for k in AGENT_THREADS) / b for a, b in zip(agents, bases))
+            for rate, bases, agents in results}
+
+
+def run(rates=(10.0, 25.0), seconds: float = 15.0, reps: int = 2, quick: bool = False, broker=None) -> dict:
+    """The camera-rate measurement alone, for ``benchmarks.run_all`` (its broker given)."""
+    from benchmarks.pipeline_bench import _nullctx
+
+    if quick:
+        seconds, reps = min(seconds, 8.0), 1
+    video = str(samples.path("vtest.avi"))
+    with tempfile.TemporaryDirectory() as tmp, (local_broker() if broker is None else _nullctx(broker)) as lk:
+        store = KeyStore(Path(tmp) / "keys")
+        store.init()
+        store.enroll("bench-cam")
+        sealer = EdgeAgent(AgentSettings(camera_id="bench-cam", source=video, jpeg_quality=80), store,
+                           lk.bootstrap, MAX_FRAME_BYTES, state_dir=Path(tmp) / "sealer")
+        blobs = [sealer.seal(c.image, c.capture_ns)[1] for c in captures(video, 50)]
+        sealer.spool.close()
+        results = run_paced(video, list(rates), seconds, reps, store, lk.bootstrap, Path(tmp), blobs)
+    return {"rates": list(rates), "seconds": seconds, "reps": reps, "paced": results, "ratios": paced_ratios(results),
+            "tables": {"agent_paced": paced_table(results)}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rates", type=float, nargs="*", default=[10.0, 25.0], metavar="FPS",
