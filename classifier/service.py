@@ -183,12 +183,8 @@ class ClassifierService:
         if fresh:
             self._seed_dedup(min(fresh))
             self._unseeded -= {tp.partition for tp in batch}
-        out: list[Output] = []
-        now_ns = time.time_ns()
-        for tp, messages in batch.items():
-            for m in messages:
-                out += self.classifier.on_record(m.value, tp.partition, m.offset, now, now_ns)
-        return out
+        return self.classifier.on_records([(m.value, tp.partition, m.offset) for tp, messages in batch.items()
+                                           for m in messages], now, time.time_ns())
 
     async def _send(self, producer, outputs: list[Output]) -> None:
         """Send and wait for every acknowledgement; retry failures, raise SendFailed at the end."""

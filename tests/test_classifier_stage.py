@@ -346,3 +346,61 @@ def test_fuzz_no_record_escapes_or_lands_in_internal(model, ckeys):
     assert mac_refused >= wrappers * 0.99  # (a mutation may rarely reproduce the original record)
     refused = sum(v for (name, _), v in stage.metrics.counters.items() if name == "dead_letters_total")
     assert refused - mac_refused > (n - wrappers) // 2  # the body mutations really reached the parser and were refused
+
+
+def _frame(i: int):
+    return type("F", (Frame,), {"frame_id": f"cam/{i}", "seq": i})
+
+
+def test_frames_answered_together_are_the_frames_answered_one_by_one(model, ckeys):
+    """One poll's frames go through one model call; every output byte is what answering them one
+    record at a time gives (Ed25519 signatures are deterministic), and a copy of a record inside
+    the same poll is answered once."""
+    records = [(batch(model, frame=_frame(i)), 0, i) for i in range(6)]
+    records.insert(3, (records[1][0], 0, 99))  # a redelivered copy inside the poll
+    one_by_one = classifier(model, ckeys)
+    want = [o for v, p, off in records for o in one_by_one.on_record(v, p, off, 0.0, 7_000_000)]
+    together = classifier(model, ckeys)
+    got = together.on_records(records, 0.0, 7_000_000)
+    assert got == want and [signed(o, ckeys).frame_id for o in got] == [f"cam/{i}" for i in range(6)]
+    assert together.assembler.duplicates == 2  # the copy's two tiles
+    assert together.metrics.counter("results_total") == 6 and together.assembler.pending == {}
+
+
+def test_a_whole_frame_with_rows_out_of_order_is_answered_in_tile_order(model, ckeys):
+    tiles = [(Tile(i, 64 * (i % 2), 0, 64, 64), np.full(DIM, 3.0 * (i == 2), np.float32)) for i in (2, 0, 1)]
+    shuffled = TileBatch.make(Frame, 3, tiles, model.feature_config.digest(), 2_000)
+    [out] = classifier(model, ckeys).on_record(wrap(shuffled.to_bytes()), 0, 0, 0.0, 0)
+    r = signed(out, ckeys)
+    assert [t.index for t in r.tiles] == [0, 1, 2] and [t.label for t in r.tiles] == ["background", "background",
+                                                                                       "person"]
+
+
+def test_a_whole_frame_record_while_a_band_of_it_is_pending_is_assembled(model, ckeys):
+    stage = classifier(model, ckeys)
+    assert stage.on_record(batch(model, n_tiles=2, indices=(0,)), 0, 0, 0.0, 0) == []
+    [out] = stage.on_record(batch(model, n_tiles=2, indices=(0, 1)), 0, 1, 0.0, 0)
+    assert signed(out, ckeys).complete and stage.assembler.duplicates == 1 and stage.assembler.pending == {}
+    assert stage.on_record(batch(model, n_tiles=2, indices=(0, 1)), 0, 2, 0.0, 0) == []
+    assert stage.assembler.committable() == {0: 3}
+
+
+def test_a_frame_that_breaks_the_model_is_one_internal_dead_letter_and_the_others_are_answered(model, ckeys):
+    class Breaks(TileModel):
+        """The real model, except that it fails on rows of value 13 (a bug of ours, say)."""
+
+        def predict_proba(self, X):
+            if (X == 13).any():
+                raise FloatingPointError("boom")
+            return super().predict_proba(X)
+
+    broken = Breaks(**{f: getattr(model, f) for f in model.__dataclass_fields__})
+    bad = TileBatch.make(_frame(5), 1, [(Tile(0, 0, 0, 64, 64), np.full(DIM, 13.0, np.float32))],
+                         model.feature_config.digest(), 2_000)
+    records = [(batch(model, frame=_frame(4)), 0, 0), (wrap(bad.to_bytes()), 0, 1), (batch(model, frame=_frame(6)), 0, 2)]
+    stage = classifier(broken, ckeys)
+    out = stage.on_records(records, 0.0, 0)
+    assert [o.topic for o in out] == [topics.RESULTS, topics.DEAD_LETTERS, topics.RESULTS]
+    assert reasons(out) == ["internal"] and DeadLetter.from_json(out[1].value).source_offset == 1
+    assert [signed(o, ckeys).frame_id for o in out if o.topic == topics.RESULTS] == ["cam/4", "cam/6"]
+    assert stage.assembler.committable() == {0: 3} and stage.assembler.pending == {}
