@@ -11,7 +11,8 @@ evicted anyway (a stopped VM, a machine swapping) rejoins on the next ``getmany`
 Delivery: at least once in, exactly one result per frame out.
 
 * Offsets are committed only after every result and dead letter that depends on them was
-  acknowledged by Kafka, and never past a tile of a frame still pending (FrameAssembler).
+  acknowledged by Kafka, and never past a tile of a frame still pending (FrameAssembler); while
+  records flow, at most every ``COMMIT_EVERY_S`` (one commit per frame cost as much as reading it).
   A send that fails is retried; one that still fails stops the service with an error
   before anything is committed (a restart re-reads, nothing is lost).
 * Tiles re-read after a crash or a rebalance may belong to frames answered already: before
