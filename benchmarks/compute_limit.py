@@ -92,7 +92,7 @@ def measure(name: str, images, encoding: str, quality: int, cfg, model, store, s
             t0 = time.perf_counter()
             split(gray, cfg)
             t_tile = time.perf_counter() - t0
-            # What Faust puts on tile-features (the record's own JSON serializer).
+            # What Faust puts on tile-features (the record's binary body, TileBatch.to_bytes).
             t0 = time.perf_counter()
             values = [r.to_bytes() for r in records]
             t_ser = time.perf_counter() - t0
