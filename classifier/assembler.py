@@ -64,6 +64,19 @@ class FrameAssembler:
             return frame
         return None
 
+    def take_whole(self, frame_id: str, n_tiles: int, partition: int, offset: int) -> bool:
+        """A record that carries every tile of a frame none of whose tiles is pending: True when
+        the frame is to be answered now, False for a frame answered before (its ``n_tiles`` tiles
+        counted as duplicates, as :meth:`add` counts them). A frame taken is remembered as answered
+        at once, so a copy of the record later in the same batch is a duplicate too; it holds no
+        offset (its answer is sent before the offset can be committed)."""
+        self.seen(partition, offset)
+        if frame_id in self._emitted:
+            self.duplicates += n_tiles
+            return False
+        self.remember((frame_id,))
+        return True
+
     def seen(self, partition: int, offset: int) -> None:
         """Record that ``offset`` was read (also for records that were dead-lettered)."""
         self._seen[partition] = max(self._seen.get(partition, -1), offset)

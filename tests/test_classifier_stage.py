@@ -58,10 +58,19 @@ class Frame:
     frame_id, camera_id, seq, capture_ns, width, height = "cam/1", "cam", 1, 1_000, 128, 64
 
 
-def body(model: TileModel, n_tiles: int = 2, indices=(0, 1), dim: int = DIM, frame=Frame) -> bytes:
-    """The bare TileBatch JSON (what the MAC covers)."""
+def make(model: TileModel, n_tiles: int = 2, indices=(0, 1), dim: int = DIM, frame=Frame) -> TileBatch:
     tiles = [(Tile(i, 64 * (i % 2), 0, 64, 64), np.full(dim, float(i), np.float32)) for i in indices]
-    return TileBatch.make(frame, n_tiles, tiles, model.feature_config.digest(), 2_000).to_bytes()
+    return TileBatch.make(frame, n_tiles, tiles, model.feature_config.digest(), 2_000)
+
+
+def body(model: TileModel, **kw) -> bytes:
+    """The bare binary TileBatch body (what the MAC covers)."""
+    return make(model, **kw).to_bytes()
+
+
+def body_json(model: TileModel, **kw) -> bytes:
+    """The JSON body processors wrote before the binary one (still read: a rolling upgrade)."""
+    return make(model, **kw).to_json()
 
 
 KEYS: dict = {}  # the module's current stage key, set by the autouse fixture below
@@ -117,8 +126,8 @@ def test_a_frame_whose_tiles_stop_coming_is_answered_incomplete(model, ckeys):
     (lambda d: d.update(extra=1), "malformed"),
     (lambda d: d.pop("capture_ns"), "malformed"),
 ])
-def test_each_refusal_has_its_one_reason(model, ckeys, mutate, reason):
-    d = json.loads(body(model))
+def test_each_refusal_of_the_json_body_has_its_one_reason(model, ckeys, mutate, reason):
+    d = json.loads(body_json(model))
     mutate(d)
     stage = classifier(model, ckeys)
     out = stage.on_record(wrap(json.dumps(d).encode()), 3, 7, 0.0, 0)  # under a valid MAC: the parser decides
@@ -167,9 +176,8 @@ def _forgeries(model, ckeys, tmp_path):
         x[i] ^= 0x01
         return bytes(x)
 
-    renamed = json.loads(body(model))
-    renamed.update(frame_id="cam/2", seq=2)  # another frame's identity under the old tag
-    moved = good[:head + TAG_LEN] + json.dumps(renamed, separators=(",", ":")).encode()
+    renamed = body(model, frame=type("F", (Frame,), {"frame_id": "cam/2", "seq": 2}))
+    moved = good[:head + TAG_LEN] + renamed  # another frame's identity under the old tag
     unenrolled = body(model, frame=type("F", (Frame,), {"frame_id": "ghost/1", "camera_id": "ghost"}))
     return [
         ("unwrapped, a valid batch for a camera never enrolled", unenrolled, "bad_mac"),
@@ -177,7 +185,7 @@ def _forgeries(model, ckeys, tmp_path):
         ("MACed with a key this classifier does not hold", seal_tile_batch(body(model), other_kid, other_key),
          "unknown_key"),
         ("MACed with another key under our key id", seal_tile_batch(body(model), kid, other_key), "bad_mac"),
-        ("one byte of the JSON altered", flip(good, len(good) - 20), "bad_mac"),
+        ("one byte of the body altered", flip(good, len(good) - 20), "bad_mac"),
         ("one byte of the tag altered", flip(good, head + 3), "bad_mac"),
         ("another key id, same tag", good[:5] + (b"0123456789abcdef" if kid != "0123456789abcdef" else b"f" * 16)
          + good[head:], "unknown_key"),
@@ -307,11 +315,15 @@ def _wrapper_mutations(wrapped: bytes, rng: random.Random):
 
 
 def test_fuzz_no_record_escapes_or_lands_in_internal(model, ckeys):
-    """Two thirds: mutated JSON under a valid MAC (so the fuzz reaches the parser); one third:
-    a mutated MAC wrapper around a valid batch, which must never be accepted."""
+    """Two thirds: mutated bodies under a valid MAC (so the fuzz reaches the parser), the binary
+    body (tests/test_records_tile_batch.py's mutations) and the JSON body of before in turn; one
+    third: a mutated MAC wrapper around a valid batch, which must never be accepted."""
+    from tests.test_records_tile_batch import binary_mutations
+
     stage = classifier(model, ckeys, frame_timeout_s=1e9)
     rng = random.Random(1234)
-    json_gen = _mutations(body(model), rng)
+    json_gen = _mutations(body_json(model), rng)
+    binary_gen = binary_mutations(body(model, n_tiles=3, indices=(0, 1)), rng)
     wrapper_gen = _wrapper_mutations(batch(model), rng)
     escaped, n, wrapper_accepted, wrappers = 0, 100_000, 0, 0
     for i in range(n):
@@ -319,7 +331,7 @@ def test_fuzz_no_record_escapes_or_lands_in_internal(model, ckeys):
             wrappers += 1
             record = next(wrapper_gen)
         else:
-            record = wrap(next(json_gen))
+            record = wrap(next(binary_gen if i % 3 == 0 else json_gen))
         try:
             out = stage.on_record(record, 0, i, 0.0, 0)
         except Exception:  # noqa: BLE001 - counting what the guard let through
@@ -333,4 +345,62 @@ def test_fuzz_no_record_escapes_or_lands_in_internal(model, ckeys):
     mac_refused = sum(stage.metrics.counter("dead_letters_total", reason=r) for r in ("bad_mac", "unknown_key"))
     assert mac_refused >= wrappers * 0.99  # (a mutation may rarely reproduce the original record)
     refused = sum(v for (name, _), v in stage.metrics.counters.items() if name == "dead_letters_total")
-    assert refused - mac_refused > (n - wrappers) // 2  # the JSON mutations really reached the parser and were refused
+    assert refused - mac_refused > (n - wrappers) // 2  # the body mutations really reached the parser and were refused
+
+
+def _frame(i: int):
+    return type("F", (Frame,), {"frame_id": f"cam/{i}", "seq": i})
+
+
+def test_frames_answered_together_are_the_frames_answered_one_by_one(model, ckeys):
+    """One poll's frames go through one model call; every output byte is what answering them one
+    record at a time gives (Ed25519 signatures are deterministic), and a copy of a record inside
+    the same poll is answered once."""
+    records = [(batch(model, frame=_frame(i)), 0, i) for i in range(6)]
+    records.insert(3, (records[1][0], 0, 99))  # a redelivered copy inside the poll
+    one_by_one = classifier(model, ckeys)
+    want = [o for v, p, off in records for o in one_by_one.on_record(v, p, off, 0.0, 7_000_000)]
+    together = classifier(model, ckeys)
+    got = together.on_records(records, 0.0, 7_000_000)
+    assert got == want and [signed(o, ckeys).frame_id for o in got] == [f"cam/{i}" for i in range(6)]
+    assert together.assembler.duplicates == 2  # the copy's two tiles
+    assert together.metrics.counter("results_total") == 6 and together.assembler.pending == {}
+
+
+def test_a_whole_frame_with_rows_out_of_order_is_answered_in_tile_order(model, ckeys):
+    tiles = [(Tile(i, 64 * (i % 2), 0, 64, 64), np.full(DIM, 3.0 * (i == 2), np.float32)) for i in (2, 0, 1)]
+    shuffled = TileBatch.make(Frame, 3, tiles, model.feature_config.digest(), 2_000)
+    [out] = classifier(model, ckeys).on_record(wrap(shuffled.to_bytes()), 0, 0, 0.0, 0)
+    r = signed(out, ckeys)
+    assert [t.index for t in r.tiles] == [0, 1, 2] and [t.label for t in r.tiles] == ["background", "background",
+                                                                                       "person"]
+
+
+def test_a_whole_frame_record_while_a_band_of_it_is_pending_is_assembled(model, ckeys):
+    stage = classifier(model, ckeys)
+    assert stage.on_record(batch(model, n_tiles=2, indices=(0,)), 0, 0, 0.0, 0) == []
+    [out] = stage.on_record(batch(model, n_tiles=2, indices=(0, 1)), 0, 1, 0.0, 0)
+    assert signed(out, ckeys).complete and stage.assembler.duplicates == 1 and stage.assembler.pending == {}
+    assert stage.on_record(batch(model, n_tiles=2, indices=(0, 1)), 0, 2, 0.0, 0) == []
+    assert stage.assembler.committable() == {0: 3}
+
+
+def test_a_frame_that_breaks_the_model_is_one_internal_dead_letter_and_the_others_are_answered(model, ckeys):
+    class Breaks(TileModel):
+        """The real model, except that it fails on rows of value 13 (a bug of ours, say)."""
+
+        def predict_proba(self, X):
+            if (X == 13).any():
+                raise FloatingPointError("boom")
+            return super().predict_proba(X)
+
+    broken = Breaks(**{f: getattr(model, f) for f in model.__dataclass_fields__})
+    bad = TileBatch.make(_frame(5), 1, [(Tile(0, 0, 0, 64, 64), np.full(DIM, 13.0, np.float32))],
+                         model.feature_config.digest(), 2_000)
+    records = [(batch(model, frame=_frame(4)), 0, 0), (wrap(bad.to_bytes()), 0, 1), (batch(model, frame=_frame(6)), 0, 2)]
+    stage = classifier(broken, ckeys)
+    out = stage.on_records(records, 0.0, 0)
+    assert [o.topic for o in out] == [topics.RESULTS, topics.DEAD_LETTERS, topics.RESULTS]
+    assert reasons(out) == ["internal"] and DeadLetter.from_json(out[1].value).source_offset == 1
+    assert [signed(o, ckeys).frame_id for o in out if o.topic == topics.RESULTS] == ["cam/4", "cam/6"]
+    assert stage.assembler.committable() == {0: 3} and stage.assembler.pending == {}

@@ -17,7 +17,7 @@ from tilestream.config import AgentSettings, FeatureConfig
 from tilestream.crypto import FrameRejected
 from tilestream.envelope import FrameHeader
 from tilestream_cli.procs import Children, start_cloud_stages
-from tilestream.records import TileBatch
+from tilestream.records import WIRE_DTYPE, TileBatch
 from sampledata import iter_video_frames
 
 from conftest import child_env, mac_keys, metric, read_topic, result_keys, wait_for
@@ -58,7 +58,8 @@ def test_bands_give_exactly_the_whole_frame_features(cfg, vtest_path):
     for i, rec in got.items():
         t, v = whole[i]
         assert (rec.x, rec.y, rec.w, rec.h, rec.n_tiles) == (t.x, t.y, t.w, t.h, len(whole))
-        np.testing.assert_array_equal(rec.vector(), v.astype("<f4"))
+        # As the whole frame's record carries it: the wire dtype (tilestream.records.WIRE_DTYPE).
+        np.testing.assert_array_equal(rec.vector(), v.astype(WIRE_DTYPE).astype("<f4"))
 
 
 def test_tampered_or_foreign_tile_jobs_are_refused():
