@@ -34,8 +34,10 @@ Tile batches are MACed with the stage key (:mod:`tilestream.stagekeys`, the curr
 across rotations) as they are sent: the classifier believes only what a processor wrote.
 
 Delivery: at least once. Faust commits a frame's offset after its tile records (and then its
-mark) were handed to the producer; a worker killed before that commit has its frames re-read
-by the next owner.
+mark) were handed to the producer and flushed; a worker killed before that commit has its frames
+re-read by the next owner. A rebalance commits what was finished first (our transport: Faust
+itself forgot it, and the next owner processed up to a second's frames again; a re-read frame is
+a ``redelivery``, processed in full, counted in ``redeliveries_total``).
 """
 
 from __future__ import annotations
@@ -90,8 +92,8 @@ def create_app(settings: Settings, where: Connection | str, datadir: Path, web_p
         producer_max_request_size=settings.kafka.max_frame_bytes + 64 * 1024,
         consumer_max_fetch_size=settings.kafka.max_frame_bytes + 64 * 1024,
         consumer_auto_offset_reset="earliest",
-        broker_commit_every=100,
-        broker_commit_interval=1.0,
+        broker_commit_every=ps.commit_every,
+        broker_commit_interval=ps.commit_interval_s,
         broker_session_timeout=ps.session_timeout_s,
         # Not Faust's 90 s: a heartbeat or commit to a hung coordinator gives up after 10 s, not at SIGCONT
         # (kafkaio.aio.CONSUMER_REQUEST_TIMEOUT_MS); Faust refuses one below the session timeout.
@@ -189,6 +191,7 @@ def create_app(settings: Settings, where: Connection | str, datadir: Path, web_p
         metrics.set("assigned_partitions", float(held))
         metrics.set("seconds_since_record", liveness.seconds_since_record())
         metrics.set("rebalance_acks_refused", float(getattr(app.consumer, "refused_acks", 0)))
+        metrics.set("revoke_commits", float(getattr(app.consumer, "revoke_commits", 0)))
         for key, value in lag.items():
             metrics.set("consumer_lag", value, partition=key)
         snap = snapshots.take(
