@@ -99,11 +99,13 @@ def test_frames_finished_before_a_rebalance_are_not_processed_again(kafka, keyst
 
         redelivered = sum(metric(p, "tilestream_processor_redeliveries_total") for p in (port1, port2))
         processed = sum(metric(p, "tilestream_processor_frames_total") for p in (port1, port2))
+        waits = sum(metric(p, "tilestream_processor_frame_wait_seconds_count") for p in (port1, port2))
     finally:
         producer.close()
         children.stop_all()
 
     assert redelivered == 0, f"{redelivered:.0f} frames finished before the rebalance were processed again"
     assert processed == FRAMES_BEFORE + PARTITIONS
+    assert waits == processed  # every frame's wait since the broker's append (frames: LogAppendTime)
     got = batches()
     assert sorted(got) == sorted(h.frame_id for h, _ in sealed) and set(got.values()) == {1}, got
