@@ -218,6 +218,8 @@ class ProcessorStage:
             f.rejected = FrameRejected(verdict.kind, f"frame {h.frame_id}: {verdict.detail}", h)
         else:
             f.verdict = verdict
+            if verdict.kind == "redelivery":  # processed again: the work Faust's commits did not cover
+                self.metrics.inc("redeliveries_total")
         f.t_checked = time.perf_counter()
 
     def _open_frame(self, f: _Frame) -> None:

@@ -99,6 +99,25 @@ def test_the_faust_ack_hole_our_transport_guards_is_still_there_and_the_guard_is
     assert consumer.ack(Message()) is False and consumer.refused_acks == 2  # during a rebalance
 
 
+def test_faust_still_forgets_revoked_acks_before_its_revocation_commit():
+    """Pins what GuardedConsumer.on_partitions_revoked works around (faust/transport/consumer.py): the
+    revoked partitions' acked offsets are dropped before the app's revocation (which commits) runs, and
+    Faust's commit takes only contiguous acks above the last commit and flushes the producer first
+    (the at-least-once our early commit relies on). If an upgrade changes either, look again."""
+    import inspect
+
+    from faust.transport.consumer import Consumer
+
+    from stream_processor import transport
+
+    revoked = inspect.getsource(Consumer.on_partitions_revoked)
+    assert revoked.index("self._acked.pop(tp, None)") < revoked.index("await T(self._on_partitions_revoked")
+    assert "if min(acked) - committed_offset > 1:" in inspect.getsource(Consumer._new_offset)
+    commit = inspect.getsource(Consumer._commit_offsets)
+    assert commit.index("await self.app.producer.flush()") < commit.index("did_commit = await self._commit(")
+    assert "on_partitions_revoked" in vars(transport.GuardedConsumer)
+
+
 def test_the_faust_producer_is_idempotent_and_requeues_only_what_was_never_queued(tmp_path):
     """Pins what stream_processor/transport.py's IdempotentProducer relies on: Faust wraps a
     KafkaError of aiokafka's send() in ProducerSendError ``from`` it, and aiokafka retries (never

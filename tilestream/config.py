@@ -175,6 +175,10 @@ class ProcessorSettings:
     replay_window_seqs: int = 65536
     replay_sync_interval_s: float = 0.5
     metrics_interval_s: float = 2.0
+    # Faust's periodic offset commit: every commit_interval_s, or after commit_every acked records
+    # (each commit flushes the producer first). A rebalance commits too (stream_processor.transport).
+    commit_interval_s: float = 1.0
+    commit_every: int = 100
     # How fast a dead worker's partitions move to the others (Faust's default is 60 s).
     session_timeout_s: float = 10.0
     # Frames of at least this many pixels are split into bands of tile rows that go through the
