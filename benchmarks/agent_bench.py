@@ -457,6 +457,17 @@ def paced_ratios(results) -> dict[str, float]:
             for rate, bases, agents in results}
 
 
+def enrolled_camera(tmp: Path, video: str, bootstrap: str) -> tuple[KeyStore, EdgeAgent, list[bytes]]:
+    """A fresh key store with camera ``bench-cam`` enrolled, an agent that seals for it, and 50 of the
+    video's frames sealed by it (the client-alone runs send these)."""
+    store = KeyStore(tmp / "keys")
+    store.init()
+    store.enroll("bench-cam")
+    sealer = EdgeAgent(AgentSettings(camera_id="bench-cam", source=video, jpeg_quality=80), store,
+                       bootstrap, MAX_FRAME_BYTES, state_dir=tmp / "sealer")
+    return store, sealer, [sealer.seal(c.image, c.capture_ns)[1] for c in captures(video, 50)]
+
+
 def run(rates=(10.0, 25.0), seconds: float = 15.0, reps: int = 2, quick: bool = False, broker=None) -> dict:
     """The camera-rate measurement alone, for ``benchmarks.run_all`` (its broker given)."""
     from benchmarks.pipeline_bench import _nullctx
@@ -465,12 +476,7 @@ def run(rates=(10.0, 25.0), seconds: float = 15.0, reps: int = 2, quick: bool = 
         seconds, reps = min(seconds, 8.0), 1
     video = str(samples.path("vtest.avi"))
     with tempfile.TemporaryDirectory() as tmp, (local_broker() if broker is None else _nullctx(broker)) as lk:
-        store = KeyStore(Path(tmp) / "keys")
-        store.init()
-        store.enroll("bench-cam")
-        sealer = EdgeAgent(AgentSettings(camera_id="bench-cam", source=video, jpeg_quality=80), store,
-                           lk.bootstrap, MAX_FRAME_BYTES, state_dir=Path(tmp) / "sealer")
-        blobs = [sealer.seal(c.image, c.capture_ns)[1] for c in captures(video, 50)]
+        store, sealer, blobs = enrolled_camera(Path(tmp), video, lk.bootstrap)
         sealer.spool.close()
         results = run_paced(video, list(rates), seconds, reps, store, lk.bootstrap, Path(tmp), blobs)
     return {"rates": list(rates), "seconds": seconds, "reps": reps, "paced": results, "ratios": paced_ratios(results),
@@ -500,12 +506,7 @@ def main() -> None:
     wall: dict[str, list[float]] = {k: [] for k in cpu}
     threads: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory() as tmp, local_broker() as broker:
-        store = KeyStore(Path(tmp) / "keys")
-        store.init()
-        store.enroll("bench-cam")
-        sealer = EdgeAgent(AgentSettings(camera_id="bench-cam", source=video, jpeg_quality=80), store,
-                           broker.bootstrap, MAX_FRAME_BYTES, state_dir=Path(tmp) / "sealer")
-        blobs = [sealer.seal(c.image, c.capture_ns)[1] for c in captures(video, 50)]
+        store, sealer, blobs = enrolled_camera(Path(tmp), video, broker.bootstrap)
         paced_results = run_paced(video, args.rates, args.seconds, args.reps, store, broker.bootstrap, Path(tmp), blobs)
         for r in range(args.rounds):
             progress(f"round {r + 1}/{args.rounds}: capture + encode, {n} frames")
