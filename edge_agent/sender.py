@@ -84,6 +84,9 @@ class FrameSender:
         self._failed: list[int] = []
         self._sent_at: dict[int, float] = {}
         self._backoff = Backoff(0.5, settings.backoff_max_s)
+        # Between producers dropped after a fatal error (a revoked camera: every new producer is refused
+        # its idempotence id at once); reset by the first acknowledged frame.
+        self._fatal_backoff = Backoff(0.5, settings.backoff_max_s)
         self._need_reconcile = spool.frames > 0  # frames left by a previous run may already be on the topic
         self._last_heartbeat = 0.0
         self._last_offsets_save = time.monotonic()
@@ -117,6 +120,8 @@ class FrameSender:
         s = self.settings
         if self._fatal:
             self._drop_producer()
+            self.stop.wait(self._fatal_backoff.next())
+            return
         if self.producer is None and not self._connect():
             return
         self.producer.poll(0)  # delivery reports and errors: on_ack / on_error / _on_client_error here
@@ -235,6 +240,7 @@ class FrameSender:
         self.spool.ack(entry_id)
         self.counters.sent += 1
         self.connected = True
+        self._fatal_backoff.reset()
         self.metrics.observe("send_seconds", time.monotonic() - self._sent_at.pop(entry_id, time.monotonic()))
         if self.on_sent:
             self.on_sent(key)
