@@ -225,18 +225,32 @@ class FrameSender:
             self.on_error(e.id, exc)
 
     def _delivered(self, entry_id: int, key: bytes, err, msg) -> None:
-        """librdkafka's delivery report of one frame (served by poll in the sender thread)."""
-        if err is None:
-            self.on_ack(entry_id, key, msg.partition(), msg.offset())
-        else:
-            self.on_error(entry_id, rdkafka.as_exception(err))
+        """librdkafka's delivery report of one frame (served by poll in the sender thread: an
+        exception here would leave poll and end the thread, so none does)."""
+        try:
+            if err is None:
+                self.on_ack(entry_id, key, msg.partition(), msg.offset())
+            else:
+                self.on_error(entry_id, rdkafka.as_exception(err))
+        except Exception:  # noqa: BLE001 - a bug here must not stop delivery; the entry stays spooled
+            log.exception(json.dumps({"event": "delivery_report_failed", "entry": entry_id}))
 
-    def on_ack(self, entry_id: int, key: bytes, partition: int, offset: int) -> None:
+    def on_ack(self, entry_id: int, key: bytes, partition: int, offset: int | None) -> None:
+        """Kafka has the frame at ``offset`` of ``partition``. ``offset`` None (or negative):
+        written, offset unknown — librdkafka says so when a retry's answer is "duplicate
+        sequence" (the first attempt was written while its answer was lost: seen after a 30 s
+        SIGSTOP of the leader). Reports come in send order per partition, so the frame lies past
+        every offset acknowledged on that partition so far: that is where reconciliation must
+        start for it (see save_offsets)."""
         with self._lock:
             if self._in_flight.pop(entry_id, None) is None:
                 return  # not ours any more (its producer was dropped): back in the spool already
-            self._max_acked[partition] = max(self._max_acked.get(partition, -1), offset)
-            self._acked_past_head[entry_id] = (partition, offset)
+            if offset is None or offset < 0:
+                self._acked_past_head[entry_id] = (partition, self._max_acked.get(
+                    partition, self._reconcile_from.get(partition, 0) - 1) + 1)
+            else:
+                self._max_acked[partition] = max(self._max_acked.get(partition, -1), offset)
+                self._acked_past_head[entry_id] = (partition, offset)
         self.spool.ack(entry_id)
         self.counters.sent += 1
         self.connected = True
