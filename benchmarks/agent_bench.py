@@ -11,8 +11,10 @@ per frame at camera rate (vtest's own 10 fps, and 25 fps).
 alternate on the same frames, paced by the same clock (one frame every 1/rate s, like a camera):
 
 1. capture + encode alone (the baseline),
-2. the real agent (``EdgeAgent.run``: capture thread, sender thread, kafka-python's I/O thread,
-   the spool's syncer; acks=all and idempotence) publishing to a local broker.
+2. the real agent (``EdgeAgent.run``: capture thread, sender thread, the Kafka client's I/O
+   threads (librdkafka's ``rdk:main`` and ``rdk:broker<n>``, native threads told apart by their
+   kernel name; kafka-python's ``<client_id>-network-thread`` before), the spool's syncer;
+   acks=all and idempotence) publishing to a local broker.
 
 Both are measured over a steady window: from the arrival of frame ``rate * 3`` (the producer is
 connected, the first heartbeat and metadata are done) to the arrival of ``--seconds * rate``
@@ -92,7 +94,7 @@ class ThreadCpu:
                 continue
             t = int(tid)
             self.start.setdefault(t, cpu)
-            self.last[t] = (names.get(t) or self.last.get(t, ("?", 0.0))[0], cpu)
+            self.last[t] = (names.get(t) or self.last.get(t, (native_name(t), 0.0))[0], cpu)
 
     def _run(self) -> None:
         self._me = threading.get_native_id()
@@ -112,7 +114,7 @@ class ThreadCpu:
         self._sample()
 
     def by_role(self) -> dict[str, float]:
-        """CPU seconds used inside the block by the capture / sender / kafka-python I/O / other threads."""
+        """CPU seconds used inside the block by the capture / sender / Kafka client I/O / other threads."""
         out: dict[str, float] = {}
         main = threading.main_thread().native_id
         for tid, (name, cpu) in self.last.items():
@@ -122,10 +124,10 @@ class ThreadCpu:
                 role = "capture (main thread)"
             elif name.startswith("tilestream-sender"):
                 role = "sender"
-            elif name.endswith("-network-thread"):  # kafka-python's producer I/O thread: <client_id>-network-thread
-                role = "kafka-python I/O"
+            elif name.endswith("-network-thread") or name.startswith("?rdk:"):  # kafka-python's, librdkafka's
+                role = "Kafka client I/O"
             else:
-                role = "other (spool sync, kafka-python metadata)"
+                role = "other (spool sync, FFmpeg decoder)"
             out[role] = out.get(role, 0.0) + cpu - self.start.get(tid, cpu)
         return out
 
@@ -208,6 +210,14 @@ def per_frame_operations(video: str, n: int, sealer: EdgeAgent, spool_dir: Path)
 WARMUP_S = 3.0  # frames before the window: producer connected, first heartbeat and metadata done
 
 
+def native_name(tid: int | str) -> str:
+    """A thread unknown to Python: "?" plus its kernel name (``comm``, e.g. librdkafka's ``rdk:broker1``)."""
+    try:
+        return "?" + Path(f"/proc/self/task/{tid}/comm").read_text().strip()
+    except OSError:
+        return "?"
+
+
 def thread_cpu() -> dict[int, tuple[str, float]]:
     """CPU seconds (user + system, scheduler nanoseconds) of every thread of this process now."""
     names = {t.native_id: t.name for t in threading.enumerate()}
@@ -217,19 +227,21 @@ def thread_cpu() -> dict[int, tuple[str, float]]:
             cpu = int(Path(f"/proc/self/task/{tid}/schedstat").read_text().split()[0]) / 1e9
         except (OSError, ValueError, IndexError):
             continue
-        out[int(tid)] = (names.get(int(tid), "?"), cpu)
+        out[int(tid)] = (names.get(int(tid)) or native_name(tid), cpu)
     return out
 
 
 def role(tid: int, name: str) -> str:
-    # Threads unknown to Python are native: FFmpeg's decoder thread (about 0.1 ms per vtest frame),
-    # which the capture + encode baseline has as well.
-    if tid == threading.main_thread().native_id or name == "?":
+    if name.startswith("?rdk:"):  # librdkafka's threads (native): rdk:main, rdk:broker<n>, rdk:bootstrap
+        return "Kafka client I/O"
+    # Other threads unknown to Python are native: FFmpeg's decoder thread (about 0.1 ms per vtest
+    # frame), which the capture + encode baseline has as well.
+    if tid == threading.main_thread().native_id or name.startswith("?"):
         return "capture"
     if name.startswith("tilestream-sender"):
         return "sender"
     if name.endswith("-network-thread"):  # kafka-python's producer I/O thread: <client_id>-network-thread
-        return "kafka-python I/O"
+        return "Kafka client I/O"
     if name.startswith("spool-sync"):
         return "spool syncer"
     return "other"
@@ -398,12 +410,12 @@ PACED_ROWS = [  # (label, how to get it from one agent run's figures and the bas
     ("agent capture threads: capture + encode", lambda a, b: a["capture"] - a["crypto"] - a["spool append"]),
     ("agent capture threads: crypto (seal + digest + sign)", lambda a, b: a["crypto"]),
     ("agent capture threads: spool append", lambda a, b: a["spool append"]),
-    ("sender thread (spool hand-out, producer.send, acks)", lambda a, b: a.get("sender", 0.0)),
-    ("kafka-python I/O thread", lambda a, b: a.get("kafka-python I/O", 0.0)),
+    ("sender thread (spool hand-out, produce, delivery reports)", lambda a, b: a.get("sender", 0.0)),
+    ("Kafka client I/O threads (librdkafka rdk:*)", lambda a, b: a.get("Kafka client I/O", 0.0)),
     ("spool syncer thread", lambda a, b: a.get("spool syncer", 0.0)),
     ("other threads", lambda a, b: a.get("other", 0.0)),
 ]
-AGENT_THREADS = ("capture", "sender", "kafka-python I/O", "spool syncer", "other")
+AGENT_THREADS = ("capture", "sender", "Kafka client I/O", "spool syncer", "other")
 
 
 def run_paced(video: str, rates: list[float], seconds: float, reps: int, store: KeyStore, bootstrap: str,
@@ -420,7 +432,7 @@ def run_paced(video: str, rates: list[float], seconds: float, reps: int, store: 
             a = agents[-1]
             total = sum(a.get(k, 0.0) for k in AGENT_THREADS)
             progress(f"  baseline {bases[-1] * 1e3:.2f} ms/frame, agent {total * 1e3:.2f} ms/frame "
-                     f"(I/O thread {a.get('kafka-python I/O', 0.0) * 1e3:.2f}, sender {a.get('sender', 0.0) * 1e3:.2f}, "
+                     f"(client I/O {a.get('Kafka client I/O', 0.0) * 1e3:.2f}, sender {a.get('sender', 0.0) * 1e3:.2f}, "
                      f"crypto {a['crypto'] * 1e3:.2f}) = {total / bases[-1]:.2f}x")
             for client in client_names():
                 progress(f"{rate:g} fps, rep {r + 1}/{reps}: {client} alone, {warm} + {n} sealed frames")

@@ -1,19 +1,33 @@
 """The agent's sender: spooled frames -> Kafka, each acknowledged in the spool once Kafka acknowledged it.
 
 One object, :class:`FrameSender`, whose :meth:`~FrameSender.step` is one turn of the sender
-thread (connect, heartbeat, save offsets, retry, reconcile, send what fits in flight) and whose
-:meth:`~FrameSender.send` hands one spooled entry to the producer; Kafka's answers come back
-through :meth:`~FrameSender.on_ack` / :meth:`~FrameSender.on_error` (kafka-python's I/O thread).
+thread (connect, serve Kafka's answers, heartbeat, save offsets, retry, reconcile, send what fits
+in flight) and whose :meth:`~FrameSender.send` hands one spooled entry to the producer; Kafka's
+answers come back through :meth:`~FrameSender.on_ack` / :meth:`~FrameSender.on_error`, librdkafka
+delivery reports served by ``producer.poll`` in :meth:`~FrameSender.step`, so in the sender thread.
 
-* The producer is kafkaio's ``frames`` profile (``acks=all``, idempotent) and is made lazily: a
-  broker that does not answer leaves the agent spooling, retried with capped backoff.
+* The producer is librdkafka's (confluent-kafka, :mod:`kafkaio.rdkafka`) with kafkaio's ``frames``
+  profile (``acks=all``, idempotent, no linger). Why not kafka-python, the library of the other
+  synchronous clients: at camera rate one produce request cost it 1.33-1.36 CPU ms (about 1,500
+  Python calls per request in its I/O thread) against librdkafka's 0.29-0.31 ms with the same
+  settings, and crypto + spool + syncer already use ~0.72 of the 1.07 ms per vtest frame that the
+  agent may add to capture + encode (1.5x; ``python -m benchmarks.agent_bench``). With
+  kafka-python the agent cost 2.10x capture + encode at 10 fps and 1.91x at 25 fps.
+* The producer is made lazily and kept only once a broker answered (a metadata request, see
+  :meth:`~FrameSender._connect`): a broker that does not answer leaves the agent spooling,
+  retried with capped backoff. A fatal producer error (librdkafka's idempotence state is lost)
+  drops the producer: what it had in flight goes back to the spool and a new one reconciles first.
 * At most ``max_in_flight`` entries are with the producer; an entry whose send failed is
   released back to the spool and sent again after a reconciliation.
 * No duplicates on the topic: within one producer session the idempotent producer de-duplicates
-  its own retries. Across sessions (agent restart after ``kill -9``, or a delivery timeout) the
-  sender first *reconciles*: it reads the ``frames`` partitions from the offsets it saved (see
-  :meth:`~FrameSender.save_offsets`) and drops from the spool every frame whose key *and bytes*
-  are already on the topic (:func:`frames_on_topic`).
+  its own retries (and keeps each partition in send order). Across sessions (agent restart after
+  ``kill -9``, a delivery timeout, a producer dropped after a fatal error) the sender first
+  *reconciles*, once nothing is in flight any more: it reads the ``frames`` partitions from the
+  offsets it saved (see :meth:`~FrameSender.save_offsets`) and drops from the spool every frame
+  whose key *and bytes* are already on the topic (:func:`frames_on_topic`).
+* No frame is lost while the broker is away: an entry leaves the spool only when Kafka
+  acknowledged it (its delivery report says so); librdkafka retries until the delivery timeout,
+  then reports the failure and the entry goes back to the spool.
 """
 
 from __future__ import annotations
@@ -26,7 +40,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from kafkaio import Connection, clients
+from kafkaio import Connection, clients, rdkafka
 from tilestream import __version__, envelope, topics
 from tilestream.config import AgentSettings
 from tilestream.metrics import Metrics
@@ -40,8 +54,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tilestream.agent")
 
-# How long a kafka-python client may block at creation waiting for a broker.
+# How long a client may wait for a broker's first answer (the producer's connect check, the
+# reconciliation reader's bootstrap). Bounded so that a SIGTERM while the broker is away is
+# honoured within seconds (kafka-python's default 30 s outlived the drain timeout and systemd's
+# stop timeout).
 BOOTSTRAP_TIMEOUT_MS = 5000
+# Longest the sender thread waits in producer.poll for Kafka's answer while nothing else is due: an
+# answer or a new frame ends the wait sooner (see step).
+POLL_WAIT_S = 0.1
 
 
 class FrameSender:
@@ -59,11 +79,14 @@ class FrameSender:
         self.on_sent: Callable[[bytes], None] | None = None  # called with a frame's key once Kafka has it
         self.producer = None
         self.connected = False
-        self._lock = threading.Lock()  # in_flight, failed and the offsets below: kafka-python's I/O thread writes them
+        self._lock = threading.Lock()  # in_flight, failed and the offsets below: delivery reports write them
         self._in_flight: dict[int, bool] = {}
         self._failed: list[int] = []
         self._sent_at: dict[int, float] = {}
         self._backoff = Backoff(0.5, settings.backoff_max_s)
+        # Between producers dropped after a fatal error (a revoked camera: every new producer is refused
+        # its idempotence id at once); reset by the first acknowledged frame.
+        self._fatal_backoff = Backoff(0.5, settings.backoff_max_s)
         self._need_reconcile = spool.frames > 0  # frames left by a previous run may already be on the topic
         self._last_heartbeat = 0.0
         self._last_offsets_save = time.monotonic()
@@ -73,6 +96,7 @@ class FrameSender:
         self._reconcile_from: dict[int, int] = self._load_offsets()
         self._max_acked: dict[int, int] = {}
         self._acked_past_head: dict[int, tuple[int, int]] = {}  # entry id -> (partition, offset)
+        self._fatal: str | None = None  # set by a fatal producer error: the producer is dropped in step
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> None:
@@ -81,16 +105,27 @@ class FrameSender:
         while not self.stop.is_set():
             self.step()
         deadline = time.monotonic() + 10
-        while self._in_flight and time.monotonic() < deadline:
-            time.sleep(0.05)
+        while self._in_flight and self.producer is not None and time.monotonic() < deadline:
+            self.producer.poll(0.05)
 
     def step(self) -> None:
-        """One turn: connect if needed, heartbeat and save offsets when due, release failed sends,
-        reconcile when needed, then send what fits in flight (waits at most ~0.1 s for frames)."""
+        """One turn: connect if needed, serve Kafka's answers, heartbeat and save offsets when due,
+        release failed sends, reconcile when needed, then send what fits in flight.
+
+        Waits at most ~0.1 s: for a frame when nothing is in flight (in the spool), else for
+        Kafka's answer (in ``producer.poll``, which returns as soon as a delivery report was
+        served). At camera rate the answer comes a few ms after the send, long before the next
+        frame; while a backlog drains the spool always has frames and nothing waits.
+        """
         s = self.settings
-        now = time.monotonic()
+        if self._fatal:
+            self._drop_producer()
+            self.stop.wait(self._fatal_backoff.next())
+            return
         if self.producer is None and not self._connect():
             return
+        self.producer.poll(0)  # delivery reports and errors: on_ack / on_error / _on_client_error here
+        now = time.monotonic()
         if now - self._last_heartbeat >= s.heartbeat_interval_s:
             self.publish_heartbeat()
             self._last_heartbeat = now
@@ -105,7 +140,7 @@ class FrameSender:
             self._need_reconcile = True
         if self._need_reconcile:
             if busy:  # let what is in flight finish first, so the topic shows everything sent
-                time.sleep(0.05)
+                self.producer.poll(0.05)
                 return
             try:
                 self.reconcile()
@@ -117,15 +152,21 @@ class FrameSender:
                 self.stop.wait(delay)
                 return
         room = s.max_in_flight - busy
-        entries = self.spool.peek(room, timeout=0.1) if room > 0 else []
-        if not entries and room <= 0:
-            time.sleep(0.01)
+        entries = self.spool.peek(room, timeout=0 if busy else POLL_WAIT_S) if room > 0 else []
+        if not entries and busy:
+            self.producer.poll(POLL_WAIT_S)
         for e in entries:
             self.send(e)
 
     def _connect(self) -> bool:
         try:
-            self.producer = self._make_producer()  # raises unless a broker answered
+            p = self._make_producer()
+            try:
+                rdkafka.check_connected(p, BOOTSTRAP_TIMEOUT_MS / 1000)  # raises unless a broker answered
+            except BaseException:
+                p.purge()
+                raise
+            self.producer = p
             self.connected = True
             self._backoff.reset()
             return True
@@ -138,20 +179,38 @@ class FrameSender:
             return False
 
     def _make_producer(self):
-        return clients.producer(
+        return rdkafka.producer(
             self.conn, "frames", client_id=f"tilestream-agent-{self.settings.camera_id}",
-            max_request_size=self.max_frame_bytes + 64 * 1024,
+            max_request_bytes=self.max_frame_bytes + 64 * 1024,
             delivery_timeout_ms=int(self.settings.delivery_timeout_s * 1000),
-            request_timeout_ms=10000,
-            max_block_ms=10000,
-            # Bounded so that a SIGTERM while the broker is away is honoured within seconds (the
-            # default 30 s outlived the drain timeout and systemd's stop timeout).
-            bootstrap_timeout_ms=BOOTSTRAP_TIMEOUT_MS,
             reconnect_backoff_max_ms=int(self.settings.backoff_max_s * 1000),
-            # kafka-python's own client metrics (sensors updated on every request) are read by
-            # nobody here (the agent counts what it needs itself) and cost CPU on every frame.
-            metrics_enabled=False,
+            error_cb=self._on_client_error, logger=logging.getLogger("tilestream.agent.kafka"),
         )
+
+    def _on_client_error(self, err) -> None:
+        """librdkafka's errors outside a delivery report (served by poll, in the sender thread):
+        all brokers down, authentication refused, and fatal ones (the idempotent producer's state
+        is lost: this producer cannot go on, see _drop_producer)."""
+        if err.fatal():
+            self._fatal = err.str()
+        if rdkafka.means_disconnected(err):
+            self.connected = False
+        log.warning(json.dumps({"event": "kafka_client_error", "error": err.str(), "fatal": bool(err.fatal())}))
+
+    def _drop_producer(self) -> None:
+        """Leave a producer that hit a fatal error: what it had in flight gets no answer any more,
+        so it goes back to the spool (released in step) and the next producer reconciles first."""
+        log.warning(json.dumps({"event": "producer_dropped", "error": self._fatal}))
+        p, self.producer, self._fatal = self.producer, None, None
+        if p is not None:
+            try:
+                p.purge()
+            except Exception:  # noqa: BLE001 - a producer in a fatal state may refuse even this
+                pass
+        with self._lock:
+            self._failed.extend(self._in_flight)
+            self._in_flight.clear()
+        self.connected = False
 
     # -- one entry --------------------------------------------------------------------------
     def send(self, e: Entry) -> None:
@@ -160,28 +219,50 @@ class FrameSender:
             self._in_flight[e.id] = True
         self._sent_at[e.id] = time.monotonic()
         try:
-            fut = self.producer.send(topics.FRAMES, key=e.key, value=e.value)
-        except Exception as exc:  # noqa: BLE001 - buffer full / closed: retry the entry later
+            self.producer.produce(topics.FRAMES, key=e.key, value=e.value,
+                                  on_delivery=lambda err, msg, eid=e.id, key=e.key: self._delivered(eid, key, err, msg))
+        except Exception as exc:  # noqa: BLE001 - local queue full, record too large: retry the entry later
             self.on_error(e.id, exc)
-            return
-        fut.add_callback(lambda md, eid=e.id, key=e.key: self.on_ack(eid, key, md))
-        fut.add_errback(lambda exc, eid=e.id: self.on_error(eid, exc))
 
-    def on_ack(self, entry_id: int, key: bytes, md) -> None:
+    def _delivered(self, entry_id: int, key: bytes, err, msg) -> None:
+        """librdkafka's delivery report of one frame (served by poll in the sender thread: an
+        exception here would leave poll and end the thread, so none does)."""
+        try:
+            if err is None:
+                self.on_ack(entry_id, key, msg.partition(), msg.offset())
+            else:
+                self.on_error(entry_id, rdkafka.as_exception(err))
+        except Exception:  # noqa: BLE001 - a bug here must not stop delivery; the entry stays spooled
+            log.exception(json.dumps({"event": "delivery_report_failed", "entry": entry_id}))
+
+    def on_ack(self, entry_id: int, key: bytes, partition: int, offset: int | None) -> None:
+        """Kafka has the frame at ``offset`` of ``partition``. ``offset`` None (or negative):
+        written, offset unknown — librdkafka says so when a retry's answer is "duplicate
+        sequence" (the first attempt was written while its answer was lost: seen after a 30 s
+        SIGSTOP of the leader). Reports come in send order per partition, so the frame lies past
+        every offset acknowledged on that partition so far: that is where reconciliation must
+        start for it (see save_offsets)."""
         with self._lock:
-            self._in_flight.pop(entry_id, None)
-            self._max_acked[md.partition] = max(self._max_acked.get(md.partition, -1), md.offset)
-            self._acked_past_head[entry_id] = (md.partition, md.offset)
+            if self._in_flight.pop(entry_id, None) is None:
+                return  # not ours any more (its producer was dropped): back in the spool already
+            if offset is None or offset < 0:
+                self._acked_past_head[entry_id] = (partition, self._max_acked.get(
+                    partition, self._reconcile_from.get(partition, 0) - 1) + 1)
+            else:
+                self._max_acked[partition] = max(self._max_acked.get(partition, -1), offset)
+                self._acked_past_head[entry_id] = (partition, offset)
         self.spool.ack(entry_id)
         self.counters.sent += 1
         self.connected = True
+        self._fatal_backoff.reset()
         self.metrics.observe("send_seconds", time.monotonic() - self._sent_at.pop(entry_id, time.monotonic()))
         if self.on_sent:
             self.on_sent(key)
 
     def on_error(self, entry_id: int, exc: Exception) -> None:
         with self._lock:
-            self._in_flight.pop(entry_id, None)
+            if self._in_flight.pop(entry_id, None) is None:
+                return  # already released with its dropped producer
             self._failed.append(entry_id)
         self._sent_at.pop(entry_id, None)
         self.counters.send_errors += 1
@@ -216,19 +297,22 @@ class FrameSender:
             spool_frames=self.spool.frames, spool_bytes=self.spool.live_bytes, status=status,
         )
         try:
-            fut = self.producer.send(topics.HEARTBEATS, key=self.settings.camera_id.encode(), value=hb.to_json())
-            fut.add_callback(lambda _md: setattr(self, "connected", True))
-            fut.add_errback(lambda _exc: setattr(self, "connected", False))
+            self.producer.produce(topics.HEARTBEATS, key=self.settings.camera_id.encode(), value=hb.to_json(),
+                                  on_delivery=lambda err, _msg: setattr(self, "connected", err is None))
             self.counters.heartbeats += 1
         except Exception as exc:  # noqa: BLE001 - a missed heartbeat is not worth a crash
             log.warning(json.dumps({"event": "heartbeat_failed", "error": str(exc)}))
 
     def close(self) -> None:
+        """Give what is queued (the last heartbeat, frames in flight) up to 5 s to be delivered,
+        then drop the rest: unacknowledged frames stay in the spool for the next run. Called by
+        the agent once the sender thread has ended, so the delivery reports served by flush
+        here race with nobody."""
         if self.producer is not None:
             try:
-                self.producer.flush(timeout=5)
-                self.producer.close(timeout=5)
-            except Exception:  # noqa: BLE001 - closing a producer to a dead broker may time out
+                if self.producer.flush(5):
+                    self.producer.purge()  # a dead broker: leave now, without their reports
+            except Exception:  # noqa: BLE001 - closing a producer to a dead broker may fail
                 pass
             self.producer = None
 

@@ -14,15 +14,21 @@ Which client library where (the rule):
   logged ``assigned`` sent no heartbeat, was dropped after its 10 s session timeout and then
   spun in ``poll()`` at ~93 % CPU (``LeaveGroup ... UnknownMemberIdError`` at shutdown). In the
   same runs the Faust processor (aiokafka) kept its membership and delivered every tile.
-* **kafka-python** for synchronous code with no group membership: the edge agent's producer
-  (its per-request cost at camera rate is measured in ``benchmarks/agent_bench.py``), admin and
-  topic creation, group-less reads of a range of a topic (model registry, read-back of answered
-  frames, reconciliation, ``results tail``), the CLI, tests and benchmarks.
+* **librdkafka** (confluent-kafka, :mod:`kafkaio.rdkafka`) for the edge agent's frame producer
+  only. Why: at camera rate one produce request cost kafka-python 1.33-1.36 CPU ms (about 1,500
+  Python calls per request in its I/O thread) and librdkafka 0.29-0.31 ms with the same settings
+  (``benchmarks/agent_bench.py``, the client alone); the agent may add 1.07 ms per vtest frame to
+  capture + encode (1.5x) and crypto + spool + syncer already use ~0.72 ms of it. With
+  kafka-python the agent cost 2.10x capture + encode at 10 fps and 1.91x at 25 fps.
+* **kafka-python** for the other synchronous code with no group membership: admin and topic
+  creation, group-less reads of a range of a topic (model registry, read-back of answered
+  frames, the agent's reconciliation, ``results tail``), the CLI, tests and benchmarks.
 
 A hung broker (SIGSTOPped, a frozen VM: the kernel still accepts its connections, nothing
 answers) costs a client one request timeout per request or connection attempt, so every client
 has one of at most 10 s (:data:`kafkaio.aio.CONSUMER_REQUEST_TIMEOUT_MS`,
-:data:`kafkaio.aio.PRODUCER_REQUEST_TIMEOUT_MS`, :data:`kafkaio.clients.CONSUMER_REQUEST_TIMEOUT_MS`;
+:data:`kafkaio.aio.PRODUCER_REQUEST_TIMEOUT_MS`, :data:`kafkaio.clients.CONSUMER_REQUEST_TIMEOUT_MS`,
+:data:`kafkaio.rdkafka.REQUEST_TIMEOUT_MS`;
 the library defaults were 30 s to 20 min), metadata at most 10 s old, and no stage waits for a
 read that does not progress (:meth:`kafkaio.clients.RangeReader.read_to_end`). With a broker frozen
 for 30 s under a real-time camera (``tests/test_cluster_faults.py``) the pipeline's longest gap
@@ -33,7 +39,8 @@ the node came back (README "Broker faults").
 
 Modules: :mod:`kafkaio.connection` (bootstrap + security, kwargs for each library, Faust's
 broker settings), :mod:`kafkaio.clients` (producer profiles, admin, topic creation, group-less
-range reads), :mod:`kafkaio.aio` (the asyncio group consumer and producer).
+range reads), :mod:`kafkaio.aio` (the asyncio group consumer and producer), :mod:`kafkaio.rdkafka`
+(the agent's librdkafka producer).
 """
 
 from kafkaio.connection import Connection, connection

@@ -3,15 +3,17 @@
 Producer profiles (every one idempotent with ``acks=all``: a frame or a result the broker
 acknowledged is on every in-sync replica and is never written twice by a retry):
 
-* ``frames`` — the edge agent's durable frame producer: 1 MB batches (frames are 50-100 KB; the
-  default 16 KB batch made every frame its own request), a request size that fits the
-  largest frame the topic accepts, and no linger: a camera hands over one frame every 40-100 ms,
-  so waiting 5 ms for a second one never batched anything and only woke kafka-python's I/O
-  thread once more per frame (I/O thread 1.52 -> 1.14 ms per frame at 10 fps, 1.37 -> 1.04 at
-  25 fps, benchmarks/agent_bench.py). The price is paid when a backlog drains (after an outage):
-  batches are then smaller and the I/O thread costs 0.68 instead of 0.35 ms per frame, 249
-  instead of 290 frames/s (as fast as possible, 600 frames, median of 3), still 10-25x a
-  camera's rate;
+* ``frames`` — durable frame producers with kafka-python (benchmarks, tools; the edge agent's own
+  producer is librdkafka with the same meaning, :mod:`kafkaio.rdkafka`, because kafka-python
+  cost 1.33-1.36 CPU ms per produce request at camera rate and librdkafka 0.29-0.31): 1 MB
+  batches (frames are 50-100 KB; the default 16 KB batch made every frame its own request), a
+  request size that fits the largest frame the topic accepts, and no linger: a camera hands over
+  one frame every 40-100 ms, so waiting 5 ms for a second one never batched anything and only
+  woke kafka-python's I/O thread once more per frame (I/O thread 1.52 -> 1.14 ms per frame at
+  10 fps, 1.37 -> 1.04 at 25 fps, benchmarks/agent_bench.py, when the agent used kafka-python).
+  The price is paid when a backlog drains (after an outage): batches are then smaller and the
+  I/O thread costs 0.68 instead of 0.35 ms per frame, 249 instead of 290 frames/s (as fast as
+  possible, 600 frames, median of 3), still 10-25x a camera's rate;
 * ``stage`` — records between stages and to operators (results, dead letters, metrics, models).
 
 "Read a range without a group" is :func:`read_range`: assign every partition of a topic, start

@@ -256,3 +256,39 @@ def test_reconciliation_trusts_a_frame_on_the_topic_only_with_its_own_bytes(kafk
         assert spooled_frames_on_topic(kafka.bootstrap, {key: genuine}, {}, 0) == {key}
     finally:
         producer.close()
+
+
+def test_a_frame_acknowledged_without_its_offset_is_still_covered_by_reconciliation(tmp_path):
+    """librdkafka acknowledges a retried frame whose first attempt was written (answer "duplicate
+    sequence", seen after a 30 s SIGSTOP of the leader) without an offset. The frame is on the
+    topic between the offsets acknowledged before and after it on its partition, so where
+    reconciliation starts after a crash must not be past it (else it is sent twice)."""
+    from edge_agent.agent import AgentCounters
+    from edge_agent.sender import FrameSender
+    from edge_agent.spool import Spool
+    from kafkaio import Connection, rdkafka
+    from tilestream.metrics import Metrics
+
+    spool = Spool(tmp_path / "spool", 1 << 20, fsync="never", sync_interval=3600)
+    for i in range(3):
+        spool.append(b"k%d" % i, b"frame %d" % i, i)
+    sender = FrameSender(AgentSettings(camera_id="cam-offsets"), Connection("127.0.0.1:1"), spool, AgentCounters(),
+                         Metrics("test"), tmp_path / "state", 1 << 20, threading.Event())
+    # A real producer, to an address where no broker listens: the sends stay queued in it, and
+    # Kafka's answers are handed to on_ack as its delivery reports would be.
+    sender.producer = rdkafka.producer("127.0.0.1:1", max_request_bytes=1 << 20, delivery_timeout_ms=60000)
+    try:
+        e0, e1, e2 = spool.peek(3)
+        for e in (e0, e1, e2):
+            sender.send(e)
+        sender.on_ack(e0.id, e0.key, 0, 10)
+        spool.flush()  # the persisted head now covers e0 only
+        sender.on_ack(e1.id, e1.key, 0, None)  # really at offset 11
+        sender.on_ack(e2.id, e2.key, 0, 12)
+        sender.save_offsets()
+    finally:
+        sender.producer.purge()
+        sender.producer = None
+    assert spool.frames == 0 and sender.counters.sent == 3
+    assert json.loads((tmp_path / "state" / "reconcile-from.json").read_text()) == {"0": 11}
+    spool.close()

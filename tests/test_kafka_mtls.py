@@ -4,7 +4,8 @@ One secured broker for the module (``LocalKafka(secure=True)``), whose MTLS list
 client certificate from the local CA and maps ``CN=<name>,OU=tilestream-clients`` to
 ``User:<name>`` (deploy/kafka_security.py), so the role ACLs of the SCRAM principals apply
 unchanged. Every client kind of the project connects there with a certificate and nothing else:
-kafka-python (the agent's producer and its reconciliation consumer, the admin client), Faust
+librdkafka (the agent's producer, with the camera's certificate and key handed over in memory),
+kafka-python (the agent's reconciliation consumer, the admin client), Faust
 (the processor, through ``stream_processor.app.faust_broker``), aiokafka (the classifier, the
 dashboard's feed, ``results tail``). Refused: no certificate, a certificate of another CA, a
 node certificate, a revoked camera's certificate.
@@ -177,6 +178,59 @@ def test_a_camera_certificate_writes_frames_only_and_is_dead_after_revocation(mt
         _write(p, "frames")
     finally:
         p.close()
+
+
+def _rd_write(p, topic: str):
+    """One record through a librdkafka producer: its delivery report's error (None: acknowledged),
+    or the fatal error that ended the producer (flush raises it)."""
+    from confluent_kafka import KafkaException
+
+    reports = []
+    try:
+        p.produce(topic, key=b"k", value=b"v", partition=0, on_delivery=lambda err, _msg: reports.append(err))
+        assert p.flush(30) == 0 and len(reports) == 1, "no delivery report within 30 s"
+    except KafkaException as exc:
+        return exc.args[0]
+    return reports[0]
+
+
+def test_the_agents_librdkafka_producer_logs_in_with_the_certificate_held_in_memory(mtls_kafka):
+    """The edge agent's producer (kafkaio.rdkafka, the frames profile: idempotent, acks=all) with a
+    camera's certificate and key as PEM text: writes frames and heartbeats, refused elsewhere and
+    after the camera's revocation."""
+    from confluent_kafka import KafkaError
+
+    from kafkaio import rdkafka
+
+    lk = mtls_kafka
+    cert = lk.add_camera("cam-rdk", tls=True)
+    conn = Connection(lk.mtls_bootstrap, "SSL", ssl_cafile=str(lk.ca_file), ssl_cert_pem=cert.cert_pem,
+                      ssl_key_pem=cert.key_pem)
+    cfg = rdkafka.security_config(conn)
+    assert cfg["ssl.key.pem"] == cert.key_pem and "ssl.key.location" not in cfg and "ssl.certificate.location" not in cfg
+    assert cfg["ssl.endpoint.identification.algorithm"] == "https"
+
+    def make():
+        p = rdkafka.producer(conn, client_id="test-cam-rdk", max_request_bytes=1024 * 1024, delivery_timeout_ms=20000)
+        rdkafka.check_connected(p, 15)
+        return p
+
+    # The camera's ACLs were just written: until the broker applies them, a producer is refused its
+    # idempotence id (fatal for that producer; the agent then makes a new one after a backoff).
+    made: list = []
+    wait_for(lambda: _rd_write(made.append(make()) or made[-1], "frames") is None, 60,
+             "the new camera's certificate may write frames", interval_s=1.0)
+    p = made[-1]
+    assert _rd_write(p, "heartbeats") is None
+    assert _rd_write(p, "tile-features").code() == KafkaError.TOPIC_AUTHORIZATION_FAILED
+    assert lk.revoke_camera("cam-rdk") == 6
+    assert _rd_write(p, "frames") is not None  # the open connection: DENY applies to the next request
+    del p
+    assert _rd_write(make(), "frames") is not None  # and a fresh producer (its idempotence id is refused: fatal)
+    # No certificate: the listener refuses the handshake, no broker answers.
+    bare = Connection(lk.mtls_bootstrap, "SSL", ssl_cafile=str(lk.ca_file))
+    with pytest.raises(Exception):
+        rdkafka.check_connected(rdkafka.producer(bare, max_request_bytes=1024 * 1024, delivery_timeout_ms=5000), 5)
 
 
 def test_a_bundles_certificate_is_checked_and_never_shown(tmp_path):

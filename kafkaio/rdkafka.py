@@ -1,0 +1,119 @@
+"""librdkafka (confluent-kafka) producers: the edge agent's frame producer.
+
+Why a second client library: at camera rate a produce request costs kafka-python 1.33-1.36 CPU
+ms (about 1,500 Python calls per request in its I/O thread) and librdkafka 0.29-0.31 ms with the
+same settings (``python -m benchmarks.agent_bench``, "the Kafka client alone"). The agent's goal
+is at most 1.5x the CPU of capture + encode per frame, 1.07 ms of overhead per vtest frame, of
+which crypto, spool and syncer already use about 0.72 ms: only a client whose per-request work
+is in C fits in what is left. Measured with the switch (two sittings, before and after back to
+back, 15 s windows, 2 reps, shared 2-core machine): the agent went from 2.06x/2.06x to
+1.60x/1.54x capture + encode at 10 fps and from 2.10x/2.05x to 1.56x/1.47x at 25 fps; the
+client's I/O threads from 1.3-1.4 ms per frame (kafka-python) to 0.16-0.21 (librdkafka).
+
+:func:`producer` builds a ``confluent_kafka.Producer`` from the same :class:`Connection` as every
+other client, so the transport security is spelled here once for librdkafka's names:
+
+* ``PLAINTEXT``; ``SSL`` with server verification against ``ssl_cafile`` (the system CAs when
+  none: ``probe``) and the broker's host name checked (``https`` identification), as
+  :meth:`Connection.ssl_context` does; mutual TLS with ``ssl_certfile``/``ssl_keyfile`` or a
+  camera's certificate and key held in memory (``ssl.certificate.pem``/``ssl.key.pem``: handed
+  to librdkafka as strings, never written to a file); ``SASL_SSL`` with SCRAM.
+* :data:`PROFILES` ``frames`` has the meaning of kafkaio.clients' ``frames`` profile: ``acks=all``,
+  idempotent, no linger, 1 MB batches, keyed records partitioned as kafka-python and the Java
+  client do (murmur2), so a camera's heartbeats land where they did.
+
+Callbacks (delivery reports, errors, logs) run only inside ``poll()``/``flush()``, in the thread
+that calls them: the agent's sender thread. librdkafka's own threads (``rdk:main``,
+``rdk:broker<n>``) never run Python code.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+from kafkaio.connection import Connection, connection
+
+PROFILES: dict[str, dict[str, Any]] = {
+    "frames": {"acks": "all", "enable.idempotence": True, "linger.ms": 0, "batch.size": 1024 * 1024,
+               "partitioner": "murmur2_random"},
+}
+
+# A hung broker (SIGSTOPped, a frozen VM) answers nothing while the kernel still accepts its
+# connections: as the kafka-python clients (kafkaio.clients), one request waits at most 10 s, a
+# connection attempt too (librdkafka's default is 30 s), and metadata is at most 10 s old
+# (default 5 minutes), so a partition whose leader moved is written to the new leader soon.
+REQUEST_TIMEOUT_MS = 10000
+CONNECT_TIMEOUT_MS = 10000
+METADATA_REFRESH_MS = 10000
+
+
+def security_config(where: Connection | str) -> dict[str, Any]:
+    """librdkafka's bootstrap and security settings for ``where`` (secrets included: never log it)."""
+    conn = connection(where)
+    cfg: dict[str, Any] = {"bootstrap.servers": conn.bootstrap, "security.protocol": conn.security_protocol.lower()}
+    if conn.tls:
+        cfg["ssl.ca.location"] = conn.ssl_cafile or "probe"
+        cfg["ssl.endpoint.identification.algorithm"] = "https"
+        if conn.ssl_certfile:
+            cfg["ssl.certificate.location"] = conn.ssl_certfile
+            cfg["ssl.key.location"] = conn.ssl_keyfile
+        elif conn.ssl_cert_pem:
+            cfg["ssl.certificate.pem"] = conn.ssl_cert_pem
+            cfg["ssl.key.pem"] = conn.ssl_key_pem
+    if conn.sasl:
+        cfg.update({"sasl.mechanism": conn.sasl_mechanism, "sasl.username": conn.sasl_username,
+                    "sasl.password": conn.sasl_password})
+    return cfg
+
+
+def producer(where: Connection | str, profile: str = "frames", client_id: str | None = None, *,
+             max_request_bytes: int, delivery_timeout_ms: int, reconnect_backoff_max_ms: int = 10000,
+             error_cb: Callable | None = None, logger: logging.Logger | None = None, **overrides):
+    """A ``confluent_kafka.Producer`` of one of the :data:`PROFILES` (librdkafka names in ``overrides``).
+
+    ``max_request_bytes`` bounds a produce request (the largest frame the topic accepts plus
+    room); ``delivery_timeout_ms`` is how long a record may wait for Kafka's acknowledgement,
+    retries included, before its delivery report says it failed. Making one does not contact a
+    broker: see :func:`check_connected`.
+    """
+    from confluent_kafka import Producer
+
+    cfg: dict[str, Any] = {
+        **security_config(where), **PROFILES[profile],
+        "message.max.bytes": max_request_bytes,
+        "message.timeout.ms": delivery_timeout_ms,
+        "request.timeout.ms": REQUEST_TIMEOUT_MS,
+        "socket.connection.setup.timeout.ms": CONNECT_TIMEOUT_MS,
+        "topic.metadata.refresh.interval.ms": METADATA_REFRESH_MS,
+        "reconnect.backoff.max.ms": reconnect_backoff_max_ms,
+        **overrides,
+    }
+    if client_id:
+        cfg["client.id"] = client_id
+    if error_cb is not None:
+        cfg["error_cb"] = error_cb
+    if logger is not None:
+        cfg["logger"] = logger
+    return Producer(cfg)
+
+
+def check_connected(p, timeout_s: float) -> None:
+    """Raise unless a broker answered a metadata request within ``timeout_s`` (librdkafka
+    connects lazily: a producer to an absent broker is made without an error)."""
+    p.list_topics(timeout=timeout_s)
+
+
+def as_exception(err) -> Exception:
+    """A delivery report's ``KafkaError`` as an exception (what the callers' error paths take)."""
+    from confluent_kafka import KafkaException
+
+    return KafkaException(err)
+
+
+def means_disconnected(err) -> bool:
+    """Whether a client error (``error_cb``) says the producer cannot reach Kafka: every broker
+    down, authentication refused, or a fatal error (the producer is done)."""
+    from confluent_kafka import KafkaError
+
+    return err.fatal() or err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._AUTHENTICATION)
