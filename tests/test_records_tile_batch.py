@@ -172,3 +172,14 @@ def test_fuzz_the_reader_refuses_or_returns_a_batch_within_bounds(dtype):
                    for i, x, y, w, h in b.tiles)
         assert b.to_bytes() == data  # nothing was read that is not written back: no slack in the format
     assert refused > 10_000
+
+
+def test_a_whole_frame_tile_round_trips():
+    """One tile covering a 768x576 frame has 20,752 values (HOG cell 16): a setting, not an attack."""
+    from tilestream.config import FeatureConfig
+    from stream_processor.features import feature_length
+
+    dim = feature_length(FeatureConfig(tile_size=768))
+    assert dim > 8_192
+    b = make(n_tiles=1, indices=(0,), dim=dim)
+    assert TileBatch.from_bytes(b.to_bytes()).dim == dim

@@ -175,10 +175,13 @@ class TileFeatures(FrameFields):
 
 
 # Bounds of a TileBatch from the wire (tile-features is writable by anyone with broker access):
-# a 4K frame in 32 px tiles is 8,100 tiles; HOG vectors here are 100-1,000 floats.
+# a 4K frame in 32 px tiles is 8,100 tiles; HOG vectors of a tile are 100-1,000 floats, but one tile
+# covering a whole frame is a setting too (the tile sweep's "whole frame": 20,752 values at 768x576,
+# HOG cell 16; a 1080p frame ~73,000), which the old bound of 8,192 refused as malformed. Memory is
+# bounded by the record's size (the body's length must match rows x dim exactly), not by this.
 MAX_TILE_BATCH_BYTES = 16 * 1024 * 1024
 MAX_TILES = 65_536
-MAX_DIM = 8_192
+MAX_DIM = 262_144
 MAX_ID_LEN = 128
 MAX_SIDE = 65_535
 _I64 = 2**63 - 1
