@@ -13,8 +13,9 @@ For each size, in a fresh process of its own (so peak memory is that size's):
 * frames/s and ms/frame of the processor's real path (``ProcessorStage.on_frame``, what the
   worker runs per record: verify, replay check, open, decode, tile, features, the MACed
   records and the replay mark) on sealed vtest frames (JPEG q80), one thread;
-* the classifier's per-frame cost (check the records' MAC and parse them, classify with a logistic model trained
-  here on the fly on synthetic labels: a linear model costs the same whatever it learned);
+* the classifier's per-frame cost, its own per-record path (``FrameClassifier.on_records``: check the
+  records' MAC and parse them, classify with a logistic model trained here on the fly on synthetic
+  labels — a linear model costs the same whatever it learned — and sign the result);
 * bytes on Kafka per frame and topic, as the worker sends them: key + value of the sealed
   frame on `frames`, key + the MACed record of every tile batch on `tile-features`;
 * peak RSS (VmHWM) of that process and the Python/numpy allocation peak of one frame
@@ -71,15 +72,13 @@ def _one_size(args) -> dict:
     keys_dir, blobs, kw, model_out = args
     import tracemalloc
 
-    from classifier.assembler import FrameAssembler
     from classifier.model import TileModel
-    from classifier.stage import classify_frame
     from tilestream.config import FeatureConfig
     from tilestream.keys import KeyStore
     from tilestream import topics
     from tilestream.records import TileBatch
 
-    from benchmarks.common import make_stage, proc_status_kib
+    from benchmarks.common import make_classifier, make_stage, proc_status_kib
     import os
 
     cfg = FeatureConfig(**kw)
@@ -109,20 +108,20 @@ def _one_size(args) -> dict:
         model.save(model_out)
     proc_t, cls_t, tiles, fr_bytes, tf_bytes, n_rec = [], [], 0, 0, 0, 0
     for i, (offset, (key, blob)) in enumerate([*enumerate(blobs[:2]), *enumerate(blobs)]):
+        if i in (0, 2):  # a fresh classifier after the warm-up: it answers a frame id once
+            classifier = make_classifier(KeyStore(keys_dir), model)
         t0 = time.perf_counter()
         values = tile_values(stage.on_frame(blob, 0, offset))
         t1 = time.perf_counter()
-        asm = FrameAssembler()
-        frame = None
-        batches = []
-        for k, (_, v) in enumerate(values):
-            batches.append(TileBatch.from_wire(v, mac))
-            for t in batches[-1].split():
-                frame = asm.add(t, 0, k, 0.0) or frame
-        classify_frame(model, frame, time.time_ns()).to_json()
+        # The classifier's per-record path (MAC check, parse, assemble, model, signed result).
+        results = classifier.on_records([(v, 0, i * 64 + k) for k, (_, v) in enumerate(values)], time.monotonic(),
+                                        time.time_ns())
         t2 = time.perf_counter()
+        if [o.topic for o in results] != [topics.RESULTS]:
+            raise RuntimeError(f"tile size {kw}: frame {i} gave {[o.topic for o in results]}, not one result")
         if i < 2:
             continue
+        batches = [TileBatch.from_wire(v, mac) for _, v in values]
         proc_t.append(t1 - t0)
         cls_t.append(t2 - t1)
         tiles += sum(len(b.tiles) for b in batches)
