@@ -25,7 +25,7 @@ from tilestream.envelope import Envelope, FrameHeader
 from tilestream.imageinfo import DecodeLimits, ImageHeaderError, check
 from tilestream.records import TileBatch
 
-from stream_processor.features import tile_features
+from stream_processor.features import tiles_features
 from stream_processor.tiling import Tile, split
 
 
@@ -68,7 +68,9 @@ def decode_image(data: bytes, header: FrameHeader, max_bytes: int, max_pixels: i
 
 def image_tile_features(gray: np.ndarray, cfg: FeatureConfig) -> list[tuple[Tile, np.ndarray]]:
     """Tiles of a grayscale image with their feature vectors: the one feature code path."""
-    return [(tile, tile_features(pixels, cfg)) for tile, pixels in split(gray, cfg)]
+    pairs = split(gray, cfg)
+    X = tiles_features([pixels for _, pixels in pairs], cfg)
+    return [(tile, X[i]) for i, (tile, _) in enumerate(pairs)]
 
 
 @dataclass
