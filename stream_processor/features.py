@@ -733,14 +733,14 @@ def tiles_features(tiles, cfg: FeatureConfig) -> np.ndarray:
             _check_size(tiles[0], cfg)
         groups = {tiles.shape[1:]: (np.arange(tiles.shape[0]), tiles)} if tiles.shape[0] else {}
     else:
+        if not isinstance(tiles, (list, tuple)):
+            tiles = list(tiles)
         by_shape: dict[tuple[int, int], list[int]] = {}
         for i, t in enumerate(tiles):
             _check_gray(t, "tile")
             _check_size(t, cfg)
             by_shape.setdefault(t.shape, []).append(i)
         groups = {s: (np.array(ix), None) for s, ix in by_shape.items()}
-        if not isinstance(tiles, (list, tuple)):
-            tiles = list(tiles)
     n = sum(len(ix) for ix, _ in groups.values())
     out = np.empty((n, length), dtype=np.float32)
     for (h, w), (ix, stack) in groups.items():
