@@ -549,18 +549,20 @@ def _stack_edge(I_bin: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     kh = kernel.shape[0]
     if kernel.size >= _DFT_TAPS:
         return np.stack([edge(t, kernel) for t in I_bin])
-    top = kh // 2
-    padded = np.pad(I_bin, ((0, 0), (top, kh - 1 - top), (0, 0)), mode="edge")
-    tall = padded.reshape(-1, w)
-    E = cv2.filter2D(tall, cv2.CV_32F, kernel, borderType=cv2.BORDER_REPLICATE)
-    return np.ascontiguousarray(E.reshape(n, h + kh - 1, w)[:, top:top + h])
+    top, bottom = kh // 2, kh - 1 - kh // 2
+    padded = np.empty((n, h + kh - 1, w), np.uint8)  # rows replicated as BORDER_REPLICATE would
+    padded[:, top:top + h] = I_bin
+    padded[:, :top] = I_bin[:, :1]
+    padded[:, top + h:] = I_bin[:, -1:]
+    E = cv2.filter2D(padded.reshape(-1, w), cv2.CV_32F, kernel, borderType=cv2.BORDER_REPLICATE)
+    return E.reshape(n, h + kh - 1, w)[:, top:top + h]  # a view: no copy
 
 
 def _stack_seed(stack: np.ndarray, cfg: FeatureConfig, levels: np.ndarray) -> np.ndarray:
     """:func:`seed_features` of each tile: ``(n, 4)`` float32."""
     n, h, w = stack.shape
     lut = _binarize_lut(float(cfg.T))[_contrast_lut(float(cfg.a), float(cfg.b))]
-    I_bin = lut[stack]
+    I_bin = cv2.LUT(stack.reshape(-1, w), lut).reshape(n, h, w)
     kernel = _kernel_array(cfg.kernel)
     E = _stack_edge(I_bin, kernel)
     wts = np.asarray(cfg.w_i, dtype=np.float32).ravel()
@@ -581,7 +583,7 @@ def _stack_seed(stack: np.ndarray, cfg: FeatureConfig, levels: np.ndarray) -> np
     out = np.empty((n, len(SEED_NAMES)), dtype=np.float64)
     out[:, 0] = s / (255.0 * npx)
     out[:, 1] = s_abs / (255.0 * npx)
-    out[:, 2] = np.count_nonzero((np.abs(E) > EDGE_EPS).reshape(n, -1), axis=1) / npx
+    out[:, 2] = np.count_nonzero(np.abs(E) > EDGE_EPS, axis=(1, 2)) / npx
     out[:, 3] = levels[:, lut != 0].sum(axis=1) / npx  # pixels whose level maps to white
     return out.astype(np.float32)
 
@@ -622,14 +624,19 @@ _GSPAN = 2 * _G + 1
 def _vote_lut(bins: int, signed: bool) -> tuple[np.ndarray, ...]:
     """:func:`_orientation_votes` for every integer gradient ``(gx, gy)`` in ``[-255, 255]^2``.
 
-    Index ``(gx + 255) * 511 + (gy + 255)``; ``(b0, b1, v0, v1)`` as the per-tile path gives
-    them (the same :func:`_polar_votes`: cartToPolar is elementwise; 8.4 MB per setting).
+    Index ``(gx + 255) * 511 + (gy + 255)``; ``(b0, next bin, v0, v1)``: ``b0, v0, v1`` as the
+    per-tile path gives them (the same :func:`_polar_votes`: cartToPolar is elementwise) and
+    ``b1 = next[b0]``; ``b0`` in the smallest integer type (the gathers cost per byte): 4.4 MB
+    per setting.
     """
     g = np.arange(-_G, _G + 1, dtype=np.float32)
     gx = np.ascontiguousarray(np.broadcast_to(g[:, None], (_GSPAN, _GSPAN)))
     gy = np.ascontiguousarray(np.broadcast_to(g[None, :], (_GSPAN, _GSPAN)))
     b0, b1, v0, v1 = _polar_votes(gx, gy, bins, signed)
-    out = (b0.astype(np.intp), b1.astype(np.intp), v0, v1)
+    nxt = (np.arange(bins) + 1) % bins  # b1 = (b0 + 1) mod bins
+    if not np.array_equal(nxt[b0], b1):
+        raise RuntimeError("orientation votes: the second bin is not the next one")
+    out = (b0.astype(np.min_scalar_type(bins)), nxt.astype(np.intp), v0, v1)
     for a in out:
         a.setflags(write=False)  # cached and shared
     return out
@@ -643,12 +650,18 @@ def _stack_votes(imgs: np.ndarray, bins: int, signed: bool) -> tuple[np.ndarray,
     """
     n, h, w = imgs.shape
     I = imgs.astype(np.int32)
-    idx = np.full((n, h, w), _G * _GSPAN + _G, dtype=np.int32)
-    idx[:, :, 1:-1] += (I[:, :, 2:] - I[:, :, :-2]) * _GSPAN
-    idx[:, 1:-1, :] += I[:, 2:, :] - I[:, :-2, :]
+    idx = np.empty((n, h, w), dtype=np.int32)
+    np.subtract(I[:, :, 2:], I[:, :, :-2], out=idx[:, :, 1:-1])  # gx
+    idx[:, :, 0] = 0
+    idx[:, :, -1] = 0
+    idx *= _GSPAN
+    idx[:, 1:-1, :] += I[:, 2:, :]  # + gy
+    idx[:, 1:-1, :] -= I[:, :-2, :]
+    idx += _G * _GSPAN + _G
     idx = idx.ravel()
-    b0, b1, v0, v1 = _vote_lut(bins, signed)
-    return np.take(b0, idx), np.take(b1, idx), np.take(v0, idx), np.take(v1, idx)
+    b0_of, nxt, v0_of, v1_of = _vote_lut(bins, signed)
+    b0 = np.take(b0_of, idx)
+    return b0, np.take(nxt, b0), np.take(v0_of, idx), np.take(v1_of, idx)
 
 
 def _hellinger_rows(hist: np.ndarray) -> np.ndarray:

@@ -107,18 +107,19 @@ def test_more_than_one_chunk_and_stack_input(monkeypatch):
 def test_vote_table_is_the_per_tile_votes_of_every_gradient(bins, signed):
     """The lookup table holds, for each of the 511^2 integer gradients, what the per-tile
     cartToPolar path gives: computed here 64x64 tile by tile (the per-tile array size)."""
-    b0, b1, v0, v1 = F._vote_lut(bins, signed)
+    b0, nxt, v0, v1 = F._vote_lut(bins, signed)
+    table = (b0, nxt[b0], v0, v1)
     g = np.arange(-255, 256, dtype=np.float32)
     gx, gy = np.repeat(g, 511), np.tile(g, 511)
     n = gx.size - gx.size % 4096
     for lo in range(0, n, 4096):
         got = F._polar_votes(gx[lo:lo + 4096].reshape(64, 64), gy[lo:lo + 4096].reshape(64, 64), bins, signed)
-        for a, b in zip(got, (b0, b1, v0, v1)):
+        for a, b in zip(got, table):
             assert np.array_equal(a, b[lo:lo + 4096])
     # the last partial block as a tile of its own shape
     rest = gx.size - n
     got = F._polar_votes(gx[n:].reshape(1, rest), gy[n:].reshape(1, rest), bins, signed)
-    for a, b in zip(got, (b0, b1, v0, v1)):
+    for a, b in zip(got, table):
         assert np.array_equal(a, b[n:])
 
 
