@@ -40,6 +40,11 @@ CONFIGS = {
     "float_chain": dataclasses.replace(BASE, a=1.3, b=-10.0, T=100, w_i=(1.0, -0.5, 0.25),
                                        kernel=((0.1, 0.2, 0.3), (0.25, -1.7, 0.333), (0.1, 0.1, 0.1))),
     "integer_w_i": dataclasses.replace(BASE, w_i=(1.0, -2.0, 1.0), kernel=((1.0, 0.0, -1.0),)),
+    # integer, but sums of |F| far above 2^24 with many significant bits: exact only in double
+    "big_integers": dataclasses.replace(BASE, w_i=(3.0, -2.0), kernel=((0.0, -5.0, 0.0), (-7.0, 37.0, -11.0),
+                                                                       (0.0, -3.0, 0.0))),
+    # integer, but too large for the 0/1 integer path: the float path
+    "huge_integers": dataclasses.replace(BASE, w_i=(1.0,), kernel=((30000.0, 5000.0),)),
     # 56 taps: filter2D takes its DFT path, so the edge map stays per tile
     "big_kernel": dataclasses.replace(BASE, kernel=tuple(tuple(float(v) for v in r) for r in
                                                          np.random.default_rng(1).integers(-3, 4, (7, 8)))),
