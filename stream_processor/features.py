@@ -522,7 +522,7 @@ _MIN_BATCH_PIXELS = 64
 # Pixels per chunk of the stack (16 tiles of 64 px): the temporaries (~50 B/pixel) stay in
 # L2; measured on vtest, one thread: 16 tiles/chunk 11.6 ms/frame, 8: 15, 32: 16, all 108: 27
 # (large temporaries are fresh pages every call), per tile 18.
-_CHUNK_PIXELS = 1 << 16
+_CHUNK_PIXELS = 1 << 18
 _DFT_TAPS = 50  # filter2D uses a DFT from this many kernel taps on
 
 
@@ -563,17 +563,33 @@ def _stack_edge(I_bin: np.ndarray, kernel: np.ndarray, depth: int = cv2.CV_32F) 
     return E.reshape(n, h + kh - 1, w)[:, top:top + h]  # a view: no copy
 
 
-def _stack_seed(stack: np.ndarray, cfg: FeatureConfig, levels: np.ndarray) -> np.ndarray:
-    """:func:`seed_features` of each tile: ``(n, 4)`` float32."""
-    n, h, w = stack.shape
-    lut = _binarize_lut(float(cfg.T))[_contrast_lut(float(cfg.a), float(cfg.b))]
-    kernel = _kernel_array(cfg.kernel)
-    wts = np.asarray(cfg.w_i, dtype=np.float32).ravel()
+@lru_cache(maxsize=16)
+def _seed_plan_cached(a: float, b: float, T: float, kernel, w_i, tile_size: int) -> tuple:
+    lut = _binarize_lut(T)[_contrast_lut(a, b)]
+    k = _kernel_array(kernel)
+    wts = np.asarray(w_i, dtype=np.float32).ravel()
     if wts.size == 0:
         raise ValueError("w_i must hold at least one weight")
+    integer = k.size < _DFT_TAPS and _integer_chain(k, wts, tile_size)  # (a DFT rounds)
+    return lut, k, wts, integer
+
+
+def _seed_plan(cfg: FeatureConfig) -> tuple:
+    """``(LUT, kernel, w_i, integer path?)`` of the seed chain, once per settings."""
+    key = (float(cfg.a), float(cfg.b), float(cfg.T), cfg.kernel, cfg.w_i, cfg.tile_size)
+    try:
+        return _seed_plan_cached(*key)
+    except TypeError:  # unhashable (lists): not cached
+        return _seed_plan_cached.__wrapped__(*key)
+
+
+def _stack_seed(stack: np.ndarray, plan: tuple, levels: np.ndarray) -> np.ndarray:
+    """:func:`seed_features` of each tile: ``(n, 4)`` float32."""
+    n, h, w = stack.shape
+    lut, kernel, wts, integer = plan
     npx = float(h * w)
     out = np.empty((n, len(SEED_NAMES)), dtype=np.float64)
-    if kernel.size < _DFT_TAPS and _integer_chain(kernel, wts, cfg.tile_size):  # (a DFT rounds)
+    if integer:
         # On 0/1 in int16/int32: the exact integers the float path holds, / 255 (half the bytes
         # and filter2D to CV_16S: 0.55 vs 1.05 ms/frame on vtest).  The sign of a zero, the only
         # thing integers cannot carry, changes none of the four sums and counts.
@@ -728,7 +744,7 @@ def _stack_hog_grid(imgs: np.ndarray, grids, bins: int, signed: bool, side: int)
     return np.concatenate(blocks, axis=1)
 
 
-def _stack_features(stack: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
+def _stack_features(stack: np.ndarray, cfg: FeatureConfig, plan: tuple | None) -> np.ndarray:
     """:func:`tile_features` of each tile of a ``(n, h, w)`` uint8 stack (settings checked)."""
     n, h, w = stack.shape
     if cfg.moment_norm or cfg.deskew:  # one warp per tile: not stackable
@@ -744,7 +760,7 @@ def _stack_features(stack: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
     if not cfg.stats:
         return hog_vec
     levels = _stack_levels(stack)
-    return np.concatenate([_stack_seed(stack, cfg, levels), hog_vec, _stack_intensity(levels, h * w)], axis=1)
+    return np.concatenate([_stack_seed(stack, plan, levels), hog_vec, _stack_intensity(levels, h * w)], axis=1)
 
 
 def tiles_features(tiles, cfg: FeatureConfig) -> np.ndarray:
@@ -773,6 +789,7 @@ def tiles_features(tiles, cfg: FeatureConfig) -> np.ndarray:
             by_shape.setdefault(t.shape, []).append(i)
         groups = {s: (np.array(ix), None) for s, ix in by_shape.items()}
     n = sum(len(ix) for ix, _ in groups.values())
+    plan = _seed_plan(cfg) if cfg.stats and n else None
     out = np.empty((n, length), dtype=np.float32)
     for (h, w), (ix, stack) in groups.items():
         hog_px = _hog_side(cfg) ** 2 if cfg.moment_norm else h * w
@@ -780,11 +797,13 @@ def tiles_features(tiles, cfg: FeatureConfig) -> np.ndarray:
             for i in ix:
                 out[i] = tile_features(stack[i] if stack is not None else tiles[i], cfg)
             continue
-        chunk = max(1, _CHUNK_PIXELS // max(h * w, hog_px))
+        per_tile = max(h * w, hog_px) * (cfg.hog_bins if cfg.hog_grids else 1)  # vote planes: bins/pixel
+        n_chunks = -(-len(ix) * per_tile // _CHUNK_PIXELS)
+        chunk = -(-len(ix) // n_chunks)  # even chunks
         for lo in range(0, len(ix), chunk):
             sel = ix[lo:lo + chunk]
             part = stack[lo:lo + chunk] if stack is not None else np.stack([tiles[i] for i in sel])
-            out[sel] = _stack_features(part, cfg)
+            out[sel] = _stack_features(part, cfg, plan)
     return out
 
 
