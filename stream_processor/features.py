@@ -24,6 +24,12 @@ Options of :class:`FeatureConfig`, all off by default (the vector above is uncha
 360 degrees), ``hog_grids`` (:func:`hog_grid`: overlapping, bilinearly weighted cells on one
 or several grids) and ``stats=False`` (the HOG part alone).  ``classifier.train.DIGITS_FEATURES``
 uses all four for 20x20 digits: 832 values.
+
+:func:`tile_features` is the definition (training on single images, the seed Pool peer in
+benchmarks/peers.py).  :func:`tiles_features` computes many tiles at once and gives the same
+vectors bit for bit; the processor uses it for a frame (``pipeline.image_tile_features``):
+on vtest 9-10 instead of 16-18 ms/frame in one thread.  How it stays exact and why it is
+built as it is: the notes above :func:`tiles_features`.
 """
 
 from __future__ import annotations
@@ -493,35 +499,42 @@ def tile_features(tile: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
 
 # --------------------------------------------------------------------------- many tiles at once
 #
-# tiles_features() is tile_features() for a whole frame's tiles in a few vectorised calls:
-# per tile, tile_features pays ~15-20 numpy/OpenCV calls of Python overhead, which on vtest
-# (108 tiles of 64 px) made features 17.7 of the 22.1 ms a frame costs in one thread.
-# The batched path is held to give *the same bits* as tile_features, row by row; every step
-# keeps the per-tile path's float operations and their order:
-# * LUT, feature_sum, counts, min/max, the intensity histogram, the orientation votes: the same
-#   elementwise ops on a stack of tiles;
-# * filter2D and Sobel run on a tall image of the stacked tiles (same width, so the same
-#   column borders and SIMD layout per row), each tile padded above/below by exactly the rows
-#   OpenCV's border mode would make (replicate for the edge kernel, reflect-101 for Sobel);
-# * the seed sums are exact integers (integer kernel and w_i: every value is an integer far
-#   below 2^24 in float32, 2^53 in float64), so any order gives the same double; other
-#   kernels keep cv2.sumElems / cv2.norm per tile;
-# * HOG votes: one bincount over the stack (per bin, pixels accumulate in the same order);
+# tiles_features() is tile_features() for a whole frame's tiles in a few vectorised calls.
+# Why: on vtest (108 tiles of 64 px) features were 17.7 of the 22.1 ms a frame costs in one
+# thread (compute limit, 2026-12-02 10:32).  Batching alone (the same numpy calls on a stack)
+# bought little (17 -> ~13 ms/frame): the per-tile path is dominated by per-pixel float64
+# work, not call overhead.  What pays is doing less per pixel, exactly:
+# * HOG votes by table: with uint8 pixels the Sobel(ksize=1) gradients are integers in
+#   [-255, 255], so (bin, next bin, both votes) of every pixel is looked up in a table built
+#   once per (bins, signed) by the per-tile code itself (_polar_votes: cartToPolar is
+#   elementwise) -- no Sobel, cartToPolar or float64 temporaries per frame;
+# * the seed chain on 0/1 in int16 (filter2D to CV_16S) when the kernel and w_i are integers:
+#   I_edge and F are then exact integers (255x these), and so are their sums in any order;
+# * intensity statistics and the white fraction from one grey-level histogram per tile
+#   (meanStdDev on uint8 sums exactly, then mean = s/N, std = sqrt(max(sq/N - mean^2, 0))).
+# Measured (vtest, 30 frames, CPU time, min of 6): per tile 15.9 ms/frame, batched 9.1-9.4.
+# The batched rows are held to be *the same bits* as tile_features (tests/test_features_batched.py
+# compares the float32 bit patterns); every float step keeps the per-tile operations and order:
+# * HOG: one bincount over the stack (each bin accumulates its pixels in the same order);
 #   bilinear pooling: np.matmul over the stack (one BLAS call per tile, the same shapes);
 #   Hellinger: numpy's row-wise sum (pairwise, as the 1-D sum) and one np.dot per row (the
 #   BLAS dot np.linalg.norm uses);
-# * meanStdDev: the same double formula from exact integer sums (checked bit for bit in
-#   tests/test_features_batched.py).
+# * filter2D runs on a tall image of the stacked tiles (same width, so the same column
+#   borders and SIMD layout per row), each tile padded above/below by the rows
+#   BORDER_REPLICATE would make; non-integer kernels keep the float path and sum with
+#   cv2.sumElems / cv2.norm per tile.
 # What cannot be stacked stays per tile inside the batch: moment_normalize / deskew (a warp
-# per tile), and the edge filter for kernels of >= 50 taps (filter2D switches to a DFT whose
-# rounding depends on the image size).  Tiles of fewer than _MIN_BATCH_PIXELS pixels go
-# through tile_features (cartToPolar's atan takes a scalar path, with other rounding, below
-# two SIMD vectors).
+# per tile: the digits config gains less, 480 -> ~290 ms per 5,000-tile sheet), and the edge
+# filter for kernels of >= 50 taps (filter2D switches to a DFT whose rounding depends on the
+# image size).  Tiles (or moment-normalised canvases) of fewer than _MIN_BATCH_PIXELS pixels
+# go through tile_features: below two SIMD vectors cartToPolar's atan may take a scalar path
+# (not seen to differ on this build; kept as a margin, such tiles are rare and cheap).
 
 _MIN_BATCH_PIXELS = 64
-# Pixels per chunk of the stack (16 tiles of 64 px): the temporaries (~50 B/pixel) stay in
-# L2; measured on vtest, one thread: 16 tiles/chunk 11.6 ms/frame, 8: 15, 32: 16, all 108: 27
-# (large temporaries are fresh pages every call), per tile 18.
+# Pixels per chunk of the stack (x bins for hog_grids' vote planes), chunks of even size:
+# a vtest frame in 2 chunks of 54 tiles.  Measured (CPU ms/frame, median of 6): 7 chunks 10.1,
+# 4: 10.7, 2: 10.4, but 1 chunk of 108: 16-19 (temporaries of several MB are fresh pages on
+# every call); digits sheet (DIGITS_FEATURES): 176 chunks 260-300 ms, 22: 400-470.
 _CHUNK_PIXELS = 1 << 18
 _DFT_TAPS = 50  # filter2D uses a DFT from this many kernel taps on
 

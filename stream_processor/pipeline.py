@@ -67,7 +67,12 @@ def decode_image(data: bytes, header: FrameHeader, max_bytes: int, max_pixels: i
 
 
 def image_tile_features(gray: np.ndarray, cfg: FeatureConfig) -> list[tuple[Tile, np.ndarray]]:
-    """Tiles of a grayscale image with their feature vectors: the one feature code path."""
+    """Tiles of a grayscale image with their feature vectors: the one feature code path.
+
+    All tiles at once (:func:`stream_processor.features.tiles_features`, bit for bit the
+    per-tile ``tile_features`` vectors, ~1.7x cheaper on vtest); the vectors are rows of one
+    ``(n_tiles, feature_length)`` float32 array.
+    """
     pairs = split(gray, cfg)
     X = tiles_features([pixels for _, pixels in pairs], cfg)
     return [(tile, X[i]) for i, (tile, _) in enumerate(pairs)]
