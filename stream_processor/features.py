@@ -34,6 +34,7 @@ built as it is: the notes above :func:`tiles_features`.
 
 from __future__ import annotations
 
+import threading
 from functools import lru_cache
 
 import cv2
@@ -539,6 +540,30 @@ _CHUNK_PIXELS = 1 << 18
 _DFT_TAPS = 50  # filter2D uses a DFT from this many kernel taps on
 
 
+_WORK = threading.local()
+
+
+def _buf(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A scratch array of this thread, reused chunk after chunk (contents undefined).
+
+    Why: temporaries of a chunk (~1-2 MB each) are mmapped fresh by malloc and released on
+    every call otherwise; in the compute-limit run that was 500,000 extra page faults and
+    1 s of system time per 100 frames, which ate the whole gain.  Bounded: at most
+    ``_CHUNK_PIXELS`` elements per name are kept (a larger request gets a plain array).
+    """
+    size = int(np.prod(shape))
+    if size > _CHUNK_PIXELS:
+        return np.empty(shape, dtype)
+    bufs = getattr(_WORK, "bufs", None)
+    if bufs is None:
+        bufs = _WORK.bufs = {}
+    key = (name, np.dtype(dtype).str)
+    a = bufs.get(key)
+    if a is None or a.size < size:
+        a = bufs[key] = np.empty(max(size, a.size if a is not None else 0), dtype)
+    return a[:size].reshape(shape)
+
+
 def _check_stack(stack: np.ndarray) -> None:
     if not isinstance(stack, np.ndarray) or stack.ndim != 3 or stack.dtype != np.uint8:
         got = f"{stack.dtype} array of shape {stack.shape}" if isinstance(stack, np.ndarray) else type(stack).__name__
@@ -568,11 +593,12 @@ def _stack_edge(I_bin: np.ndarray, kernel: np.ndarray, depth: int = cv2.CV_32F) 
     if kernel.size >= _DFT_TAPS:
         return np.stack([cv2.filter2D(t, depth, kernel, borderType=cv2.BORDER_REPLICATE) for t in I_bin])
     top = kh // 2
-    padded = np.empty((n, h + kh - 1, w), np.uint8)  # rows replicated as BORDER_REPLICATE would
+    padded = _buf("padded", (n, h + kh - 1, w), np.uint8)  # rows replicated as BORDER_REPLICATE would
     padded[:, top:top + h] = I_bin
     padded[:, :top] = I_bin[:, :1]
     padded[:, top + h:] = I_bin[:, -1:]
-    E = cv2.filter2D(padded.reshape(-1, w), depth, kernel, borderType=cv2.BORDER_REPLICATE)
+    dst = _buf(f"edge{depth}", (n * (h + kh - 1), w), np.int16 if depth == cv2.CV_16S else np.float32)
+    E = cv2.filter2D(padded.reshape(-1, w), depth, kernel, dst=dst, borderType=cv2.BORDER_REPLICATE)
     return E.reshape(n, h + kh - 1, w)[:, top:top + h]  # a view: no copy
 
 
@@ -606,8 +632,8 @@ def _stack_seed(stack: np.ndarray, plan: tuple, levels: np.ndarray) -> np.ndarra
         # On 0/1 in int16/int32: the exact integers the float path holds, / 255 (half the bytes
         # and filter2D to CV_16S: 0.55 vs 1.05 ms/frame on vtest).  The sign of a zero, the only
         # thing integers cannot carry, changes none of the four sums and counts.
-        I01 = cv2.LUT(stack.reshape(-1, w), (lut != 0).astype(np.uint8)).reshape(n, h, w)
-        E = _stack_edge(I01, kernel, cv2.CV_16S)
+        I01 = cv2.LUT(stack.reshape(-1, w), (lut != 0).astype(np.uint8), dst=_buf("I01", (n * h, w), np.uint8))
+        E = _stack_edge(I01.reshape(n, h, w), kernel, cv2.CV_16S)
         if wts.size == 1 and wts[0] == 1:
             Fi = E
         else:
@@ -616,8 +642,9 @@ def _stack_seed(stack: np.ndarray, plan: tuple, levels: np.ndarray) -> np.ndarra
                 if wi:
                     Fi[:, :, i:] += wi * E[:, :, : w - i].astype(np.int32)
         out[:, 0] = (Fi.sum(axis=(1, 2), dtype=np.int64) * 255).astype(np.float64)
-        out[:, 1] = (np.abs(Fi).sum(axis=(1, 2), dtype=np.int64) * 255).astype(np.float64)
-        out[:, 2] = np.count_nonzero(E, axis=(1, 2))
+        out[:, 1] = (np.abs(Fi, out=_buf("absF", Fi.shape, Fi.dtype)).sum(axis=(1, 2), dtype=np.int64)
+                     * 255).astype(np.float64)
+        out[:, 2] = np.not_equal(E, 0, out=_buf("edges", E.shape, bool)).sum(axis=(1, 2))
     else:
         I_bin = cv2.LUT(stack.reshape(-1, w), lut).reshape(n, h, w)
         E = _stack_edge(I_bin, kernel)
@@ -638,7 +665,8 @@ def _stack_seed(stack: np.ndarray, plan: tuple, levels: np.ndarray) -> np.ndarra
 def _stack_levels(stack: np.ndarray) -> np.ndarray:
     """``(n, 256)`` int64: how many pixels of each tile have each grey level."""
     n = stack.shape[0]
-    idx = stack.reshape(n, -1) + (np.arange(n, dtype=np.intp) * 256)[:, None]
+    flat = stack.reshape(n, -1)
+    idx = np.add(flat, (np.arange(n, dtype=np.intp) * 256)[:, None], out=_buf("levels", flat.shape, np.intp))
     return np.bincount(idx.ravel(), minlength=n * 256).reshape(n, 256)
 
 
@@ -696,8 +724,9 @@ def _stack_votes(imgs: np.ndarray, bins: int, signed: bool) -> tuple[np.ndarray,
     0 on the first and last column (row); the votes are then looked up (:func:`_vote_lut`).
     """
     n, h, w = imgs.shape
-    I = imgs.astype(np.int32)
-    idx = np.empty((n, h, w), dtype=np.int32)
+    I = _buf("I", (n, h, w), np.int32)
+    np.copyto(I, imgs)
+    idx = _buf("idx", (n, h, w), np.int32)
     np.subtract(I[:, :, 2:], I[:, :, :-2], out=idx[:, :, 1:-1])  # gx
     idx[:, :, 0] = 0
     idx[:, :, -1] = 0
@@ -707,8 +736,11 @@ def _stack_votes(imgs: np.ndarray, bins: int, signed: bool) -> tuple[np.ndarray,
     idx += _G * _GSPAN + _G
     idx = idx.ravel()
     b0_of, nxt, v0_of, v1_of = _vote_lut(bins, signed)
-    b0 = np.take(b0_of, idx)
-    return b0, np.take(nxt, b0), np.take(v0_of, idx), np.take(v1_of, idx)
+    N = idx.size  # (mode="clip" lets take write into out unbuffered; every index is valid)
+    b0 = np.take(b0_of, idx, out=_buf("b0", (N,), b0_of.dtype), mode="clip")
+    return (b0, np.take(nxt, b0, out=_buf("b1", (N,), np.intp), mode="clip"),
+            np.take(v0_of, idx, out=_buf("v0", (N,), np.float64), mode="clip"),
+            np.take(v1_of, idx, out=_buf("v1", (N,), np.float64), mode="clip"))
 
 
 def _hellinger_rows(hist: np.ndarray) -> np.ndarray:
@@ -735,7 +767,9 @@ def _stack_hog(imgs: np.ndarray, cell: int, bins: int, grid: tuple[int, int], si
     b0, b1, v0, v1 = _stack_votes(imgs, bins, signed)
     m = grid[0] * grid[1] * bins
     base = _stack_cell_base(n, h, w, cell, grid, bins)
-    hist = np.bincount(base + b0, v0, n * m) + np.bincount(base + b1, v1, n * m)
+    i0 = np.add(base, b0, out=_buf("i0", base.shape, np.intp))
+    hist = np.bincount(i0, v0, n * m)
+    hist += np.bincount(np.add(base, b1, out=i0), v1, n * m)
     return _hellinger_rows(hist.reshape(n, m))
 
 
