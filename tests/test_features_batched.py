@@ -190,3 +190,23 @@ def test_scene_model_labels_do_not_change(scene_model, vtest_path):
         changed += int((a != b).sum())
         total += a.size
     assert total == 30 * 108 and changed == 0
+
+
+def test_threads_do_not_share_scratch_buffers():
+    """The chunk temporaries are per-thread scratch arrays: frames computed in parallel
+    threads (the processor's executor) give the same vectors as one after the other."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(5)
+    frames = [rng.integers(0, 256, (192 + 8 * k, 256 - 8 * k), dtype=np.uint8) for k in range(8)]
+    cfgs = [BASE, CONFIGS["shrink"], CONFIGS["hog_signed"], DIGITS_FEATURES]
+    want = [[per_tile(f, c) for c in cfgs] for f in frames]
+
+    def run(f):
+        return [np.stack([v for _, v in image_tile_features(f, c)]) for c in cfgs]
+
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(3):
+            for got, ref in zip(pool.map(run, frames), want):
+                for g, r in zip(got, ref):
+                    assert_bits_equal(g, r)
