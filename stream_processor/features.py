@@ -513,7 +513,10 @@ def tile_features(tile: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
 #   I_edge and F are then exact integers (255x these), and so are their sums in any order;
 # * intensity statistics and the white fraction from one grey-level histogram per tile
 #   (meanStdDev on uint8 sums exactly, then mean = s/N, std = sqrt(max(sq/N - mean^2, 0))).
-# Measured (vtest, 30 frames, CPU time, min of 6): per tile 15.9 ms/frame, batched 9.1-9.4.
+# Measured (vtest, 30 frames, CPU time, min of 6): per tile 15.9 ms/frame, batched 9.1-9.4;
+# python -m benchmarks.compute_limit --frames 100 --sheets 3, A/B alternated 3 times on
+# 2026-12-02 12:01 (shared machine, load 5): whole-frame CPU per vtest frame 23.8/22.9/23.8 ms
+# per tile, 17.4/16.2/17.4 batched; per digit sheet (20 px, hog_cell 10) 802/798/762 -> 370/450/331.
 # The batched rows are held to be *the same bits* as tile_features (tests/test_features_batched.py
 # compares the float32 bit patterns); every float step keeps the per-tile operations and order:
 # * HOG: one bincount over the stack (each bin accumulates its pixels in the same order);
@@ -549,7 +552,8 @@ def _buf(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
     Why: temporaries of a chunk (~1-2 MB each) are mmapped fresh by malloc and released on
     every call otherwise; in the compute-limit run that was 500,000 extra page faults and
     1 s of system time per 100 frames, which ate the whole gain.  Bounded: at most
-    ``_CHUNK_PIXELS`` elements per name are kept (a larger request gets a plain array).
+    ``_CHUNK_PIXELS`` elements per name are kept (a larger request gets a plain array), about
+    12 MB per thread that computed features.
     """
     size = int(np.prod(shape))
     if size > _CHUNK_PIXELS:
