@@ -36,7 +36,7 @@ from tilestream.crypto import FrameRejected
 from tilestream.envelope import FrameHeader, frame_id
 from tilestream.records import FRAME_FIELDS, FrameFields, FrameRef, RecordError, TileBatch, parse_json_object
 
-from stream_processor.features import tile_features
+from stream_processor.features import tiles_features
 from stream_processor.tiling import Tile, extract_tile, tile_grid
 
 MAGIC = b"TSTJ"
@@ -163,9 +163,9 @@ def check_binding(job: TileJob) -> None:
 
 def job_features(job: TileJob, band: np.ndarray, cfg: FeatureConfig, digest: str) -> TileBatch:
     """The features of a band's tiles, one TileBatch — equal to the whole frame's for those tiles."""
-    tiles = tile_grid(job.frame_height, job.frame_width, cfg.tile_size, cfg.overlap, cfg.edge_policy)
-    pairs = []
-    for t in tiles[job.first_tile:job.last_tile]:
-        local = Tile(t.index, t.x, t.y - job.y0, t.w, t.h)
-        pairs.append((t, tile_features(extract_tile(band, local, cfg.tile_size, cfg.edge_policy), cfg)))
-    return TileBatch.make(job, job.n_tiles, pairs, digest, time.time_ns())
+    grid = tile_grid(job.frame_height, job.frame_width, cfg.tile_size, cfg.overlap, cfg.edge_policy)
+    tiles = grid[job.first_tile:job.last_tile]
+    pixels = [extract_tile(band, Tile(t.index, t.x, t.y - job.y0, t.w, t.h), cfg.tile_size, cfg.edge_policy)
+              for t in tiles]
+    X = tiles_features(pixels, cfg)  # the whole frame's batched path (bit for bit tile_features)
+    return TileBatch.make(job, job.n_tiles, [(t, X[i]) for i, t in enumerate(tiles)], digest, time.time_ns())
