@@ -292,3 +292,37 @@ def test_a_frame_acknowledged_without_its_offset_is_still_covered_by_reconciliat
     assert spool.frames == 0 and sender.counters.sent == 3
     assert json.loads((tmp_path / "state" / "reconcile-from.json").read_text()) == {"0": 11}
     spool.close()
+
+
+@pytest.mark.kafka
+def test_the_sender_serves_kafkas_answer_when_no_next_frame_comes(kafka, tmp_path):
+    """The sender thread waits for the next frame, not for Kafka's answer to the last one (one
+    wake-up per frame at camera rate; the answer is served by the next turn). With no next frame
+    the answer is still served within the sender's wait (POLL_WAIT_S): each frame leaves the
+    spool on its own, once on the topic, and send_seconds is librdkafka's latency of it."""
+    from edge_agent.agent import AgentCounters
+    from edge_agent.sender import FrameSender
+    from edge_agent.spool import Spool
+    from kafkaio import Connection
+    from tilestream.metrics import Metrics
+
+    spool = Spool(tmp_path / "spool", 1 << 24, fsync="never")
+    stop = threading.Event()
+    sender = FrameSender(AgentSettings(camera_id="cam-lone"), Connection(kafka.bootstrap), spool, AgentCounters(),
+                         Metrics("test"), tmp_path / "state", 1 << 20, stop)
+    thread = threading.Thread(target=sender.run, daemon=True)
+    thread.start()
+    keys = [b"cam-lone/%d" % i for i in range(3)]
+    try:
+        for i, key in enumerate(keys):
+            spool.append(key, b"frame %d" % i, i)
+            wait_for(lambda: spool.frames == 0, 30, f"frame {i}'s acknowledgement with no frame after it")
+    finally:
+        stop.set()
+        thread.join(30)
+        sender.close()
+        spool.close()
+    assert not thread.is_alive() and sender.counters.sent == 3 and sender.counters.send_errors == 0
+    assert sorted(m.key for m in read_topic(kafka.bootstrap, topics.FRAMES) if m.key in keys) == keys  # each once
+    latencies = list(sender.metrics.samples[("send_seconds", ())])
+    assert len(latencies) == 3 and all(0 < s < 30 for s in latencies), latencies
