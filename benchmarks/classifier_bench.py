@@ -36,10 +36,19 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import (ResultsWatcher, Sealer, bench_keys, child_env, commit_group_to_end, local_broker,
-                               make_processor, proc_cpu_s, progress, topic_disk_bytes, vtest_encoded, write_json)
+from benchmarks.common import (MAX_FRAME_BYTES, MAX_PIXELS, ResultsWatcher, Sealer, bench_keys, child_env,
+                               commit_group_to_end, local_broker, percentile, proc_cpu_s, progress, topic_disk_bytes,
+                               vtest_encoded, write_json)
 
 _T = namedtuple("_T", "index x y w h")
+
+
+def make_processor(store, cfg):
+    """The processor's pure compute (FrameProcessor) with the worker's default limits and the store's keys."""
+    from stream_processor.pipeline import FrameProcessor
+
+    return FrameProcessor(store.cloud_private_keys(), store.device_registry(), cfg,
+                          max_bytes=MAX_FRAME_BYTES, max_pixels=MAX_PIXELS)
 
 
 def make_batches(store, n: int = 60):
@@ -98,7 +107,7 @@ def in_process(model, batches, ckeys, kid, key, n: int, dtype: str | None) -> di
 
 
 def over_broker(lk, store, model_path, batches, kid, key, watcher, n: int, rate: float, dtype: str | None,
-                consumer_overrides: dict, tag: str) -> dict:
+                consumer_overrides: dict, tag: str, src: str | None = None) -> dict:
     from tilestream import topics
     from kafkaio import clients
 
@@ -108,12 +117,17 @@ def over_broker(lk, store, model_path, batches, kid, key, watcher, n: int, rate:
     records = list(wire_records(batches, n, tag, kid, key, dtype))
     producer = clients.producer(lk.bootstrap, "frames", client_id="bench-tiles", max_request_size=4 << 20)
 
+    sent: dict[str, int] = {}
+
     def send(paced: bool) -> None:
         t0 = time.monotonic()
         for j, (k, v) in enumerate(records):
             if paced:
                 time.sleep(max(0.0, t0 + j / rate - time.monotonic()))
+            sent[k.decode()] = time.time_ns()
             producer.send(topics.TILE_FEATURES, key=k, value=v)
+            if paced:
+                producer.flush(30)  # on its way now, not after the producer's linger
         producer.flush(120)
 
     if not rate:
@@ -126,7 +140,7 @@ def over_broker(lk, store, model_path, batches, kid, key, watcher, n: int, rate:
     log = open(Path(store.path).parent / f"classifier-{tag}.log", "wb")
     p = subprocess.Popen([sys.executable, "-c", boot, "classify", "--model", str(model_path), "--model-name",
                           f"bench-{uuid.uuid4().hex[:6]}"], env=env, start_new_session=True, stdout=log,
-                         stderr=subprocess.STDOUT)
+                         stderr=subprocess.STDOUT, cwd=src)  # src: another version's packages first on its path
     broker_pid = lk.status().pid
     try:
         if rate:
@@ -143,13 +157,21 @@ def over_broker(lk, store, model_path, batches, kid, key, watcher, n: int, rate:
     k = n - n0
     res = {"classifier_cpu_ms": 1e3 * (c1 - c0) / k, "broker_cpu_ms": 1e3 * (b1 - b0) / k,
            "tile_features_kb": (topic_disk_bytes(lk, topics.TILE_FEATURES) - disk0) / n / 1e3}
+    lat = ""
+    if rate:
+        # What the classifier adds (broker both ways included): tile record handed to the producer
+        # -> its result read from `results` by this process, for the frames after the first 10 %.
+        arrived = {r.frame_id: a for a, r in watcher.of(tag)}
+        added = [(arrived[f] - t) / 1e6 for f, t in list(sent.items())[n // 10:] if f in arrived]
+        res.update(added_p50_ms=percentile(added, 50), added_p99_ms=percentile(added, 99))
+        lat = f", added latency p50 {res['added_p50_ms']:.1f} p99 {res['added_p99_ms']:.1f} ms"
     progress(f"[{tag}] classifier {res['classifier_cpu_ms']:.2f} CPU ms/frame, broker {res['broker_cpu_ms']:.2f}, "
-             f"tile-features {res['tile_features_kb']:.1f} KB/frame")
+             f"tile-features {res['tile_features_kb']:.1f} KB/frame{lat}")
     return res
 
 
 def run(frames: int = 800, rate: float = 0.0, reps: int = 2, dtype: str | None = None,
-        consumer_overrides: dict | None = None) -> dict:
+        consumer_overrides: dict | None = None, alt_src: str | None = None) -> dict:
     from tilestream.stagekeys import StageKeys
 
     res: dict = {"frames": frames, "rate": rate, "dtype": dtype, "consumer_overrides": consumer_overrides or {},
@@ -162,8 +184,11 @@ def run(frames: int = 800, rate: float = 0.0, reps: int = 2, dtype: str | None =
         res["in_process"] = in_process(model, batches, stage.for_classifier(), kid, key, min(frames, 400), dtype)
         with ResultsWatcher(lk.bootstrap, store.path) as watcher:
             for r in range(reps):
-                res["broker"].append(over_broker(lk, store, model_path, batches, kid, key, watcher, frames, rate,
-                                                 dtype, consumer_overrides or {}, f"cls{r}"))
+                # With alt_src, each rep runs this tree's classifier (A) then alt_src's (B), back to back.
+                for variant, src in (("A", None), ("B", alt_src)) if alt_src else (("", None),):
+                    x = over_broker(lk, store, model_path, batches, kid, key, watcher, frames, rate, dtype,
+                                    consumer_overrides or {}, f"cls{r}{variant}", src)
+                    res["broker"].append({**x, "variant": variant})
     return res
 
 
@@ -175,11 +200,17 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["float32", "float16"], default=None, help="default: the wire dtype")
     ap.add_argument("--fetch-min-bytes", type=int, default=None)
     ap.add_argument("--fetch-max-wait-ms", type=int, default=None)
+    ap.add_argument("--alt-src", help="A/B: a directory with another version's classifier/ and kafkaio/ "
+                                      "(e.g. from `git archive`), run after this tree's in every rep")
     ap.add_argument("--json")
     a = ap.parse_args()
     overrides = {k: v for k, v in (("fetch_min_bytes", a.fetch_min_bytes), ("fetch_max_wait_ms", a.fetch_max_wait_ms))
                  if v is not None}
-    res = run(a.frames, a.rate, a.reps, a.dtype, overrides)
+    res = run(a.frames, a.rate, a.reps, a.dtype, overrides, a.alt_src)
+    for x in res["broker"]:
+        print(f"{x['variant'] or '-'}: classifier {x['classifier_cpu_ms']:.2f} CPU ms/frame, broker "
+              f"{x['broker_cpu_ms']:.2f}" + (f", added p50 {x['added_p50_ms']:.1f} p99 {x['added_p99_ms']:.1f} ms"
+                                             if "added_p50_ms" in x else ""))
     b = res["broker"]
     each = ", ".join(f"{x['classifier_cpu_ms']:.2f}" for x in b)
     print(f"classifier {np.mean([x['classifier_cpu_ms'] for x in b]):.2f} CPU ms/frame ({each}), broker "
