@@ -15,7 +15,7 @@ with the stage key as a processor does.
    the 10th percentile result and the last one, per frame. ``--rate 0`` (default) pre-fills the
    topic (a backlog: big polls); ``--rate R`` writes R records/s while the classifier runs
    (camera rates: one record per poll). ``--fetch-min-bytes``/``--fetch-max-wait-ms`` are passed
-   to the classifier's aiokafka consumer (A/B of fetch settings). ``tile-features`` bytes per
+   to the classifier's group consumer (A/B of fetch settings). ``tile-features`` bytes per
    frame are its log segments on the broker's disk.
 
 Numbers on a shared machine are noisy: compare variants within one run (``--reps``).
@@ -41,6 +41,7 @@ from benchmarks.common import (MAX_FRAME_BYTES, MAX_PIXELS, ResultsWatcher, Seal
                                vtest_encoded, write_json)
 
 _T = namedtuple("_T", "index x y w h")
+RDKAFKA_NAMES = {"fetch_min_bytes": "fetch.min.bytes", "fetch_max_wait_ms": "fetch.wait.max.ms"}
 
 
 def make_processor(store, cfg):
@@ -133,9 +134,13 @@ def over_broker(lk, store, model_path, batches, kid, key, watcher, n: int, rate:
     if not rate:
         send(False)
     env = child_env(lk.bootstrap, store.path, Path(store.path).parent / "home", TILESTREAM_CLASSIFIER_GROUP_ID=group)
-    # The consumer settings under test go to kafkaio.aio.group_consumer (the service has no option for them).
-    boot = ("import sys, kafkaio.aio as a; o = a.group_consumer; "
+    # The consumer settings under test go to the group consumer of kafkaio.rdkafka (librdkafka names)
+    # and, for an older classifier (--alt-src), of kafkaio.aio (aiokafka names); the service has no
+    # option for them.
+    rd = {RDKAFKA_NAMES[k]: v for k, v in consumer_overrides.items()}
+    boot = ("import sys, kafkaio.aio as a, kafkaio.rdkafka as r; o = a.group_consumer; q = r.group_consumer; "
             f"a.group_consumer = lambda *x, **k: o(*x, **{{**k, **{consumer_overrides!r}}}); "
+            f"r.group_consumer = lambda *x, **k: q(*x, **{{**k, **{rd!r}}}); "
             "from tilestream_cli import main; sys.exit(main(sys.argv[1:]))")
     log = open(Path(store.path).parent / f"classifier-{tag}.log", "wb")
     p = subprocess.Popen([sys.executable, "-c", boot, "classify", "--model", str(model_path), "--model-name",
