@@ -36,7 +36,15 @@ class AckedOffsets:
         self.unacked = 0  # outputs sent and not yet acknowledged, all batches
 
     def add(self, outputs: int, offsets: dict[int, int]) -> Batch:
-        """A poll made ``outputs`` records to send; ``offsets`` is committable once they are acked."""
+        """A poll made ``outputs`` records to send; ``offsets`` is committable once they are acked.
+
+        A poll with nothing to send behind one still waiting becomes safe exactly when that one
+        does, so its offsets replace that one's (every partition's offset only grows) instead of
+        queueing: an idle loop (5 polls a second) adds no batch while a leader is away."""
+        if outputs == 0 and self._batches:
+            b = self._batches[-1]
+            b.offsets.update(offsets)
+            return b
         b = Batch(outputs, dict(offsets))
         self._batches.append(b)
         self.unacked += outputs

@@ -131,7 +131,8 @@ def test_acked_offsets_advance_only_past_batches_whose_outputs_and_predecessors_
     acks = AckedOffsets()
     a = acks.add(2, {0: 5})
     b = acks.add(1, {0: 7, 1: 3})
-    c = acks.add(0, {0: 9, 1: 4})  # a poll with nothing to send
+    c = acks.add(0, {0: 9, 1: 4})  # a poll with nothing to send: safe when b is, so merged into b
+    assert c is b and acks.batches_waiting == 2
     assert acks.safe == {} and acks.unacked == 3
     acks.acked(b)  # a later batch acknowledged first: nothing before it is, so nothing is safe
     assert acks.safe == {}
@@ -147,7 +148,7 @@ def test_acked_offsets_advance_only_past_batches_whose_outputs_and_predecessors_
     assert acks.safe == {0: 13}
     with pytest.raises(ValueError):
         acks.acked(d)
-    assert c.remaining == 0
+    assert acks.add(0, {0: 14}).remaining == 0 and acks.safe == {0: 14}  # nothing waiting: safe at once
 
 
 class _Frame:
