@@ -197,7 +197,8 @@ class ClassifierService:
             # poll() returns at the first record; consume(n, 0) then takes what is already fetched
             # (consume(n, timeout) would wait for n records or the whole timeout).
             first = consumer.poll(POLL_S)
-            msgs = [] if first is None else [first, *consumer.consume(self.max_records - 1, 0)]
+            msgs = [] if first is None else [first, *(consumer.consume(self.max_records - 1, 0)
+                                                      if self.max_records > 1 else ())]
             now = time.monotonic()
             self.liveness.turned()
             outputs = self._handle_batch(self._records(msgs), now)
