@@ -72,6 +72,10 @@ COMMIT_EVERY_S = 0.5
 # How long a revocation or the shutdown waits for the acknowledgements of what was sent before it
 # commits what is safe: one request timeout (kafkaio.rdkafka.REQUEST_TIMEOUT_MS).
 CONSUMER_WAIT_S = 10.0
+# After a commit failed (coordinator away or stuck), no commit for this long: a commit request
+# holds the heartbeats behind it on the coordinator connection (see kafkaio.rdkafka.GROUP_TIMING),
+# so commits sent back to back at a stuck coordinator starve the session.
+COMMIT_BACKOFF_S = 10.0
 # How long a poll waits for the first record. Stop requests, model checks and metrics are served
 # between polls, so this bounds how late they are; an idle classifier wakes 5 times a second.
 POLL_S = 0.2
@@ -127,6 +131,7 @@ class ClassifierService:
         self.acks = AckedOffsets()
         self.committed: dict[int, int] = {}  # partition -> offset Kafka confirmed committed
         self._commit_out_since: float | None = None
+        self._commit_not_before = 0.0  # backoff after a failed commit (COMMIT_BACKOFF_S)
         self._retry: list[tuple[Output, Batch, int]] = []
         self._failure: Exception | None = None
         self._producer = None
@@ -340,6 +345,8 @@ class ClassifierService:
         if not wait:
             if self._commit_out_since is not None and now - self._commit_out_since < CONSUMER_WAIT_S:
                 return
+            if now < self._commit_not_before:
+                return
             self._commit_out_since = now
             try:
                 consumer.commit(offsets=tps, asynchronous=True)
@@ -368,6 +375,7 @@ class ClassifierService:
             self.metrics.inc("commit_refused_total")
             log.info(json.dumps({"event": "commit_refused", "error": str(err)}))
         else:  # coordinator away: the next commit carries these offsets too
+            self._commit_not_before = time.monotonic() + COMMIT_BACKOFF_S
             self.metrics.inc("commit_failed_total")
             log.warning(json.dumps({"event": "commit_failed", "error": str(err)}))
 

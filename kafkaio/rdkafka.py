@@ -108,10 +108,21 @@ def producer(where: Connection | str, profile: str = "frames", client_id: str | 
     return Producer(cfg)
 
 
-# Membership timing of librdkafka group consumers, as kafkaio.aio.GROUP_TIMING: a dead member's
-# partitions move within ~10 s. Heartbeats come from librdkafka's own thread, so a long model call
-# in the consumer's thread never delays one; only max.poll.interval.ms between two polls counts.
-GROUP_TIMING = {"session.timeout.ms": 10000, "heartbeat.interval.ms": 3000, "max.poll.interval.ms": 120000}
+# Membership timing of librdkafka group consumers. Heartbeats come from librdkafka's own thread,
+# so a long model call in the consumer's thread never delays one; only max.poll.interval.ms
+# between two polls counts. The session is 30 s, not aiokafka's 10 s (kafkaio.aio.GROUP_TIMING),
+# because librdkafka, unlike aiokafka, also judges the session on the client side: with no
+# successful heartbeat response for session.timeout.ms it drops its assignment and rejoins.
+# Heartbeats share the coordinator connection with offset commits, and the broker answers one
+# request of a connection at a time, so a commit waiting for a frozen replica (SIGSTOPped broker,
+# acks=all on __consumer_offsets) or a coordinator that died (~9 s until KRaft fences it) held
+# them for a whole request timeout (10 s): with a 10 s session the classifier lost its partitions
+# in both fault tests, then waited for a JoinGroup that needed the same frozen write, and its
+# results stopped 28.6 s (broker-stop) and 21.9 s (leader-kill) while the processor's stopped
+# 16.2 s and 10.0 s (tests/test_cluster_faults.py, 2026-12-02 12:11). 30 s > one request timeout
+# + a heartbeat interval + fencing. The price: a classifier that crashed without leaving the group
+# hands its partitions on after 30 s instead of 10 (one that stops leaves the group at once).
+GROUP_TIMING = {"session.timeout.ms": 30000, "heartbeat.interval.ms": 3000, "max.poll.interval.ms": 120000}
 
 # How many KB of fetched records librdkafka may hold ahead of the application (default 64 MB; the
 # high-level consumer has one queue for all its partitions). A tile-features record of a vtest

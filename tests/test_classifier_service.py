@@ -74,7 +74,8 @@ def test_an_evicted_classifier_rejoins_by_itself_and_answers_every_frame_once(ka
         assert healthz(port)[0] == 200
         rebalances = metric(port, "tilestream_classifier_rebalances_total")
 
-        # Frozen past its 10 s session timeout: the coordinator evicts it and the group is empty.
+        # Frozen past its 30 s session timeout (kafkaio.rdkafka.GROUP_TIMING): the coordinator evicts it
+        # and the group is empty.
         os.kill(cls.pid, signal.SIGSTOP)
         try:
             wait_for(lambda: group_state() == "Empty", 90, "the frozen classifier to be evicted", interval_s=1.0)
