@@ -7,11 +7,15 @@ One plain loop in one thread: a librdkafka group consumer and an idempotent libr
 the heartbeats and the produce requests in its own C threads, so a model call in the loop never
 delays a heartbeat; only ``max.poll.interval.ms`` (120 s) between two polls counts, and a member
 that is evicted anyway (a stopped VM, a machine swapping) rejoins by itself in a later poll.
-Why not asyncio (aiokafka) any more: per frame at camera rate, its loop (socket writes,
-wake-ups, callbacks), the hand-off to a model thread and the wait for every result's
-acknowledgement before the next poll cost ~3 CPU ms next to ~1.1 ms of the frame's own work
-(py-spy: event loop 32 %, select/wait 26 %, executor plumbing 11 %, records 11 %, model 10 %);
-the figures of the switch are in the commit that made it.
+Why not asyncio (aiokafka) any more: its loop (socket writes, wake-ups, callbacks), the hand-off
+to a model thread and the wait for every result's acknowledgement before the next poll were most
+of its CPU (py-spy: event loop 32 %, select/wait 26 %, executor plumbing 11 %, records 11 %,
+model 10 %). Back to back (benchmarks/classifier_bench.py --rate 20 --alt-src, 3 reps), CPU ms per
+frame of the classifier process at 20 frames/s: 2.78, 3.04, 2.88 on librdkafka against 4.63,
+4.68, 3.59 on aiokafka; the same records cost 2.64 ms in process when they come one every 50 ms
+(1.22 back to back: caches go cold between frames), so what is left is mostly the frame's own
+work (the loop thread 2.75 ms a frame, librdkafka's threads 0.33, /proc per thread). In the
+closed-loop pipeline (pipeline_bench, 1 worker) 3.3, 2.6, 3.3, 3.1 against 4.3, 3.8, 3.7, 3.6.
 
 Delivery: at least once in, exactly one result per frame out.
 
