@@ -6,20 +6,24 @@ security), so TLS, SASL and mutual TLS are set once and reach every client, Faus
 
 Which client library where (the rule):
 
-* **aiokafka** for every consumer-group member and every client on an asyncio loop: the Faust
-  processor (Faust runs on it), the classifier's group consumer and producer, the dashboard.
-  Why: kafka-python 3.0.12's group coordinator lost the classifier's membership and never
+* **aiokafka** for every client on an asyncio loop: the Faust processor (Faust runs on it), the
+  dashboard. Why not kafka-python for group members: its 3.0.12 group coordinator lost the classifier's membership and never
   rejoined — on a fresh machine with one core busy, 2 + 3 + 1 failed tests in three clean-clone
   runs, every time "the classifier stopped answering"; watched from outside, a classifier that
   logged ``assigned`` sent no heartbeat, was dropped after its 10 s session timeout and then
   spun in ``poll()`` at ~93 % CPU (``LeaveGroup ... UnknownMemberIdError`` at shutdown). In the
   same runs the Faust processor (aiokafka) kept its membership and delivered every tile.
 * **librdkafka** (confluent-kafka, :mod:`kafkaio.rdkafka`) for the edge agent's frame producer
-  only. Why: at camera rate one produce request cost kafka-python 1.33-1.36 CPU ms (about 1,500
+  and for the classifier (its group consumer and its results producer, one synchronous loop).
+  Why: at camera rate one produce request cost kafka-python 1.33-1.36 CPU ms (about 1,500
   Python calls per request in its I/O thread) and librdkafka 0.29-0.31 ms with the same settings
   (``benchmarks/agent_bench.py``, the client alone); the agent may add 1.07 ms per vtest frame to
   capture + encode (1.5x) and crypto + spool + syncer already use ~0.72 ms of it. With
-  kafka-python the agent cost 2.10x capture + encode at 10 fps and 1.91x at 25 fps.
+  kafka-python the agent cost 2.10x capture + encode at 10 fps and 1.91x at 25 fps. The
+  classifier on aiokafka spent more CPU per frame on its event loop, the hand-off to its model
+  thread and the wait for acknowledgements than on the frame (4.5-4.8 CPU ms per frame at 20
+  frames/s for 1.1 ms of work; on librdkafka 2.8-3.2, see :mod:`classifier.service`); librdkafka's
+  heartbeats come from its own thread, so the membership problem above does not arise.
 * **kafka-python** for the other synchronous code with no group membership: admin and topic
   creation, group-less reads of a range of a topic (model registry, read-back of answered
   frames, the agent's reconciliation, ``results tail``), the CLI, tests and benchmarks.
@@ -40,7 +44,7 @@ the node came back (README "Broker faults").
 Modules: :mod:`kafkaio.connection` (bootstrap + security, kwargs for each library, Faust's
 broker settings), :mod:`kafkaio.clients` (producer profiles, admin, topic creation, group-less
 range reads), :mod:`kafkaio.aio` (the asyncio group consumer and producer), :mod:`kafkaio.rdkafka`
-(the agent's librdkafka producer).
+(librdkafka: the agent's frame producer, the classifier's group consumer and producer).
 """
 
 from kafkaio.connection import Connection, connection

@@ -1,4 +1,5 @@
-"""librdkafka (confluent-kafka) producers: the edge agent's frame producer.
+"""librdkafka (confluent-kafka) clients: the edge agent's frame producer, the classifier's group
+consumer and results producer.
 
 Why a second client library: at camera rate a produce request costs kafka-python 1.33-1.36 CPU
 ms (about 1,500 Python calls per request in its I/O thread) and librdkafka 0.29-0.31 ms with the
@@ -22,9 +23,13 @@ other client, so the transport security is spelled here once for librdkafka's na
   idempotent, no linger, 1 MB batches, keyed records partitioned as kafka-python and the Java
   client do (murmur2), so a camera's heartbeats land where they did.
 
-Callbacks (delivery reports, errors, logs) run only inside ``poll()``/``flush()``, in the thread
-that calls them: the agent's sender thread. librdkafka's own threads (``rdk:main``,
-``rdk:broker<n>``) never run Python code.
+The classifier (:mod:`classifier.service`) uses :func:`group_consumer` and :func:`producer` with the
+``stage`` profile: one synchronous loop, no asyncio; why, with figures, is in its docstring.
+
+Callbacks (delivery reports, errors, commits, rebalances, logs) run only inside
+``poll()``/``consume()``/``flush()``/``close()``, in the thread that calls them: the agent's sender
+thread, the classifier's loop. librdkafka's own threads (``rdk:main``, ``rdk:broker<n>``) never
+run Python code.
 """
 
 from __future__ import annotations
@@ -37,6 +42,11 @@ from kafkaio.connection import Connection, connection
 PROFILES: dict[str, dict[str, Any]] = {
     "frames": {"acks": "all", "enable.idempotence": True, "linger.ms": 0, "batch.size": 1024 * 1024,
                "partitioner": "murmur2_random"},
+    # Records between stages (the classifier's results and dead letters), as kafkaio.clients'
+    # ``stage``: acks=all, idempotent; no linger, as kafkaio.aio.LINGER_MS (the classifier hands
+    # over a poll's outputs at once); keyed as the Java client and aiokafka place them (murmur2),
+    # so a camera's results stay on the partition they were on.
+    "stage": {"acks": "all", "enable.idempotence": True, "linger.ms": 0, "partitioner": "murmur2_random"},
 }
 
 # A hung broker (SIGSTOPped, a frozen VM) answers nothing while the kernel still accepts its
@@ -98,6 +108,62 @@ def producer(where: Connection | str, profile: str = "frames", client_id: str | 
     return Producer(cfg)
 
 
+# Membership timing of librdkafka group consumers. Heartbeats come from librdkafka's own thread,
+# so a long model call in the consumer's thread never delays one; only max.poll.interval.ms
+# between two polls counts. The session is 30 s, not aiokafka's 10 s (kafkaio.aio.GROUP_TIMING),
+# because librdkafka, unlike aiokafka, also judges the session on the client side: with no
+# successful heartbeat response for session.timeout.ms it drops its assignment and rejoins.
+# Heartbeats share the coordinator connection with offset commits, and the broker answers one
+# request of a connection at a time, so a commit waiting for a frozen replica (SIGSTOPped broker,
+# acks=all on __consumer_offsets) or a coordinator that died (~9 s until KRaft fences it) held
+# them for a whole request timeout (10 s): with a 10 s session the classifier lost its partitions
+# in both fault tests, then waited for a JoinGroup that needed the same frozen write, and its
+# results stopped 28.6 s (broker-stop) and 21.9 s (leader-kill) while the processor's stopped
+# 16.2 s and 10.0 s (tests/test_cluster_faults.py, 2026-12-02 12:11). 30 s > one request timeout
+# + a heartbeat interval + fencing. The price: a classifier that crashed without leaving the group
+# hands its partitions on after 30 s instead of 10 (one that stops leaves the group at once).
+GROUP_TIMING = {"session.timeout.ms": 30000, "heartbeat.interval.ms": 3000, "max.poll.interval.ms": 120000}
+
+# How many KB of fetched records librdkafka may hold ahead of the application (default 64 MB; the
+# high-level consumer has one queue for all its partitions). A tile-features record of a vtest
+# frame is 37 KB, so 16 MB is ~440 frames queued: far more than one poll takes, and the memory a
+# hostile producer can make this consumer hold stays bounded (records are at most the topic's
+# max.message.bytes, 1 MB).
+QUEUED_MAX_KBYTES = 16 * 1024
+
+
+def group_consumer(where: Connection | str, group_id: str, client_id: str, *, error_cb: Callable | None = None,
+                   logger: logging.Logger | None = None, on_commit: Callable | None = None, **overrides):
+    """A ``confluent_kafka.Consumer`` in ``group_id`` with manual commits of explicit offsets,
+    starting at the earliest offset (librdkafka names in ``overrides``).
+
+    Requests to a hung node are given up after :data:`REQUEST_TIMEOUT_MS` (``socket.timeout.ms``:
+    a consumer's fetch, commit, heartbeat and offset requests; the default is 60 s), as every
+    other client's. Offsets are never stored or committed by librdkafka itself: the caller commits
+    what it knows to be safe. Callbacks (``error_cb``, ``on_commit``, rebalance, logs) run only
+    inside ``poll()``/``consume()``/``close()``, in the caller's thread.
+    """
+    from confluent_kafka import Consumer
+
+    cfg: dict[str, Any] = {
+        **security_config(where), **GROUP_TIMING,
+        "group.id": group_id, "client.id": client_id,
+        "enable.auto.commit": False, "enable.auto.offset.store": False, "auto.offset.reset": "earliest",
+        "socket.timeout.ms": REQUEST_TIMEOUT_MS,
+        "socket.connection.setup.timeout.ms": CONNECT_TIMEOUT_MS,
+        "topic.metadata.refresh.interval.ms": METADATA_REFRESH_MS,
+        "queued.max.messages.kbytes": QUEUED_MAX_KBYTES,
+        **overrides,
+    }
+    if error_cb is not None:
+        cfg["error_cb"] = error_cb
+    if logger is not None:
+        cfg["logger"] = logger
+    if on_commit is not None:
+        cfg["on_commit"] = on_commit
+    return Consumer(cfg)
+
+
 def check_connected(p, timeout_s: float) -> None:
     """Raise unless a broker answered a metadata request within ``timeout_s`` (librdkafka
     connects lazily: a producer to an absent broker is made without an error)."""
@@ -109,6 +175,15 @@ def as_exception(err) -> Exception:
     from confluent_kafka import KafkaException
 
     return KafkaException(err)
+
+
+def is_rebalance_refusal(err) -> bool:
+    """Whether a commit's error says the group is rebalancing or this member was replaced (not a
+    failure: the revocation callback commits again, or the new owner re-reads)."""
+    from confluent_kafka import KafkaError
+
+    return err.code() in (KafkaError.REBALANCE_IN_PROGRESS, KafkaError.ILLEGAL_GENERATION,
+                          KafkaError.UNKNOWN_MEMBER_ID, KafkaError._ASSIGNMENT_LOST, KafkaError._STATE)
 
 
 def means_disconnected(err) -> bool:
