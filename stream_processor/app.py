@@ -11,9 +11,10 @@ decode, features or fan-out, dead letters, marks — the same path the tests and
 run). This module only says where each step runs: the agents are short loops that hand each
 record to the stage with a :class:`WorkerIO` — the signature and replay checks on the event loop
 (~0.1 ms), the replay state read to the end of ``replay-marks`` for the record's consumer
-generation first (:class:`stream_processor.stage.ReplaySync`), open/decode/tile/features in a
-thread pool (``run_in_executor``) so the loop keeps serving heartbeats, commits and rebalances,
-and the stage's outputs sent in order through Faust's producer. Agent concurrency stays 1
+generation first (:class:`stream_processor.stage.ReplaySync`), open/decode/tile/features of a
+frame of up to :data:`INLINE_MAX_PIXELS` (declared, signed) on the loop and of a larger frame or a
+tile job in a thread pool (``run_in_executor``; heartbeats are the consumer thread's either way,
+see there), and the stage's outputs sent in order through Faust's producer. Agent concurrency stays 1
 (faust-streaming #606). Also here: the timers (replay-marks follower, event-loop lag, the
 metrics snapshot built by :class:`tilestream.metrics.Snapshots`), ``/healthz`` and ``/metrics``
 (``frame_wait_seconds``: a frame's time from the broker's append to this agent, i.e. the fetch
@@ -62,6 +63,27 @@ from tilestream.metrics import Liveness, Metrics, Snapshots, observe_gc_pauses
 
 from stream_processor import replay, transport
 from stream_processor.stage import STAGES, ProcessorStage, ReplaySync, StageIO
+
+
+# The largest frame (declared pixels, signed header; the decoder refuses an image of any other size
+# before decoding it) whose open/decode/features run on the event loop instead of in the thread pool.
+# The pool bought nothing for such a frame: agent concurrency is 1, so the loop only waited for it,
+# and Faust's consumer (fetches, heartbeats) runs in a thread of its own, with its own loop
+# (faust ThreadDelegateConsumer), served by the GIL's switch interval whatever the loop does. What
+# it cost: two thread hand-offs per frame and the GIL ping-pong around them, ~3 ms CPU per vtest
+# frame (one worker on 300 pre-filled frames, back to back: 28.4, 28.9 ms with the pool, 25.1, 25.9
+# inline; Quix 29.2, 28.3; py-spy: hand-offs and the loop thread waiting for the GIL after each
+# socket write, 11 % of the worker's busy samples, 5 % inline). What inline costs: the loop's timers, commits and web
+# pages wait for the frame: vtest 768x576 (442,368 pixels) ~20 ms of features; at this bound (a
+# 1280x800 frame) ~50 ms, a 64-scan progressive JPEG (imageinfo.MAX_SCANS) more: tens of ms,
+# never near the 2.5 s heartbeat interval, which is the consumer thread's anyway. Larger frames
+# (and tile jobs: >= fanout_min_pixels) keep the pool, so a worker stays responsive on 4K frames.
+INLINE_MAX_PIXELS = 1_048_576
+
+
+def runs_inline(pixels: int | None) -> bool:
+    """Whether a step on ``pixels`` declared pixels runs on the loop (None: unknown, the pool)."""
+    return pixels is not None and 0 <= pixels <= INLINE_MAX_PIXELS
 
 
 def faust_broker(conn: Connection) -> dict:
@@ -132,7 +154,9 @@ def create_app(settings: Settings, where: Connection | str, datadir: Path, web_p
         def __init__(self, loop: asyncio.AbstractEventLoop, generation: int):
             self.loop, self.generation = loop, generation
 
-        async def compute(self, fn, *args):
+        async def compute(self, fn, *args, pixels=None):
+            if runs_inline(pixels):
+                return fn(*args)
             return await self.loop.run_in_executor(executor, fn, *args)
 
         async def replay_state(self) -> None:

@@ -142,3 +142,16 @@ def test_the_faust_producer_is_idempotent_and_requeues_only_what_was_never_queue
     assert isinstance(producer, transport.IdempotentProducer)
     assert producer._settings_extra()["enable_idempotence"] is True
     assert producer._settings_default()["request_timeout_ms"] == 10000
+
+
+def test_faust_consumer_runs_in_its_own_thread_so_an_inline_frame_does_not_hold_its_heartbeats():
+    """stream_processor.app.INLINE_MAX_PIXELS rests on this: Faust's aiokafka consumer (fetches,
+    heartbeats, the group coordinator) lives in a thread with its own event loop, not on the loop
+    our agent computes on. A Faust upgrade that moves it onto the app's loop makes us look again."""
+    from faust.transport.consumer import ThreadDelegateConsumer
+    from faust.transport.drivers import aiokafka as faust_aiokafka
+
+    from stream_processor.transport import GuardedConsumer
+
+    assert issubclass(GuardedConsumer, ThreadDelegateConsumer)
+    assert issubclass(faust_aiokafka.AIOKafkaConsumerThread, faust_aiokafka.ConsumerThread)
