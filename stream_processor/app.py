@@ -86,6 +86,19 @@ def runs_inline(pixels: int | None) -> bool:
     return pixels is not None and 0 <= pixels <= INLINE_MAX_PIXELS
 
 
+async def run_step(executor, fn, *args, pixels: int | None = None):
+    """``fn(*args)``: on this loop when :func:`runs_inline` says so, else in ``executor``.
+
+    Inline, the loop turns once first: the agent takes buffered frames without waiting, so
+    without that turn the producer's sender task (on this loop) sent nothing and no timer ran
+    until a backlog was drained (2 workers at 50 % load: event-loop lag p99 150 ms, capture to
+    result p99 3.8 s in one run; with the turn 24 ms and 137 ms)."""
+    if runs_inline(pixels):
+        await asyncio.sleep(0)
+        return fn(*args)
+    return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+
+
 def faust_broker(conn: Connection) -> dict:
     """``faust.App`` keyword arguments for the broker: its URL list and the connection's credentials
     (the same TLS context and SASL user every other client of this process uses, from kafkaio)."""
@@ -155,9 +168,7 @@ def create_app(settings: Settings, where: Connection | str, datadir: Path, web_p
             self.loop, self.generation = loop, generation
 
         async def compute(self, fn, *args, pixels=None):
-            if runs_inline(pixels):
-                return fn(*args)
-            return await self.loop.run_in_executor(executor, fn, *args)
+            return await run_step(executor, fn, *args, pixels=pixels)
 
         async def replay_state(self) -> None:
             await marks.ready(self.generation)
