@@ -70,14 +70,17 @@ from stream_processor.stage import STAGES, ProcessorStage, ReplaySync, StageIO
 # The pool bought nothing for such a frame: agent concurrency is 1, so the loop only waited for it,
 # and Faust's consumer (fetches, heartbeats) runs in a thread of its own, with its own loop
 # (faust ThreadDelegateConsumer), served by the GIL's switch interval whatever the loop does. What
-# it cost: two thread hand-offs per frame and the GIL ping-pong around them, ~3 ms CPU per vtest
-# frame (one worker on 300 pre-filled frames, back to back: 28.4, 28.9 ms with the pool, 25.1, 25.9
-# inline; Quix 29.2, 28.3; py-spy: hand-offs and the loop thread waiting for the GIL after each
-# socket write, 11 % of the worker's busy samples, 5 % inline). What inline costs: the loop's timers, commits and web
-# pages wait for the frame: vtest 768x576 (442,368 pixels) ~20 ms of features; at this bound (a
-# 1280x800 frame) ~50 ms, a 64-scan progressive JPEG (imageinfo.MAX_SCANS) more: tens of ms,
-# never near the 2.5 s heartbeat interval, which is the consumer thread's anyway. Larger frames
-# (and tile jobs: >= fanout_min_pixels) keep the pool, so a worker stays responsive on 4K frames.
+# it cost: two thread hand-offs per frame and the GIL ping-pong around them (py-spy of one worker
+# on pre-filled vtest frames: the loop thread in socket writes and GIL re-acquisition 11 % of its
+# busy samples with the pool, 5 % inline). Measured back to back on the shared 2-core machine
+# (noisy; figures in the commit messages): one worker alone, CPU ms/frame 22.6 inline vs 23.7 with
+# the pool over 6 runs, frames/s 0.96x Quix's vs 0.82x; 2 workers in the closed loop, processors'
+# CPU 22.7-25.4 vs 30.1-32.3 ms/frame and broker 6.1-6.9 vs 10.1-11.3 in 3 pairs. What inline
+# costs: the loop's timers, commits and web pages wait for the frame: vtest 768x576 (442,368
+# pixels) ~20 ms; at this bound (e.g. 1280x800) about twice that by scale, a 64-scan progressive
+# JPEG (imageinfo.MAX_SCANS) more; never near the 2.5 s heartbeat interval, which is the consumer
+# thread's anyway. Larger frames (and tile jobs: >= fanout_min_pixels) keep the pool, so a worker
+# stays responsive on 4K frames.
 INLINE_MAX_PIXELS = 1_048_576
 
 
