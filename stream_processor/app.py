@@ -73,7 +73,7 @@ from stream_processor.stage import STAGES, ProcessorStage, ReplaySync, StageIO
 # it cost: two thread hand-offs per frame and the GIL ping-pong around them (py-spy of one worker
 # on pre-filled vtest frames: the loop thread in socket writes and GIL re-acquisition 11 % of its
 # busy samples with the pool, 5 % inline). Measured back to back on the shared 2-core machine
-# (noisy; figures in the commit messages): one worker alone, CPU ms/frame 22.6 inline vs 23.7 with
+# (noisy; figures in the commit messages): one worker alone, CPU ms/frame 22.7 inline vs 23.7 with
 # the pool over 6 runs, frames/s 0.96x Quix's vs 0.82x; 2 workers in the closed loop, processors'
 # CPU 22.7-25.4 vs 30.1-32.3 ms/frame and broker 6.1-6.9 vs 10.1-11.3 in 3 pairs. What inline
 # costs: the loop's timers, commits and web pages wait for the frame: vtest 768x576 (442,368
