@@ -11,9 +11,10 @@ decode, features or fan-out, dead letters, marks — the same path the tests and
 run). This module only says where each step runs: the agents are short loops that hand each
 record to the stage with a :class:`WorkerIO` — the signature and replay checks on the event loop
 (~0.1 ms), the replay state read to the end of ``replay-marks`` for the record's consumer
-generation first (:class:`stream_processor.stage.ReplaySync`), open/decode/tile/features in a
-thread pool (``run_in_executor``) so the loop keeps serving heartbeats, commits and rebalances,
-and the stage's outputs sent in order through Faust's producer. Agent concurrency stays 1
+generation first (:class:`stream_processor.stage.ReplaySync`), open/decode/tile/features of a
+frame of up to :data:`INLINE_MAX_PIXELS` (declared, signed) on the loop and of a larger frame or a
+tile job in a thread pool (``run_in_executor``; heartbeats are the consumer thread's either way,
+see there), and the stage's outputs sent in order through Faust's producer. Agent concurrency stays 1
 (faust-streaming #606). Also here: the timers (replay-marks follower, event-loop lag, the
 metrics snapshot built by :class:`tilestream.metrics.Snapshots`), ``/healthz`` and ``/metrics``
 (``frame_wait_seconds``: a frame's time from the broker's append to this agent, i.e. the fetch
@@ -62,6 +63,43 @@ from tilestream.metrics import Liveness, Metrics, Snapshots, observe_gc_pauses
 
 from stream_processor import replay, transport
 from stream_processor.stage import STAGES, ProcessorStage, ReplaySync, StageIO
+
+
+# The largest frame (declared pixels, signed header; the decoder refuses an image of any other size
+# before decoding it) whose open/decode/features run on the event loop instead of in the thread pool.
+# The pool bought nothing for such a frame: agent concurrency is 1, so the loop only waited for it,
+# and Faust's consumer (fetches, heartbeats) runs in a thread of its own, with its own loop
+# (faust ThreadDelegateConsumer), served by the GIL's switch interval whatever the loop does. What
+# it cost: two thread hand-offs per frame and the GIL ping-pong around them (py-spy of one worker
+# on pre-filled vtest frames: the loop thread in socket writes and GIL re-acquisition 11 % of its
+# busy samples with the pool, 5 % inline). Measured back to back on the shared 2-core machine
+# (noisy; figures in the commit messages): one worker alone, CPU ms/frame 22.7 inline vs 23.7 with
+# the pool over 6 runs, frames/s 0.96x Quix's vs 0.82x; 2 workers in the closed loop, processors'
+# CPU 22.7-25.4 vs 30.1-32.3 ms/frame and broker 6.1-6.9 vs 10.1-11.3 in 3 pairs. What inline
+# costs: the loop's timers, commits and web pages wait for the frame: vtest 768x576 (442,368
+# pixels) ~20 ms; at this bound (e.g. 1280x800) about twice that by scale, a 64-scan progressive
+# JPEG (imageinfo.MAX_SCANS) more; never near the 2.5 s heartbeat interval, which is the consumer
+# thread's anyway. Larger frames (and tile jobs: >= fanout_min_pixels) keep the pool, so a worker
+# stays responsive on 4K frames.
+INLINE_MAX_PIXELS = 1_048_576
+
+
+def runs_inline(pixels: int | None) -> bool:
+    """Whether a step on ``pixels`` declared pixels runs on the loop (None: unknown, the pool)."""
+    return pixels is not None and 0 <= pixels <= INLINE_MAX_PIXELS
+
+
+async def run_step(executor, fn, *args, pixels: int | None = None):
+    """``fn(*args)``: on this loop when :func:`runs_inline` says so, else in ``executor``.
+
+    Inline, the loop turns once first: the agent takes buffered frames without waiting, so
+    without that turn the producer's sender task (on this loop) sent nothing and no timer ran
+    until a backlog was drained (2 workers at 50 % load: event-loop lag p99 150 ms, capture to
+    result p99 3.8 s in one run; with the turn 24 ms and 137 ms)."""
+    if runs_inline(pixels):
+        await asyncio.sleep(0)
+        return fn(*args)
+    return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
 
 
 def faust_broker(conn: Connection) -> dict:
@@ -132,8 +170,8 @@ def create_app(settings: Settings, where: Connection | str, datadir: Path, web_p
         def __init__(self, loop: asyncio.AbstractEventLoop, generation: int):
             self.loop, self.generation = loop, generation
 
-        async def compute(self, fn, *args):
-            return await self.loop.run_in_executor(executor, fn, *args)
+        async def compute(self, fn, *args, pixels=None):
+            return await run_step(executor, fn, *args, pixels=pixels)
 
         async def replay_state(self) -> None:
             await marks.ready(self.generation)

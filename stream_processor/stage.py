@@ -17,8 +17,9 @@ is the worker's business, not the stage's (:class:`StageIO`): the signature chec
 replay check run on the event loop (~0.1 ms; the replay state is only ever touched there), the
 replay state must be current before the check (``await io.replay_state()``: after a start or a
 rebalance the worker first reads ``replay-marks`` to the end), the heavy work runs where
-``io.compute`` puts it (the worker's thread pool, so the loop keeps serving heartbeats, commits
-and rebalances), and ``io.send`` hands the records to the producer in order: the tile records
+``io.compute`` puts it, told the step's declared pixels (the worker: inline for a small frame,
+its thread pool for a large one or a tile job, so the loop keeps serving commits and
+rebalances), and ``io.send`` hands the records to the producer in order: the tile records
 first, the replay mark after them (accept-then-mark, see :mod:`stream_processor.replay`).
 :meth:`ProcessorStage.on_frame` and :meth:`ProcessorStage.on_tile_job` run the same coroutine
 with everything inline and return what it sent, as ``list[Output]`` — what the tests and the
@@ -73,7 +74,10 @@ class StageIO:
     def __init__(self) -> None:
         self.sent: list[Output] = []
 
-    async def compute(self, fn: Callable[..., Any], *args: Any) -> Any:
+    async def compute(self, fn: Callable[..., Any], *args: Any, pixels: int | None = None) -> Any:
+        """Run ``fn(*args)``. ``pixels``: the most pixels the step may decode or compute on (the
+        signed header's width x height, which the decoder holds the image to), when known; the
+        worker runs a small step inline and a large or unknown one in its thread pool."""
         return fn(*args)
 
     async def replay_state(self) -> None:
@@ -195,7 +199,7 @@ class ProcessorStage:
             await io.replay_state()
             self._check_frame(f, ref_ns)
         if f.going:
-            await io.compute(self._open_frame, f)
+            await io.compute(self._open_frame, f, pixels=f.env.header.width * f.env.header.height)
         await io.send(self._frame_outputs(f))
         if f.going:
             self._frame_done(f)

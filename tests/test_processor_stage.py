@@ -15,7 +15,7 @@ import pytest
 
 from stream_processor import replay
 from stream_processor.pipeline import FrameProcessor
-from stream_processor.stage import ProcessorStage
+from stream_processor.stage import ProcessorStage, StageIO, run_inline
 from tilestream import crypto, topics
 from tilestream.config import Settings
 from tilestream.envelope import FrameHeader
@@ -148,3 +148,37 @@ def test_a_bug_in_the_per_frame_work_is_an_internal_dead_letter_and_the_frame_ke
     assert any(json.loads(r.getMessage()).get("event") == "frame_failed" for r in caplog.records
                if r.name == "tilestream.processor")
     assert stage.metrics.counter("dead_letters_total", reason="internal") == 1
+
+
+class _Recording(StageIO):
+    """The inline StageIO, noting the ``pixels`` each compute step was given."""
+
+    def __init__(self):
+        super().__init__()
+        self.pixels: list[int | None] = []
+
+    async def compute(self, fn, *args, pixels=None):
+        self.pixels.append(pixels)
+        return fn(*args)
+
+
+def test_the_worker_learns_a_frames_declared_pixels_before_its_work_and_the_image_is_held_to_them(store):
+    """The worker runs a frame's open/decode/features on its loop when the signed header declares
+    few pixels (stream_processor.app.runs_inline): the stage tells it the declared size, and an
+    image larger than declared is refused before it is decoded, so the bound holds for hostile frames."""
+    from stream_processor.app import INLINE_MAX_PIXELS, runs_inline
+
+    stage = stage_of(store)
+    io = _Recording()
+    run_inline(stage.frame(seal(store, image(240, 320), seq=50), 0, 50, time.time_ns(), io))
+    assert io.pixels == [240 * 320] and topics_of(io.sent) == [topics.TILE_FEATURES, topics.REPLAY_MARKS]
+    assert runs_inline(240 * 320) and runs_inline(INLINE_MAX_PIXELS)
+    assert not runs_inline(INLINE_MAX_PIXELS + 1) and not runs_inline(None) and not runs_inline(-1)
+    # A header declaring 32x32 over a 1200x1000 image: refused as bad_image, never decoded.
+    cloud_kid, suite, cloud_public = store.cloud_public_key()
+    device_kid, device_key = store.device_private_key(CAM)
+    data = cv2.imencode(".png", image(1000, 1200))[1].tobytes()
+    h = FrameHeader(CAM, 51, time.time_ns(), 32, 32, "png", cloud_kid, device_kid, suite=suite)
+    io = _Recording()
+    run_inline(stage.frame(crypto.seal_frame(data, h, cloud_public, device_key), 0, 51, time.time_ns(), io))
+    assert io.pixels == [32 * 32] and letter(io.sent).reason == "bad_image"

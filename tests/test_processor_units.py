@@ -142,3 +142,41 @@ def test_the_faust_producer_is_idempotent_and_requeues_only_what_was_never_queue
     assert isinstance(producer, transport.IdempotentProducer)
     assert producer._settings_extra()["enable_idempotence"] is True
     assert producer._settings_default()["request_timeout_ms"] == 10000
+
+
+def test_faust_consumer_runs_in_its_own_thread_so_an_inline_frame_does_not_hold_its_heartbeats():
+    """stream_processor.app.INLINE_MAX_PIXELS rests on this: Faust's aiokafka consumer (fetches,
+    heartbeats, the group coordinator) lives in a thread with its own event loop, not on the loop
+    our agent computes on. A Faust upgrade that moves it onto the app's loop makes us look again."""
+    from faust.transport.consumer import ThreadDelegateConsumer
+    from faust.transport.drivers import aiokafka as faust_aiokafka
+
+    from stream_processor.transport import GuardedConsumer
+
+    assert issubclass(GuardedConsumer, ThreadDelegateConsumer)
+    assert issubclass(faust_aiokafka.AIOKafkaConsumerThread, faust_aiokafka.ConsumerThread)
+
+
+def test_an_inline_step_lets_the_loop_turn_first_and_a_large_or_unknown_one_goes_to_the_pool():
+    """stream_processor.app.run_step: the producer's sender task and the timers live on the
+    agent's loop; an inline step that never yielded starved them while frames were buffered."""
+    import asyncio
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from stream_processor.app import INLINE_MAX_PIXELS, run_step
+
+    async def main():
+        seen = []
+        where = lambda: (threading.current_thread().name, list(seen))  # noqa: E731
+        other = asyncio.get_running_loop().call_soon(seen.append, "other callback")
+        with ThreadPoolExecutor(1, thread_name_prefix="pool") as pool:
+            small = await run_step(pool, where, pixels=INLINE_MAX_PIXELS)
+            large = await run_step(pool, where, pixels=INLINE_MAX_PIXELS + 1)
+            unknown = await run_step(pool, where)
+        del other
+        return small, large, unknown
+
+    small, large, unknown = asyncio.run(main())
+    assert small == (threading.current_thread().name, ["other callback"])  # inline, after the loop turned
+    assert large[0].startswith("pool") and unknown[0].startswith("pool")
