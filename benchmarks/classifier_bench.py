@@ -149,7 +149,7 @@ def over_broker(lk, store, model_path, batches, kid, key, watcher, n: int, rate:
     # and, for an older classifier (--alt-src), of kafkaio.aio (aiokafka names); the service has no
     # option for them.
     rd = {RDKAFKA_NAMES[k]: v for k, v in consumer_overrides.items()}
-    boot = ("import sys, kafkaio.aio as a, kafkaio.rdkafka as r; o = a.group_consumer; "
+    boot = ("import sys, kafkaio.aio as a, kafkaio.rdkafka as r; o = getattr(a, 'group_consumer', None); "
             "q = getattr(r, 'group_consumer', None); "
             f"a.group_consumer = lambda *x, **k: o(*x, **{{**k, **{consumer_overrides!r}}}); "
             f"r.group_consumer = lambda *x, **k: q(*x, **{{**k, **{rd!r}}}); "

@@ -1,26 +1,15 @@
-"""asyncio clients (aiokafka): the classifier's group consumer and producer, the dashboard's reader.
+"""asyncio clients (aiokafka): the dashboard's reader, and the timeouts the Faust processor's
+aiokafka clients take (stream_processor/app.py hands them to Faust).
 
-Group membership lives in aiokafka's coordinator task on the service's event loop: heartbeats
-are sent by that task whatever the service is computing, as long as the computing happens off
-the loop (the classifier runs its model in a thread) — the same arrangement that kept the Faust
-processor in its group in the runs where kafka-python's classifier was evicted (see
-:mod:`kafkaio`). A member that misses ``max_poll_interval_ms`` between two ``getmany`` calls
-leaves the group and aiokafka rejoins it on the next call, by itself.
+The classifier's group consumer and results producer were aiokafka clients here until 2026-12-02;
+they moved to librdkafka (:mod:`kafkaio.rdkafka`, why in :mod:`classifier.service`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from kafkaio.clients import PROFILES
 from kafkaio.connection import Connection, connection
-
-# Membership timing of group consumers. 10 s session / 3 s heartbeat: a dead classifier's
-# partitions move within ~10 s; heartbeats come from their own task on the loop, so CPU load
-# delays them by at most the longest stretch the loop is not served (tens of ms: model calls
-# run in a thread).
-GROUP_TIMING = {"session_timeout_ms": 10000, "heartbeat_interval_ms": 3000, "max_poll_interval_ms": 120000,
-                "rebalance_timeout_ms": 60000}
 
 # How stale an aiokafka client's cluster metadata may get (aiokafka's default: 5 min). aiokafka
 # 0.14.0 does not refresh metadata when a ListOffsets for a partition's position fails with
@@ -47,9 +36,9 @@ METADATA_MAX_AGE_MS = 10000
 # waits more than 10 s for the other members is sent again (the broker keeps the member's place).
 CONSUMER_REQUEST_TIMEOUT_MS = 10000
 
-# Request timeout of the idempotent aiokafka producers (the classifier's; Faust's through
+# Request timeout of the idempotent aiokafka producers (Faust's, through
 # stream_processor.transport). A produce request to a hung leader waited for aiokafka's 40 s (and
-# Faust's 20 min), i.e. for the node to come back: the classifier awaits every result's
+# Faust's 20 min), i.e. for the node to come back: the classifier (then on aiokafka) awaited every result's
 # acknowledgement before it reads on, so one result batch for a partition of the frozen node
 # stopped it for the whole 30 s freeze (no result from the fault to SIGCONT: 30.3 s), and Faust's
 # commit, which flushes its producer first, hung 31 s. At 10 s the
@@ -60,16 +49,6 @@ CONSUMER_REQUEST_TIMEOUT_MS = 10000
 PRODUCER_REQUEST_TIMEOUT_MS = 10000
 
 
-def group_consumer(where: Connection | str, group_id: str, client_id: str, **overrides: Any):
-    """An aiokafka consumer in ``group_id`` with manual commits, starting at the earliest offset."""
-    from aiokafka import AIOKafkaConsumer
-
-    kw = {**connection(where).client_kwargs(), "group_id": group_id, "client_id": client_id,
-          "enable_auto_commit": False, "auto_offset_reset": "earliest", "metadata_max_age_ms": METADATA_MAX_AGE_MS,
-          "request_timeout_ms": CONSUMER_REQUEST_TIMEOUT_MS, **GROUP_TIMING, **overrides}
-    return AIOKafkaConsumer(**kw)
-
-
 def reader(where: Connection | str, client_id: str, **overrides: Any):
     """A group-less aiokafka consumer (the caller assigns partitions and seeks)."""
     from aiokafka import AIOKafkaConsumer
@@ -77,26 +56,3 @@ def reader(where: Connection | str, client_id: str, **overrides: Any):
     return AIOKafkaConsumer(**connection(where).client_kwargs(), group_id=None, enable_auto_commit=False,
                             client_id=client_id, **{"metadata_max_age_ms": METADATA_MAX_AGE_MS,
                                                             "request_timeout_ms": CONSUMER_REQUEST_TIMEOUT_MS, **overrides})
-
-
-# Linger of the asyncio producers (the profiles' 5 ms is for kafka-python's callers). Their one
-# user on the frame path, the classifier, queues a whole batch of outputs and then awaits their
-# acknowledgements before it reads on: every record of the batch is appended before aiokafka's
-# sender task can run, so they share requests without a linger, and a linger only delays each
-# result (and the classifier's next read) by itself. Measured, back to back on the shared 2-core
-# machine (open loops at 10-11 frames/s): a result's send() call to readable on `results` p50
-# 9.9, 9.9, 10.2, 9.9, 13.8, 11.1 ms with 5 ms; 3.5, 3.5, 4.7, 4.9, 4.4, 3.8 ms with 0.
-LINGER_MS = 0
-
-
-def producer(where: Connection | str, client_id: str, profile: str = "stage", **overrides: Any):
-    """An aiokafka producer of one of :data:`kafkaio.clients.PROFILES` (no linger: :data:`LINGER_MS`)."""
-    from aiokafka import AIOKafkaProducer
-
-    kw = {**connection(where).client_kwargs(), **PROFILES[profile], "linger_ms": LINGER_MS, "client_id": client_id,
-          "metadata_max_age_ms": METADATA_MAX_AGE_MS, **overrides}
-    if kw.get("enable_idempotence"):
-        kw.setdefault("request_timeout_ms", PRODUCER_REQUEST_TIMEOUT_MS)
-    if "batch_size" in kw:  # aiokafka's name for it
-        kw["max_batch_size"] = kw.pop("batch_size")
-    return AIOKafkaProducer(**kw)
