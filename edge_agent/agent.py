@@ -7,14 +7,12 @@ Two threads and a spool between them:
   fps, resize, change gating), encodes, seals to the cloud key, signs with the device key and
   appends the sealed frame to the spool. Frames on disk are already encrypted.
 * **sender** (:mod:`edge_agent.sender`, its docstring has the delivery design): hands spooled
-  frames to a librdkafka producer (confluent-kafka; ``acks=all``, idempotent) in capture order and
-  acknowledges each one in the spool when Kafka acknowledged it. librdkafka, not kafka-python,
-  because at camera rate kafka-python's produce request alone cost 1.33-1.36 CPU ms against
-  librdkafka's 0.29-0.31 ms, and the agent's whole allowance over capture + encode is ~1.07 ms
-  per vtest frame, of which crypto, spool and syncer use ~0.72 (``benchmarks/agent_bench.py``).
-  While the broker is unreachable nothing is acknowledged and the spool grows (bounded; when full: drop-oldest or pause capture, both
-  counted). After a restart it first reconciles the spool with what is already on the topic, so
-  no frame is on ``frames`` twice.
+  frames to a librdkafka producer (confluent-kafka; ``acks=all``, idempotent; why not kafka-python,
+  with the figures: :mod:`kafkaio.rdkafka`) in capture order and acknowledges each one in the
+  spool when Kafka acknowledged it. While the broker is unreachable nothing is acknowledged and
+  the spool grows (bounded; when full: drop-oldest or pause capture, both counted). After a
+  restart it first reconciles the spool with what is already on the topic, so no frame is on
+  ``frames`` twice.
 """
 
 from __future__ import annotations

@@ -8,11 +8,7 @@ delivery reports served by ``producer.poll`` in :meth:`~FrameSender.step`, so in
 
 * The producer is librdkafka's (confluent-kafka, :mod:`kafkaio.rdkafka`) with kafkaio's ``frames``
   profile (``acks=all``, idempotent, no linger). Why not kafka-python, the library of the other
-  synchronous clients: at camera rate one produce request cost it 1.33-1.36 CPU ms (about 1,500
-  Python calls per request in its I/O thread) against librdkafka's 0.29-0.31 ms with the same
-  settings, and crypto + spool + syncer already use ~0.72 of the 1.07 ms per vtest frame that the
-  agent may add to capture + encode (1.5x; ``python -m benchmarks.agent_bench``). With
-  kafka-python the agent cost 2.10x capture + encode at 10 fps and 1.91x at 25 fps.
+  synchronous clients, with the figures that decided it: :mod:`kafkaio.rdkafka`.
 * The producer is made lazily and kept only once a broker answered (a metadata request, see
   :meth:`~FrameSender._connect`): a broker that does not answer leaves the agent spooling,
   retried with capped backoff. A fatal producer error (librdkafka's idempotence state is lost)

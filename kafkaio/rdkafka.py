@@ -44,8 +44,9 @@ PROFILES: dict[str, dict[str, Any]] = {
                "partitioner": "murmur2_random"},
     # Records between stages (the classifier's results and dead letters), as kafkaio.clients'
     # ``stage``: acks=all, idempotent; no linger (the classifier hands over a poll's outputs at once;
-    # a 5 ms linger delayed each result by itself: send->readable p50 9.9 vs 3.5-4.9 ms); keyed as the Java client and aiokafka place them (murmur2),
-    # so a camera's results stay on the partition they were on.
+    # a 5 ms linger delayed each result by itself: send->readable p50 9.9 vs 3.5-4.9 ms); keyed as
+    # the Java client and aiokafka place them (murmur2), so a camera's results stay on the
+    # partition they were on.
     "stage": {"acks": "all", "enable.idempotence": True, "linger.ms": 0, "partitioner": "murmur2_random"},
 }
 
@@ -77,6 +78,17 @@ def security_config(where: Connection | str) -> dict[str, Any]:
     return cfg
 
 
+def _config(where: Connection | str, settings: dict[str, Any], callbacks: dict[str, Any]) -> dict[str, Any]:
+    """One client's librdkafka configuration: the security of ``where``, the hung-broker bounds on
+    connecting and on metadata age every client shares, ``settings``, and those of ``callbacks``
+    (client id, error/log/commit callbacks) that are given (``None``: librdkafka's default)."""
+    return {**security_config(where),
+            "socket.connection.setup.timeout.ms": CONNECT_TIMEOUT_MS,
+            "topic.metadata.refresh.interval.ms": METADATA_REFRESH_MS,
+            **settings,
+            **{k: v for k, v in callbacks.items() if v is not None}}
+
+
 def producer(where: Connection | str, profile: str = "frames", client_id: str | None = None, *,
              max_request_bytes: int, delivery_timeout_ms: int, reconnect_backoff_max_ms: int = 10000,
              error_cb: Callable | None = None, logger: logging.Logger | None = None, **overrides):
@@ -89,23 +101,14 @@ def producer(where: Connection | str, profile: str = "frames", client_id: str | 
     """
     from confluent_kafka import Producer
 
-    cfg: dict[str, Any] = {
-        **security_config(where), **PROFILES[profile],
+    return Producer(_config(where, {
+        **PROFILES[profile],
         "message.max.bytes": max_request_bytes,
         "message.timeout.ms": delivery_timeout_ms,
         "request.timeout.ms": REQUEST_TIMEOUT_MS,
-        "socket.connection.setup.timeout.ms": CONNECT_TIMEOUT_MS,
-        "topic.metadata.refresh.interval.ms": METADATA_REFRESH_MS,
         "reconnect.backoff.max.ms": reconnect_backoff_max_ms,
         **overrides,
-    }
-    if client_id:
-        cfg["client.id"] = client_id
-    if error_cb is not None:
-        cfg["error_cb"] = error_cb
-    if logger is not None:
-        cfg["logger"] = logger
-    return Producer(cfg)
+    }, {"client.id": client_id or None, "error_cb": error_cb, "logger": logger}))
 
 
 # Membership timing of librdkafka group consumers. Heartbeats come from librdkafka's own thread,
@@ -145,23 +148,14 @@ def group_consumer(where: Connection | str, group_id: str, client_id: str, *, er
     """
     from confluent_kafka import Consumer
 
-    cfg: dict[str, Any] = {
-        **security_config(where), **GROUP_TIMING,
+    return Consumer(_config(where, {
+        **GROUP_TIMING,
         "group.id": group_id, "client.id": client_id,
         "enable.auto.commit": False, "enable.auto.offset.store": False, "auto.offset.reset": "earliest",
         "socket.timeout.ms": REQUEST_TIMEOUT_MS,
-        "socket.connection.setup.timeout.ms": CONNECT_TIMEOUT_MS,
-        "topic.metadata.refresh.interval.ms": METADATA_REFRESH_MS,
         "queued.max.messages.kbytes": QUEUED_MAX_KBYTES,
         **overrides,
-    }
-    if error_cb is not None:
-        cfg["error_cb"] = error_cb
-    if logger is not None:
-        cfg["logger"] = logger
-    if on_commit is not None:
-        cfg["on_commit"] = on_commit
-    return Consumer(cfg)
+    }, {"error_cb": error_cb, "logger": logger, "on_commit": on_commit}))
 
 
 def check_connected(p, timeout_s: float) -> None:

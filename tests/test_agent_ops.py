@@ -21,6 +21,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -144,10 +145,13 @@ class AgentProcess:
         assert done["event"] == "agent_done"
         return done
 
-    def terminate(self, timeout_s: float) -> tuple[int | None, float]:
-        """SIGTERM; (exit code or None if still running after ``timeout_s``, seconds it took)."""
+    def terminate(self, timeout_s: float, then: Callable[[], None] | None = None) -> tuple[int | None, float]:
+        """SIGTERM, then ``then()`` if given; (exit code or None if still running after
+        ``timeout_s``, seconds it took)."""
         t0 = time.monotonic()
         self.proc.send_signal(signal.SIGTERM)
+        if then is not None:
+            then()
         try:
             rc = self.proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
@@ -308,18 +312,13 @@ def test_sigterm_mid_stream_drains_every_sealed_frame_exactly_once(kafka, keysto
     # waiting for the backlog (clean-clone CI, 2026-12-02).
     broker_pid = next(iter(kafka.node_pids().values()))
     os.kill(broker_pid, signal.SIGSTOP)
+    resume = lambda: os.kill(broker_pid, signal.SIGCONT)  # noqa: E731 - idempotent
     try:
         backlog = wait_for(lambda: (f := agent.health()["spool_frames"]) >= 10 and f, 30,
                            "a backlog in the spool while the broker hangs")
-        t0 = time.monotonic()
-        agent.proc.send_signal(signal.SIGTERM)
+        rc, took = agent.terminate(drain_s + 15, then=resume)  # SIGTERM while the broker still hangs
     finally:
-        os.kill(broker_pid, signal.SIGCONT)
-    try:
-        rc = agent.proc.wait(drain_s + 15)
-    except subprocess.TimeoutExpired:
-        rc = None
-    took = time.monotonic() - t0
+        resume()
     assert rc == 0, f"exit code {rc} after SIGTERM ({took:.1f}s):\n{agent.stderr()[-3000:]}"
     done = agent.done()
     print(f"SIGTERM with {backlog} frames spooled: exited after {took:.1f}s, sealed {done['sealed']}, sent {done['sent']}")
