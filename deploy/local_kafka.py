@@ -721,6 +721,14 @@ class LocalKafka:
                 missing = set(procs) - up
                 if missing:
                     raise KafkaError(f"nodes {sorted(missing)} not registered yet")
+                # Unfenced is not listening: a KRaft broker waits to be unfenced and only then
+                # opens its listeners (BrokerServer.startup), so the cluster can name a node
+                # unfenced while its port still refuses (CI: the 3-node fixture's first admin
+                # call got ECONNREFUSED from node 1 right after "answers"). Each node must answer.
+                ctx = self._probe_context()
+                silent = [i for i in sorted(procs) if not _answers(self.node(i).host, self.node(i).port, ctx, PROBE_DEADLINE_S)]
+                if silent:
+                    raise KafkaError(f"nodes {silent} do not answer on their listener yet")
                 self.progress(f"Apache Kafka {self.version} answers at {self.bootstrap} after {time.monotonic() - t0:.1f}s")
                 return
             except Exception as exc:  # noqa: BLE001 - any client error means "not ready yet"
@@ -742,10 +750,7 @@ class LocalKafka:
         """
         if self.brokers == 1:
             return self.bootstrap
-        ctx = None
-        if self.secure:
-            ctx = ssl.create_default_context(cafile=str(self.ca_file))
-            ctx.check_hostname = False  # a liveness probe; the clients verify the name
+        ctx = self._probe_context()
         candidates = []
         for n in self.nodes:
             info = _read_info(n.info_path)
@@ -755,6 +760,14 @@ class LocalKafka:
             answers = list(pool.map(lambda n: _answers(n.host, n.port, ctx, deadline_s), candidates))
         alive = [f"{n.host}:{n.port}" for n, ok in zip(candidates, answers) if ok]
         return ",".join(alive) or self.bootstrap
+
+    def _probe_context(self) -> "ssl.SSLContext | None":
+        """The TLS context of :func:`_answers` on a secure cluster (None: plaintext)."""
+        if not self.secure:
+            return None
+        ctx = ssl.create_default_context(cafile=str(self.ca_file))
+        ctx.check_hostname = False  # a liveness probe; the clients verify the name
+        return ctx
 
     def _admin(self, **kw):
         from kafka.admin import KafkaAdminClient
