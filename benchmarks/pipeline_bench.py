@@ -153,6 +153,16 @@ class Stage:
             out["send_and_loop"] = out["frame"] - sum(out.get(k, 0.0) for k in ("verify", "open", "decode", "features"))
         return out
 
+    def frames_partitions(self) -> dict[int, int]:
+        """frames partition -> worker index, from the workers' consumer_lag gauges (set for each
+        partition a worker holds, every metrics interval); a partition two workers claim is left out."""
+        owners: dict[int, set[int]] = collections.defaultdict(set)
+        for i, text in enumerate(self.metrics_pages()):
+            for line in (text or "").splitlines():
+                if line.startswith('tilestream_processor_consumer_lag{partition="frames/'):
+                    owners[int(line.split('frames/')[1].split('"')[0])].add(i)
+        return {p: next(iter(w)) for p, w in owners.items() if len(w) == 1}
+
     def loop_lag_counters(self) -> list[tuple[float, float]]:
         """(count, sum seconds) of each worker's event-loop lag probes from its /metrics page."""
         out = []
@@ -430,6 +440,10 @@ def open_loop(b: Bench, stage: Stage, rate: float, seconds: float, camera: str, 
            "service_gc_pauses_ms": service_gc, "latency_ms": observed.tolist(),
            "incomplete": sum(1 for _, r in got if not r.complete),
            "loop_lag_p99_ms": percentile(loop_lag.lags_ms, 99), "loop_lag_probes": len(loop_lag.lags_ms)}
+    try:
+        out["hops"] = hop_breakdown(b, stage, camera, t0_ns, got)
+    except Exception as exc:  # noqa: BLE001 - the breakdown is extra; the latency stands without it
+        progress(f"[{tag}] no per-hop breakdown: {type(exc).__name__}: {exc}")
     for q in (50, 95, 99):
         out[f"p{q}"] = percentile(observed, q)
         out[f"stamped_p{q}"] = percentile(stamped, q)
@@ -437,7 +451,92 @@ def open_loop(b: Bench, stage: Stage, rate: float, seconds: float, camera: str, 
     progress(f"[{tag}] latency p50 {out['p50']:.0f} ms, p95 {out['p95']:.0f} ms, p99 {out['p99']:.0f} ms "
              f"(sender lag p99 {out['send_lag_p99_ms']:.1f} ms; processor event-loop lag p99 "
              f"{out['loop_lag_p99_ms']:.1f} ms over {out['loop_lag_probes']} probes)")
+    if out.get("hops"):
+        progress(f"[{tag}] hops p50/p99/tail-2% mean ms: " + "; ".join(
+            f"{k} {v['p50']:.1f}/{v['p99']:.1f}/{v['tail_mean']:.1f}" for k, v in out["hops"]["hops"].items())
+                 + f"; frames queued behind another {out['hops']['queued_frames']}/{out['hops']['frames']}")
     return out
+
+
+HOPS = ("sender -> frames append", "queued behind the worker's previous frame", "processor: fetch + compute + send",
+        "tile-features -> result produced (classifier)", "result produced -> bench reader")
+
+
+def read_topic_since(bootstrap: str, topic: str, since_ms: int, prefix: str) -> list:
+    """Records of ``topic`` appended since ``since_ms`` (group-less read to the end now) whose key
+    starts with ``prefix``: (key, timestamp ms, partition, value)."""
+    from kafkaio.clients import RangeReader
+
+    with RangeReader(bootstrap, topic, client_id="bench-hops") as reader:
+        reader.seek(since_ms)
+        pre = prefix.encode()
+        return [(m.key, m.timestamp, m.partition, m.value) for m in reader.read_to_end() if (m.key or b"").startswith(pre)]
+
+
+def hop_table(frames: dict[str, dict]) -> dict:
+    """Per-hop latency of each frame from honest timestamps (all one machine's wall clock, ms):
+    capture (sealed header) -> `frames` append (LogAppendTime, the broker's) -> last `tile-features`
+    record (CreateTime: aiokafka stamps a record when Faust hands it over, i.e. after the compute)
+    -> `results` record (CreateTime: librdkafka, when the classifier produced it) -> the bench
+    reader's receive time. The processor hop is split by the worker that owns the frame's partition:
+    the part spent queued behind that worker's previous frame (its tile-features time, if later than
+    this frame's append) and the rest (fetch, Faust's delivery, the compute, the hand-over).
+    Returns percentiles per hop over all frames and the hops' mean over the slowest 2 % (the tail)."""
+    rows = []
+    prev_done: dict[int, float] = {}
+    for fid, f in sorted(frames.items(), key=lambda kv: kv[1].get("append", 0)):
+        if not all(k in f for k in ("capture", "append", "tiles", "result", "read")):
+            continue
+        w = f.get("worker")
+        start = f["append"]
+        if w is not None and prev_done.get(w, -1e18) > start:
+            start = prev_done[w]
+        if w is not None:
+            prev_done[w] = max(prev_done.get(w, -1e18), f["tiles"])
+        rows.append((f["read"] - f["capture"],
+                     [f["append"] - f["capture"], start - f["append"], f["tiles"] - start, f["result"] - f["tiles"],
+                      f["read"] - f["result"]]))
+    if not rows:
+        return {}
+    total = np.array([r[0] for r in rows])
+    parts = np.array([r[1] for r in rows])
+    tail = total >= np.percentile(total, 98)
+    out = {"frames": len(rows), "tail_frames": int(tail.sum()), "total_p50": float(np.percentile(total, 50)),
+           "total_p99": float(np.percentile(total, 99)), "tail_total_mean": float(total[tail].mean()),
+           "queued_frames": int((parts[:, 1] > 0).sum()), "hops": {}}
+    for i, name in enumerate(HOPS):
+        out["hops"][name] = {"p50": float(np.percentile(parts[:, i], 50)), "p99": float(np.percentile(parts[:, i], 99)),
+                             "max": float(parts[:, i].max()), "tail_mean": float(parts[tail, i].mean())}
+    return out
+
+
+def hop_breakdown(b: Bench, stage: Stage, camera: str, since_ns: int, got: list) -> dict:
+    """:func:`hop_table` of one open-loop phase: the phase's records read back from the three topics."""
+    from classifier.results import verify_result
+    from tilestream import topics
+    from tilestream.stagekeys import StageKeys
+
+    since_ms = since_ns // 1_000_000 - 2000
+    owner = stage.frames_partitions()
+    frames: dict[str, dict] = {r.frame_id: {"capture": r.capture_ns / 1e6, "read": a / 1e6} for a, r in got}
+    for key, ts, part, _ in read_topic_since(b.bootstrap, topics.FRAMES, since_ms, camera + "/"):
+        f = frames.get(key.decode(errors="replace"))
+        if f is not None:
+            f["append"], f["worker"] = float(ts), owner.get(part)
+    for key, ts, _, _ in read_topic_since(b.bootstrap, topics.TILE_FEATURES, since_ms, camera + "/"):
+        f = frames.get(key.decode(errors="replace"))
+        if f is not None:
+            f["tiles"] = max(f.get("tiles", 0.0), float(ts))
+    keys = StageKeys(b.store.path).result_keys()
+    for _, ts, _, value in read_topic_since(b.bootstrap, topics.RESULTS, since_ms, camera):
+        try:
+            r = verify_result(value, keys)
+        except Exception:  # noqa: BLE001 - not ours
+            continue
+        f = frames.get(r.frame_id)
+        if f is not None and "result" not in f:
+            f["result"] = float(ts)
+    return hop_table(frames)
 
 
 def soak(b: Bench, stage: Stage, rate: float, minutes: float, camera: str, tag: str = "soak") -> dict:
@@ -751,9 +850,18 @@ def tables(res: dict) -> dict[str, str]:
                [[r["workers"], *[f"{r.get('processor_ms', {}).get(k, float('nan')):.1f}" for k in
                                  ("verify", "open", "decode", "features", "frame", "send_and_loop")]]
                 for r in res["runs"]])
+    hop_rows = [[r["workers"], f"{int(l['load'] * 100)}%" + (f" run {l.get('repeat', 1)}" if l.get("repeat", 1) > 1 else ""),
+                 f"{l['hops']['total_p50']:.0f} / {l['hops']['total_p99']:.0f} / {l['hops']['tail_total_mean']:.0f}",
+                 *[f"{h['p50']:.1f} / {h['p99']:.1f} / {h['tail_mean']:.1f}" for h in l["hops"]["hops"].values()],
+                 f"{l['hops']['queued_frames']}/{l['hops']['frames']}"]
+                for r in res["runs"] for l in r["latency"] if l.get("hops")]
     out = {"pipeline_throughput": thr, "pipeline_processor_ms": pm, "pipeline_latency": lat, "pipeline_cpu": cpu, "pipeline_rss": rss,
            "pipeline_bytes": table(["topic", "bytes on the broker's disk per frame"],
                                    [[t, f"{v:.0f}"] for t, v in res["topic_bytes_per_frame"].items()])}
+    if hop_rows:
+        out["pipeline_hops"] = table(["workers", "load", "capture -> read ms (p50 / p99 / slowest 2 % mean)",
+                                      *[f"{h} ms (p50 / p99 / slowest 2 % mean)" for h in HOPS],
+                                      "frames queued behind another"], hop_rows)
     if res.get("soak"):
         out["pipeline_soak"] = soak_t
     for r in res["runs"]:

@@ -567,7 +567,7 @@ def render(res: dict, charts: dict[str, str], where: Path) -> str:
         ("compute", "Single-process compute limit (benchmarks/compute_limit.py)",
          ["compute_summary", "compute_stages", "compute_crypto", "compute_sizes"], ["stages"]),
         ("pipeline", "End to end over the real broker (benchmarks/pipeline_bench.py)",
-         ["pipeline_throughput", "pipeline_processor_ms", "pipeline_latency", "pipeline_cpu", "pipeline_rss", "pipeline_bytes",
+         ["pipeline_throughput", "pipeline_processor_ms", "pipeline_latency", "pipeline_hops", "pipeline_cpu", "pipeline_rss", "pipeline_bytes",
           "pipeline_profile", "pipeline_profile_leaves", "pipeline_soak"], ["throughput", "latency"]),
         ("sweep", "Choosing the tile size (benchmarks/tile_sweep.py)", ["tile_sweep", "tile_sweep_process"],
          ["tile_sweep"]),
@@ -587,6 +587,10 @@ def render(res: dict, charts: dict[str, str], where: Path) -> str:
                                  "stages and the whole frame on the event loop.",
         "pipeline_latency": "Open loop at a fixed rate (capture time = scheduled send time, so no coordinated "
                             "omission); latency = result read from `results` minus capture.",
+        "pipeline_hops": "Where the open loop's latency goes, per hop, from honest timestamps of each frame "
+                         "(sealed capture time, `frames` LogAppendTime, `tile-features` and `results` CreateTime, "
+                         "the reader's receive time); 'queued' = waiting for the same worker's previous frame "
+                         "(its tile-features time), derived from the partition each worker holds.",
         "pipeline_cpu": "CPU ms per frame of each process over the closed loop's sustained window (/proc).",
         "pipeline_rss": "Peak RSS (VmHWM) of each process, read before it was stopped.",
         "pipeline_bytes": "Bytes on the broker's disk per frame sent (records and batch headers).",
