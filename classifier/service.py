@@ -59,7 +59,7 @@ from confluent_kafka import KafkaException, TopicPartition
 from kafkaio import Connection, connection, rdkafka
 from tilestream import topics
 from tilestream.errors import TilestreamError
-from tilestream.metrics import Liveness, Snapshots, observe_gc_pauses
+from tilestream.metrics import Liveness, Snapshots, freeze_long_lived, observe_gc_pauses
 from tilestream.records import DeadLetter
 
 from classifier.acks import AckedOffsets, Batch
@@ -168,6 +168,9 @@ class ClassifierService:
         try:
             consumer.subscribe([topics.TILE_FEATURES], on_assign=self._on_assign, on_revoke=self._on_revoke,
                                on_lost=self._on_lost)
+            # Model, modules and clients are made: later full collections skip them (a 65 ms pause
+            # each otherwise, see freeze_long_lived).
+            freeze_long_lived()
             self._loop_until_stopped(consumer, producer)
             self._drain(producer, CONSUMER_WAIT_S)
             self._commit(consumer, wait=True)
@@ -502,6 +505,8 @@ class ClassifierService:
         self.metrics.inc("model_swaps_total")
         log.info(json.dumps({"event": "model_swapped", "from": [old.model_id, old.version],
                              "to": [model.model_id, model.version]}))
+        del old
+        freeze_long_lived()  # the new model frozen, the old one collectable (one full pause per swap)
 
     def _publish_metrics(self, consumer, producer, dt: float) -> None:
         lag = {}

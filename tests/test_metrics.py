@@ -6,7 +6,7 @@ import gc
 import json
 import logging
 
-from tilestream.metrics import Metrics, Snapshots, observe_gc_pauses
+from tilestream.metrics import Metrics, Snapshots, freeze_long_lived, observe_gc_pauses
 from tilestream.records import StageMetrics
 
 
@@ -27,6 +27,33 @@ def test_gc_pauses_are_timed_per_generation_and_long_ones_logged(caplog):
     assert 'tilestream_test_gc_pause_seconds{generation="2",quantile="0.99"}' in m.render()
     events = [json.loads(r.getMessage()) for r in caplog.records if r.name == "tilestream.gc"]
     assert any(e["event"] == "gc_pause" and e["generation"] == 2 and e["ms"] >= 0 for e in events)
+
+
+class _Node:
+    def __init__(self):
+        self.me = self  # a reference cycle: only the collector frees it
+
+
+def test_freezing_long_lived_objects_collects_garbage_first_and_lets_a_repeat_free_what_was_frozen():
+    import weakref
+
+    dead, alive = _Node(), _Node()
+    dead_ref, alive_ref = weakref.ref(dead), weakref.ref(alive)
+    del dead
+    try:
+        frozen = freeze_long_lived()
+        assert dead_ref() is None, "garbage alive at the call was collected, not frozen"
+        assert frozen == gc.get_freeze_count() > 0
+        assert not any(o is alive for o in gc.get_objects()), "what lives is in the permanent generation"
+        gc.collect()
+        assert alive_ref() is not None
+        del alive  # garbage now, but frozen: a plain collection keeps it ...
+        gc.collect()
+        assert alive_ref() is not None
+        freeze_long_lived()  # ... a repeat call (after a model swap) frees it
+        assert alive_ref() is None
+    finally:
+        gc.unfreeze()
 
 
 def test_the_stage_snapshot_has_dead_letters_by_reason_rates_and_latencies_and_reads_back_strictly():
