@@ -89,15 +89,27 @@ def runs_inline(pixels: int | None) -> bool:
     return pixels is not None and 0 <= pixels <= INLINE_MAX_PIXELS
 
 
+# Loop turns given before an inline step. aiokafka's producer needs three turns from send() to its
+# request on the socket (the accumulator's waiter wakes asyncio.wait, which wakes the sender task,
+# which starts the produce task, which writes): with one turn, the previous frame's tile records
+# waited on this loop for the whole next frame. Measured (python -m benchmarks.producer_turns:
+# a local broker, send one 37 KB record, N turns, block the loop 60 ms, LogAppendTime - send
+# time, 8 sends each): 1 turn 62-65 ms, 2 turns 62-71 ms, 3 turns 1-2 ms, 4 turns 1-2 ms. One
+# more than needed, in case a reply (the previous request's acknowledgement) is due first.
+INLINE_TURNS = 4
+
+
 async def run_step(executor, fn, *args, pixels: int | None = None):
     """``fn(*args)``: on this loop when :func:`runs_inline` says so, else in ``executor``.
 
-    Inline, the loop turns once first: the agent takes buffered frames without waiting, so
-    without that turn the producer's sender task (on this loop) sent nothing and no timer ran
-    until a backlog was drained (2 workers at 50 % load: event-loop lag p99 150 ms, capture to
-    result p99 3.8 s in one run; with the turn 24 ms and 137 ms)."""
+    Inline, the loop turns :data:`INLINE_TURNS` times first: the agent takes buffered frames
+    without waiting, so without the turns the producer's sender task (on this loop) sent nothing
+    and no timer ran until a backlog was drained (2 workers at 50 % load: event-loop lag p99 150
+    ms, capture to result p99 3.8 s in one run; with one turn 24 ms and 137 ms), and with one turn
+    the tile records of the frame before still waited for this one (see INLINE_TURNS)."""
     if runs_inline(pixels):
-        await asyncio.sleep(0)
+        for _ in range(INLINE_TURNS):
+            await asyncio.sleep(0)
         return fn(*args)
     return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
 

@@ -180,3 +180,29 @@ def test_an_inline_step_lets_the_loop_turn_first_and_a_large_or_unknown_one_goes
     small, large, unknown = asyncio.run(main())
     assert small == (threading.current_thread().name, ["other callback"])  # inline, after the loop turned
     assert large[0].startswith("pool") and unknown[0].startswith("pool")
+
+
+def test_an_inline_step_waits_for_a_three_turn_wake_up_chain_like_the_producers_send():
+    """aiokafka's producer needs three loop turns from send() to the bytes on the socket (waiter ->
+    asyncio.wait -> sender task -> produce task): an inline frame must not start before the chain
+    of the previous frame's send ran out, or those tile records wait for the whole frame."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from stream_processor.app import INLINE_MAX_PIXELS, INLINE_TURNS, run_step
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        steps = []
+
+        def link(n):
+            steps.append(n)
+            if n < 3:
+                loop.call_soon(link, n + 1)
+
+        loop.call_soon(link, 1)  # the chain a send() starts
+        with ThreadPoolExecutor(1) as pool:
+            return await run_step(pool, lambda: list(steps), pixels=INLINE_MAX_PIXELS)
+
+    assert INLINE_TURNS >= 3
+    assert asyncio.run(main()) == [1, 2, 3]
