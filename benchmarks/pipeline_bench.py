@@ -69,6 +69,7 @@ class Stage:
     children: object = None
     procs: list = field(default_factory=list)  # (name, Popen)
     web_ports: list = field(default_factory=list)
+    classifier_port: int | None = None
 
     def start(self, workers: int, model_path: Path | None, classifier: bool = True, tag: str = "") -> None:
         from deploy.local_kafka import free_port
@@ -86,6 +87,7 @@ class Stage:
                                                        "--model-name", f"bench-{tag or 'x'}-{uuid.uuid4().hex[:6]}"],
                                         self.env, stdout=log, stderr=subprocess.STDOUT)
             self.procs.append(("classifier", p))
+            self.classifier_port = port
             waits.append((port, p))
         for i in range(workers):
             port = free_port()
@@ -121,6 +123,29 @@ class Stage:
             except OSError:
                 pages.append(None)
         return pages
+
+    def gc_full_collections(self) -> dict[str, tuple[float, float]]:
+        """(count, seconds) of each service's full (generation 2) collections so far, from /metrics."""
+        import urllib.request
+
+        ports = [(f"processor-{i}", p) for i, p in enumerate(self.web_ports)]
+        if self.classifier_port:
+            ports.append(("classifier", self.classifier_port))
+        out = {}
+        for name, port in ports:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                    text = r.read().decode()
+            except OSError:
+                continue
+            vals = {}
+            for line in text.splitlines():
+                for k in ("count", "sum"):
+                    if line.startswith(f'tilestream_') and f'gc_pause_seconds_{k}{{generation="2"}}' in line:
+                        vals[k] = float(line.split()[-1])
+            if len(vals) == 2:
+                out[name] = (vals["count"], vals["sum"])
+        return out
 
     def processor_frames(self) -> list[float]:
         """frames_total of each worker from its /metrics page."""
@@ -393,8 +418,10 @@ def closed_loop(b: Bench, workers: int, n: int, camera: str, tag: str, keep_runn
         raise
 
 
-def open_loop(b: Bench, stage: Stage, rate: float, seconds: float, camera: str, tag: str) -> dict:
-    """Publish frames on a fixed schedule at ``rate`` for ``seconds``; latency from the scheduled time."""
+def open_loop(b: Bench, stage: Stage, rate: float, seconds: float, camera: str, tag: str,
+              by_seq: bool = False) -> dict:
+    """Publish frames on a fixed schedule at ``rate`` for ``seconds``; latency from the scheduled time.
+    ``by_seq``: each frame on partition seq mod partitions (an even spread) instead of by its key's hash."""
     from tilestream import topics
 
     n = max(20, int(rate * seconds))
@@ -404,7 +431,7 @@ def open_loop(b: Bench, stage: Stage, rate: float, seconds: float, camera: str, 
     schedule = [t0_ns + int(i * period_ns) for i in range(n)]
     records = b.seal(camera, n, schedule)
     producer = frames_producer(b.bootstrap)
-    producer.partitions_for(topics.FRAMES)  # metadata before the first scheduled send
+    n_parts = len(producer.partitions_for(topics.FRAMES))  # metadata before the first scheduled send
     lag = np.zeros(n)
     progress(f"[{tag}] open loop: {n} frames at {rate:.1f} frames/s ({seconds:.0f} s)")
     # This process holds every sealed frame and result: its own full garbage collections paused its
@@ -420,7 +447,7 @@ def open_loop(b: Bench, stage: Stage, rate: float, seconds: float, camera: str, 
                 if delay > 0:
                     time.sleep(delay)
                 lag[i] = (time.time_ns() - schedule[i]) / 1e6
-                producer.send(topics.FRAMES, key=key, value=value)
+                producer.send(topics.FRAMES, key=key, value=value, partition=i % n_parts if by_seq else None)
             producer.flush(60)
         finally:
             producer.close()
@@ -479,20 +506,20 @@ def hop_table(frames: dict[str, dict]) -> dict:
     record (CreateTime: aiokafka stamps a record when Faust hands it over, i.e. after the compute)
     -> `results` record (CreateTime: librdkafka, when the classifier produced it) -> the bench
     reader's receive time. The processor hop is split by the worker that owns the frame's partition:
-    the part spent queued behind that worker's previous frame (its tile-features time, if later than
-    this frame's append) and the rest (fetch, Faust's delivery, the compute, the hand-over).
+    the part spent queued behind the frame that worker finished before it (its tile-features time,
+    if later than this frame's append) and the rest (fetch, Faust's delivery, the compute, the hand-over).
     Returns percentiles per hop over all frames and the hops' mean over the slowest 2 % (the tail)."""
     rows = []
-    prev_done: dict[int, float] = {}
-    for fid, f in sorted(frames.items(), key=lambda kv: kv[1].get("append", 0)):
-        if not all(k in f for k in ("capture", "append", "tiles", "result", "read")):
-            continue
+    done = [f for f in frames.values() if all(k in f for k in ("capture", "append", "tiles", "result", "read"))]
+    # A worker runs one frame at a time (agent concurrency 1; frames inline on its loop), so a frame
+    # started no earlier than the frame the same worker finished just before it (completion order:
+    # a worker with several partitions does not take them in append order).
+    prev: dict[int, float] = {}
+    for f in sorted(done, key=lambda f: f["tiles"]):
         w = f.get("worker")
-        start = f["append"]
-        if w is not None and prev_done.get(w, -1e18) > start:
-            start = prev_done[w]
+        start = max(f["append"], prev.get(w, f["append"])) if w is not None else f["append"]
         if w is not None:
-            prev_done[w] = max(prev_done.get(w, -1e18), f["tiles"])
+            prev[w] = f["tiles"]
         rows.append((f["read"] - f["capture"],
                      [f["append"] - f["capture"], start - f["append"], f["tiles"] - start, f["result"] - f["tiles"],
                       f["read"] - f["result"]]))

@@ -31,6 +31,6 @@ async def main(bootstrap):
         await p.stop()
 
 if __name__ == "__main__":
-  with local_broker() as lk:
-      ensure_topics(lk.bootstrap, [TopicSpec("turns", 1, {"message.timestamp.type": "LogAppendTime"})])
-      asyncio.run(main(lk.bootstrap))
+    with local_broker() as lk:
+        ensure_topics(lk.bootstrap, [TopicSpec("turns", 1, {"message.timestamp.type": "LogAppendTime"})])
+        asyncio.run(main(lk.bootstrap))
