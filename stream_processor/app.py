@@ -158,11 +158,6 @@ def create_app(settings: Settings, where: Connection | str, datadir: Path, web_p
         consumer_metadata_max_age_ms=aio.METADATA_MAX_AGE_MS,
         producer_metadata_max_age_ms=aio.METADATA_MAX_AGE_MS,
         web_enabled=True,
-        # No Faust tables (store memory://, replay state on a plain topic), so no standby replicas:
-        # with none Faust hands partitions out round-robin (aiokafka's RoundRobinPartitionAssignor:
-        # worker 0 gets frames 0, 2, 4, worker 1 gets 1, 3, 5) instead of its sticky table assignor
-        # (0, 1, 2 / 3, 4, 5), so frames sent to partition seq mod partitions alternate workers.
-        table_standby_replicas=0,
     )
     transport.install(app)
     faust_topics = {name: app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
