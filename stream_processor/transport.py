@@ -41,31 +41,9 @@ log = logging.getLogger("tilestream.processor")
 REVOKE_COMMIT_TIMEOUT_S = 5.0
 
 
-# How long a fetch of the worker's consumer may wait at the broker for data (Faust hard-codes 1500 ms).
-# aiokafka leaves a partition whose fetched records were not yet taken for more than 100 ms
-# (``prefetch_backoff``: the worker busy, the machine loaded) out of the next fetch request to its
-# broker, and sends no other request to that broker until this one returns: the partition's new
-# frames then waited for the other partitions' data or for this long (capture to result p50 0.9 s,
-# p99 2.5 s in an open loop that fell behind, frames unfetched while their worker was idle). An
-# idle worker asks 10 times a second instead of 0.7: a fetch is ~0.1-0.2 ms of CPU.
-FETCH_MAX_WAIT_MS = 100
-
-
-class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
-    def _create_worker_consumer(self, transport):  # type: ignore[no-untyped-def]
-        consumer = super()._create_worker_consumer(transport)
-        if not hasattr(consumer, "_fetch_max_wait_ms"):  # read by its Fetcher at start(); pinned by a test
-            raise RuntimeError("aiokafka's consumer has no _fetch_max_wait_ms any more: look again")
-        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS
-        return consumer
-
-
 class GuardedConsumer(faust_aiokafka.Consumer):
     refused_acks = 0
     revoke_commits = 0  # commits made by on_partitions_revoked that covered acked offsets
-
-    def _new_consumer_thread(self) -> _ConsumerThread:
-        return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
     async def on_partitions_revoked(self, revoked) -> None:  # type: ignore[no-untyped-def]
         """Commit what our agents finished on ``revoked`` *before* Faust forgets it, then Faust's revocation.

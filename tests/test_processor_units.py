@@ -206,27 +206,3 @@ def test_an_inline_step_waits_for_a_three_turn_wake_up_chain_like_the_producers_
 
     assert INLINE_TURNS >= 3
     assert asyncio.run(main()) == [1, 2, 3]
-
-
-def test_the_workers_consumer_long_polls_for_at_most_100_ms_not_fausts_1500(tmp_path):
-    """stream_processor.transport.FETCH_MAX_WAIT_MS reaches the aiokafka consumer Faust builds, and
-    aiokafka's fetcher still takes it from there (a partition left out of a fetch waits for it)."""
-    import asyncio
-    import inspect
-
-    import aiokafka.consumer.consumer
-    import faust
-
-    from stream_processor import transport
-
-    assert "fetch_max_wait_ms=self._fetch_max_wait_ms" in inspect.getsource(aiokafka.consumer.consumer)
-
-    async def main():
-        app = faust.App("pin-fetch", broker="kafka://127.0.0.1:1", datadir=str(tmp_path), web_enabled=False)
-        transport.install(app)
-        thread = app.consumer._new_consumer_thread()
-        assert isinstance(thread, transport._ConsumerThread)
-        return thread._create_worker_consumer(app.transport)
-
-    consumer = asyncio.run(main())
-    assert consumer._fetch_max_wait_ms == transport.FETCH_MAX_WAIT_MS == 100
