@@ -1,7 +1,7 @@
 """End to end over a real broker: sealed frames -> processor worker(s) -> classifier -> results.
 
     python -m benchmarks.pipeline_bench [--frames 800] [--workers 1 2] [--seconds 25] [--loads 0.5 0.9]
-                                        [--profile] [--quick] [--json out.json]
+                                        [--profile] [--quick] [--warmup-frames 400] [--json out.json]
 
 Everything runs on this machine's cores: a local Apache Kafka 4.1.1 (KRaft), `tilestream
 process` workers and one `tilestream classify`, started as child processes exactly as
@@ -9,7 +9,10 @@ operators start them (``tilestream_cli.procs.Children``), plus this process, whi
 cameras (frames sealed as the agent seals them, published with the agent's producer settings)
 and reads `results`.
 
-For each worker count:
+First, unmeasured, the broker is warmed up: frame- and tile-sized records for 45 s
+(``warm_broker``), then the pipeline itself on ``--warmup-frames`` frames with the most workers
+(the same request mix as the steps, so that no step pays for the broker's JIT: see ``run``).
+Then, for each worker count:
 
 1. **Closed loop (highest sustained rate).** N sealed vtest frames are put on `frames` first;
    then the classifier and the workers start (fresh consumer groups, committed at the
@@ -739,9 +742,13 @@ def _phase_camera(w: int, load: float, k: int) -> str:
     return f"w{w}-load{int(load * 100)}" + (f"-r{k + 1}" if k else "")
 
 
+# Frames of the unmeasured pipeline run before the measured steps (see run()).
+WARMUP_FRAMES = 400
+
+
 def run(frames: int = 800, workers=(1, 2), seconds: float = 25.0, loads=(0.5, 0.9), profile: bool = False,
         compute_limit_fps: float | None = None, quick: bool = False, broker=None, soak_minutes: float = 0.0,
-        latency_repeats: int = 1) -> dict:
+        latency_repeats: int = 1, warmup_frames: int = WARMUP_FRAMES) -> dict:
     if quick:
         frames, workers, seconds, loads = min(frames, 150), tuple(workers)[:1], min(seconds, 8.0), tuple(loads)
         latency_repeats = 1
@@ -752,7 +759,7 @@ def run(frames: int = 800, workers=(1, 2), seconds: float = 25.0, loads=(0.5, 0.
             (local_broker() if broker is None else _nullctx(broker)) as lk:
         tmp = Path(tmp_s)
         cameras = [f"w{w}-closed" for w in workers] + [_phase_camera(w, l, k) for w in workers for l, k in phases]
-        cameras += ["profile", "limit", "soak"]
+        cameras += ["profile", "limit", "soak", "warmup"]
         store = bench_keys(tmp / "keys", cameras)
         model_path, model = prepare_model(tmp)
         encoded = vtest_encoded(POOL_FRAMES)
@@ -771,6 +778,15 @@ def run(frames: int = 800, workers=(1, 2), seconds: float = 25.0, loads=(0.5, 0.
         warm_broker(lk.bootstrap)
         with ResultsWatcher(lk.bootstrap, store.path) as watcher:
             b.watcher = watcher
+            if warmup_frames and not quick:
+                # Unmeasured: the broker's JIT warmed by the pipeline's own request mix (aiokafka and
+                # librdkafka fetches, produce requests, commits), which warm_broker's kafka-python
+                # records do not exercise. Without it the first step measured paid for the warm-up:
+                # broker ms/frame 8.6 for 1 worker run first vs 4.6 run second (--workers 1 2 vs
+                # 2 1, one sitting, 2026-12-02 15:13-15:17); with it 4.6 first, 3.8 second; and make
+                # bench always ran 1 worker first (broker 5.9 vs 2.3 ms/frame with 2 workers).
+                closed_loop(b, max(workers), warmup_frames, "warmup", "warmup")
+                res["warmup_frames"] = warmup_frames
             for w in workers:
                 stats, stage = closed_loop(b, w, frames, f"w{w}-closed", f"{w}w", keep_running=True)
                 try:
@@ -921,11 +937,13 @@ def main() -> None:
     ap.add_argument("--soak-minutes", type=float, default=0.0, help="also soak the 1-worker stage at 50%% load")
     ap.add_argument("--latency-repeats", type=int, default=1, help="open loops at 50%% load in a row (default 1)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 150 frames, 1 worker, 8 s per load")
+    ap.add_argument("--warmup-frames", type=int, default=WARMUP_FRAMES,
+                    help=f"unmeasured closed loop before the steps, 0: none (default {WARMUP_FRAMES})")
     ap.add_argument("--json")
     args = ap.parse_args()
     print(f"machine: {machine()}\n{machine_load()}\n")
     res = run(args.frames, args.workers, args.seconds, args.loads, args.profile, args.compute_limit, args.quick,
-              soak_minutes=args.soak_minutes, latency_repeats=args.latency_repeats)
+              soak_minutes=args.soak_minutes, latency_repeats=args.latency_repeats, warmup_frames=args.warmup_frames)
     for name, t in res["tables"].items():
         print(f"\n{name}\n{t}")
     write_json(args.json, {k: v for k, v in res.items() if k != "tables"})
