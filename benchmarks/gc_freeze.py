@@ -2,7 +2,10 @@
 
 CPU ms of a full gc.collect() in a process holding what a service imports, before and after gc.freeze()
 (the figures behind tilestream.metrics.freeze_long_lived)."""
-import gc, time, sys
+import gc
+import sys
+import time
+
 which = sys.argv[1]
 if which == "processor":
     import faust, stream_processor.app, stream_processor.stage, stream_processor.features, cv2, numpy  # noqa

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import (ResultsWatcher, bench_keys, local_broker, machine_load, percentile, proc_cpu_s, progress,
+from benchmarks.common import (ResultsWatcher, bench_keys, local_broker, machine_load, proc_cpu_s, progress,
                                table, vtest_encoded, warm_broker, write_json)
 from benchmarks.pipeline_bench import HOPS, POOL_FRAMES, Bench, Stage, open_loop, prepare_model
 
@@ -125,7 +125,6 @@ def main() -> None:
                     out = one_run(b, v, args.workers, args.rate, args.seconds, cam, args.warm)
                     out.update(variant=v["name"], rep=r + 1, loadavg_1m=load, at=time.strftime("%H:%M:%S"))
                     res["runs"].append(out)
-                    h = out.get("hops", {})
                     progress(f"== {v['name']} rep {r + 1}: p50 {out['p50']:.0f} p99 {out['p99']:.0f} stamped p99 "
                              f"{out['stamped_p99']:.0f} ms, CPU ms/frame "
                              + ", ".join(f"{k} {x:.1f}" for k, x in out["cpu_ms"].items())

@@ -114,37 +114,35 @@ class Stage:
     def peak_rss_mib(self) -> dict[str, float]:
         return {name: proc_status_kib(p.pid, "VmHWM") / 1024 for name, p in self.procs}
 
-    def metrics_pages(self) -> list[str | None]:
-        """Each worker's /metrics page (None for a worker that does not answer)."""
+    @staticmethod
+    def metrics_page(port: int) -> str | None:
+        """The /metrics page of the service on ``port`` (None when it does not answer)."""
         import urllib.request
 
-        pages: list[str | None] = []
-        for port in self.web_ports:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-                    pages.append(r.read().decode())
-            except OSError:
-                pages.append(None)
-        return pages
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                return r.read().decode()
+        except OSError:
+            return None
+
+    def metrics_pages(self) -> list[str | None]:
+        """Each worker's /metrics page (None for a worker that does not answer)."""
+        return [self.metrics_page(port) for port in self.web_ports]
 
     def gc_full_collections(self) -> dict[str, tuple[float, float]]:
         """(count, seconds) of each service's full (generation 2) collections so far, from /metrics."""
-        import urllib.request
-
         ports = [(f"processor-{i}", p) for i, p in enumerate(self.web_ports)]
         if self.classifier_port:
             ports.append(("classifier", self.classifier_port))
         out = {}
         for name, port in ports:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-                    text = r.read().decode()
-            except OSError:
+            text = self.metrics_page(port)
+            if text is None:
                 continue
             vals = {}
             for line in text.splitlines():
                 for k in ("count", "sum"):
-                    if line.startswith(f'tilestream_') and f'gc_pause_seconds_{k}{{generation="2"}}' in line:
+                    if line.startswith("tilestream_") and f'gc_pause_seconds_{k}{{generation="2"}}' in line:
                         vals[k] = float(line.split()[-1])
             if len(vals) == 2:
                 out[name] = (vals["count"], vals["sum"])

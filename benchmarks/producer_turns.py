@@ -3,8 +3,11 @@
 How many loop turns an aiokafka producer needs between send() and the request on the wire:
 send one record, give the loop N turns (sleep(0)), then block the loop 60 ms (an inline frame),
 and compare the record's LogAppendTime with the send time."""
-import asyncio, sys, time
+import asyncio
+import time
+
 from aiokafka import AIOKafkaProducer
+
 from benchmarks.common import local_broker
 from kafkaio.clients import ensure_topics
 from tilestream.topics import TopicSpec

@@ -7,9 +7,9 @@ security), so TLS, SASL and mutual TLS are set once and reach every client, Faus
 Which client library where (the rule):
 
 * **aiokafka** for every client on an asyncio loop: the Faust processor (Faust runs on it), the
-  dashboard. Why not kafka-python for group members: its 3.0.12 group coordinator lost the classifier's membership and never
-  rejoined — on a fresh machine with one core busy, 2 + 3 + 1 failed tests in three clean-clone
-  runs, every time "the classifier stopped answering"; watched from outside, a classifier that
+  dashboard. Why not kafka-python for group members: its 3.0.12 group coordinator lost the
+  classifier's membership and never rejoined — on a fresh machine with one core busy, 2 + 3 + 1
+  failed tests in three clean-clone runs, every time "the classifier stopped answering"; watched from outside, a classifier that
   logged ``assigned`` sent no heartbeat, was dropped after its 10 s session timeout and then
   spun in ``poll()`` at ~93 % CPU (``LeaveGroup ... UnknownMemberIdError`` at shutdown). In the
   same runs the Faust processor (aiokafka) kept its membership and delivered every tile.
@@ -43,7 +43,7 @@ the node came back (README "Broker faults").
 
 Modules: :mod:`kafkaio.connection` (bootstrap + security, kwargs for each library, Faust's
 broker settings), :mod:`kafkaio.clients` (producer profiles, admin, topic creation, group-less
-range reads), :mod:`kafkaio.aio` (the asyncio group consumer and producer), :mod:`kafkaio.rdkafka`
+range reads), :mod:`kafkaio.aio` (the dashboard's asyncio reader, the Faust clients' timeouts), :mod:`kafkaio.rdkafka`
 (librdkafka: the agent's frame producer, the classifier's group consumer and producer).
 """
 
