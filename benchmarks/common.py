@@ -164,6 +164,29 @@ def proc_cpu_s(pid: int) -> float:
         return float("nan")
 
 
+def jit_cpu_s(pid: int) -> float:
+    """CPU seconds a JVM's JIT compiler threads (``C1/C2 CompilerThread``) used so far; NaN if it is gone.
+
+    Why: a broker compiles its hot paths for minutes after it starts, and that start-up cost is
+    not a cost per frame; the pipeline bench warms the broker until this stops growing and shows
+    what is left of it in every measured window."""
+    total, tck = 0, os.sysconf("SC_CLK_TCK")
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return float("nan")
+    for t in tasks:
+        try:
+            if "CompilerThre" not in Path(f"/proc/{pid}/task/{t}/comm").read_text():
+                continue
+            stat = Path(f"/proc/{pid}/task/{t}/stat").read_text()
+        except OSError:  # a compiler thread that ended (the JVM retires idle ones)
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / tck
+
+
 def machine_busy_s() -> float:
     """CPU seconds all cores of the machine spent busy (not idle/iowait) since boot, from /proc/stat."""
     try:
