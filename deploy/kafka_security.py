@@ -75,6 +75,7 @@ import json
 import os
 import re
 import secrets
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -112,14 +113,37 @@ class SecurityError(Refused, ValueError):
 
 
 # -- TLS ----------------------------------------------------------------------------------
+def _private_tmp(path: Path, data: bytes) -> Path:
+    """``data`` in a new file next to ``path``, 0600 from its creation on, under a name no other
+    writer uses (mkstemp: a fixed ``.tmp`` name let one thread unlink another's file mid-write)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return Path(tmp)
+
+
 def _write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to a file that is 0600 from its creation on (never briefly world-readable)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    """Write ``data`` to a file that is 0600 from its creation on (never briefly world-readable);
+    readers see the old or the new content, never a part."""
+    os.replace(_private_tmp(path, data), path)
+
+
+def _create_private(path: Path, data: bytes) -> bool:
+    """Create ``path`` with ``data`` (0600) unless it exists; True if this call created it.
+    ``link`` fails when the name exists, so of two writers racing (threads or processes) the
+    first wins and the second reads the winner's content."""
+    tmp = _private_tmp(path, data)
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink()
 
 
 @dataclass(frozen=True)
@@ -273,15 +297,20 @@ def client_cert_files(ca_dir: Path, name: str) -> tuple[Path, Path]:
 
 
 # -- credentials --------------------------------------------------------------------------
+_CREDENTIALS_LOCK = threading.Lock()
+
+
 def load_credentials(state_dir: Path) -> dict:
     """``{"roles": {role: password}, "cameras": {camera_id: password}}``, created on first use."""
     path = state_dir / CREDENTIALS_FILE
-    try:
-        creds = json.loads(path.read_text())
-    except FileNotFoundError:
-        creds = {"roles": {r: secrets.token_urlsafe(32) for r in ROLES}, "cameras": {}}
+    if not path.exists():
+        # Three nodes are formatted in parallel threads, each asking for the credentials: two that
+        # both generated passwords crashed on a shared temp file (CI, stop 18) and could have given
+        # the nodes different passwords. Created once; every caller then reads the one file.
         state_dir.mkdir(parents=True, exist_ok=True)
-        _write_private(path, json.dumps(creds, indent=1).encode())
+        _create_private(path, json.dumps({"roles": {r: secrets.token_urlsafe(32) for r in ROLES}, "cameras": {}},
+                                         indent=1).encode())
+    creds = json.loads(path.read_text())
     if os.stat(path).st_mode & 0o077:
         raise SecurityError(f"{path} is readable by other users; chmod 600 it", "credentials_mode")
     return creds
@@ -405,9 +434,10 @@ def add_camera_user(admin, state_dir: Path | None, camera_id: str) -> str:
         raise SecurityError(f"the broker refused the credential of {user}: {errors[user]}", "scram_refused")
     _create_acls(admin, role_acls("agent", user))
     if state_dir is not None:
-        creds = load_credentials(state_dir)
-        creds["cameras"][camera_id] = password
-        _save_credentials(state_dir, creds)
+        with _CREDENTIALS_LOCK:  # read-modify-write: two cameras added at once both stay
+            creds = load_credentials(state_dir)
+            creds["cameras"][camera_id] = password
+            _save_credentials(state_dir, creds)
     return password
 
 
@@ -475,9 +505,10 @@ def revoke_camera_user(admin, state_dir: Path | None, camera_id: str, keep: str 
     if errors.get(user) and "not found" not in str(errors[user]).lower() and "does not exist" not in str(errors[user]).lower():
         raise SecurityError(f"deleting the credential of {user} failed: {errors[user]}", "scram_refused")
     if state_dir is not None:
-        creds = load_credentials(state_dir)
-        creds["cameras"].pop(camera_id, None)
-        _save_credentials(state_dir, creds)
+        with _CREDENTIALS_LOCK:
+            creds = load_credentials(state_dir)
+            creds["cameras"].pop(camera_id, None)
+            _save_credentials(state_dir, creds)
     return removed
 
 

@@ -672,6 +672,7 @@ class LocalKafka:
         cluster_id = self._cluster_id()
         if self.secure:
             self._tls()  # the CA and every node's certificate, once, before the nodes are formatted in parallel
+            self._credentials()  # likewise the role passwords: every node's format must get the same ones
         if len(nodes) > 1:
             # Format in parallel: each format is a JVM start (~3 s); in sequence that was 8 s of 18.
             with ThreadPoolExecutor(len(nodes)) as pool:
