@@ -22,7 +22,7 @@ from kafkaio import Connection
 from kafkaio.clients import RangeReader
 from tilestream import topics
 from tilestream.errors import Refused
-from tilestream.records import MAX_RESULT_BYTES, FrameResult
+from tilestream.records import MAX_RESULT_BYTES, FrameResult, signed_result_frame_id
 
 PublicKeys = Callable[[str], "ed25519.Ed25519PublicKey | None"] | Mapping[str, ed25519.Ed25519PublicKey]
 
@@ -119,7 +119,7 @@ class AnsweredFrames:
             ids: set[str] = set()
             for m in self.reader.read_to_end():
                 try:
-                    ids.add(verify_result(m.value, self.keys).frame_id)
+                    ids.add(signed_result_frame_id(m.value, self.keys))
                 except Exception as exc:  # noqa: BLE001 - a hostile record is skipped, never fatal
                     reason = exc.reason if isinstance(exc, Refused) else "error"
                     self.skipped += 1

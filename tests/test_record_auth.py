@@ -17,7 +17,7 @@ from classifier.results import AnsweredFrames, tail, verify_result
 from tilestream import topics
 from tilestream.errors import ConfigError, Refused
 from tilestream.records import (RESULT_SIG_CONTEXT, FrameResult, TileLabel, open_signed_result, open_tile_batch,
-                                seal_tile_batch)
+                                seal_tile_batch, sign_result, signed_result_frame_id)
 from tilestream.stagekeys import StageKeys
 
 from conftest import result_keys
@@ -109,6 +109,27 @@ def test_each_forged_result_has_its_reason(mutate, reason):
     with pytest.raises(Refused) as refused:
         verify_result(json.dumps(envelope).encode(), keys)
     assert refused.value.reason == reason
+    with pytest.raises(Refused) as refused:  # the dedup read-back refuses it alike
+        signed_result_frame_id(json.dumps(envelope).encode(), keys)
+    assert refused.value.reason == reason
+
+
+def test_the_dedup_read_back_takes_the_frame_id_of_a_verified_result_only():
+    key = ed25519.Ed25519PrivateKey.generate()
+    keys = {"00112233445566aa": key.public_key()}
+    for camera, seq in [("cam-a", 0), ("cam-a", 1), ("x.y_z-9", 2**62)]:
+        raw = _result(camera, seq).to_signed("00112233445566aa", key)
+        assert signed_result_frame_id(raw, keys) == verify_result(raw, keys).frame_id == f"{camera}/{seq}"
+    # Another writer's field order is read whole, and read strictly: a frame id that is not
+    # camera_id/seq is refused there, even signed.
+    d = json.loads(_result("cam-b", 7).to_json())
+    reordered = json.dumps(dict(reversed(list(d.items())))).encode()
+    assert signed_result_frame_id(sign_result(reordered, "00112233445566aa", key), keys) == "cam-b/7"
+    d["frame_id"] = "cam-c/7"
+    for payload in (json.dumps(d, separators=(",", ":")).encode(), json.dumps(dict(reversed(list(d.items())))).encode()):
+        with pytest.raises(Refused) as refused:
+            signed_result_frame_id(sign_result(payload, "00112233445566aa", key), keys)
+        assert refused.value.reason == "malformed"
 
 
 def test_an_unsigned_result_is_refused_as_unsigned():
