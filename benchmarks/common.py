@@ -354,10 +354,22 @@ def topic_disk_bytes(broker, topic: str) -> int:
                for f in d.glob("*.log"))
 
 
+# Every bench step starts a classifier in a fresh group, which first reads back the results written
+# since its first tile minus classifier.dedup_margin_s (120 s by default: a margin for clocks of
+# different hosts). Here that was every result of the previous steps: 6,000 warm-up frames before
+# a 1-worker closed loop made the classifier 5.5 and 6.1 CPU ms per frame with 120 s against 2.7
+# and 2.5 with 1 s (alternating, one sitting, 2026-12-03 03:52); with the read-back taking only
+# verified frame ids (tilestream.records.signed_result_frame_id) 3.8 and 3.9 against 2.8 and 2.8.
+# One machine has one clock, and a restart's read-back is not a frame's cost, so the bench's
+# classifiers use a margin of a second.
+BENCH_DEDUP_MARGIN_S = 1.0
+
+
 def child_env(bootstrap: str, keys_dir: Path, home: Path, **settings: str) -> dict[str, str]:
     """Environment for `tilestream` child processes; ``settings`` are TILESTREAM_* overrides."""
     env = dict(os.environ, TILESTREAM_KAFKA_BOOTSTRAP=bootstrap, TILESTREAM_KEYS_DIR=str(keys_dir),
-                TILESTREAM_HOME=str(home), TILESTREAM_LOG_LEVEL="WARNING")
+                TILESTREAM_HOME=str(home), TILESTREAM_LOG_LEVEL="WARNING",
+                TILESTREAM_CLASSIFIER_DEDUP_MARGIN_S=str(BENCH_DEDUP_MARGIN_S))
     env.update(settings)
     return env
 
