@@ -124,7 +124,7 @@ def main() -> None:
             e2e = max((r["fps_steady"] for r in pl["runs"]), default=None) if pl else None
             step("sweep", lambda: tile_sweep.run(frames=40, pipeline_frames=0 if q else 100, quick=q, broker=lk,
                                                  load=0.5, seconds=20.0))
-            step("peers", lambda: peers.run(frames=160, quix_frames=500, e2e_fps=e2e, compute_limit_fps=limit,
+            step("peers", lambda: peers.run(frames=160, quix_frames=1000, e2e_fps=e2e, compute_limit_fps=limit,
                                             quick=q, broker=lk))
             step("agent", lambda: agent_bench.run(rates=(10.0, 25.0), seconds=15.0, reps=2, quick=q, broker=lk))
     res["seconds"] = time.time() - t_start
