@@ -308,8 +308,9 @@ class LoopLagSampler:
 class Bench:
     """Broker, keys, model, encoded frames and the results reader shared by the phases of a run."""
 
-    def __init__(self, broker, tmp: Path, model_path: Path, encoded, cameras: list[str], store):
+    def __init__(self, broker, tmp: Path, model_path: Path, encoded, cameras: list[str], store, model=None):
         self.broker, self.tmp, self.model_path, self.encoded, self.store = broker, tmp, model_path, encoded, store
+        self.model = model
         self.bootstrap = broker.bootstrap
         self.sealers = {c: Sealer(store, c) for c in cameras}
         self.watcher: ResultsWatcher | None = None
@@ -364,8 +365,44 @@ def _part_order(name: str) -> tuple:
     return next((i for i, p in enumerate(order) if name.startswith(p)), len(order)), name
 
 
+# How many frames the in-process reference of a step runs, before and after it (~1.5 s each).
+INPROCESS_FRAMES = 60
+
+
+def inprocess_ms(b: Bench, frames: int = INPROCESS_FRAMES, warmup: int = 5) -> float:
+    """CPU ms of one vtest frame's in-process work, measured now in this thread: the stages'
+    per-record methods (``ProcessorStage.on_frame`` + ``FrameClassifier.on_record``) on sealed
+    frames, as the compute limit runs them, without the agent's side (encode, seal).
+
+    The denominator of a step's CPU ratio is measured right before and right after the step, not
+    only in the compute step minutes earlier: the host's speed drifts within a run (make bench
+    2026-12-03 04:12: the compute step put the in-process work at 16.4 ms a frame, while the
+    1-worker processor minutes later did all of its part of it, Kafka included, in 13.2)."""
+    from benchmarks.common import make_classifier, make_stage
+    from tilestream import topics
+    from tilestream.config import FeatureConfig
+
+    if b.model is None:
+        return float("nan")
+    stage, classifier = make_stage(b.store, FeatureConfig()), make_classifier(b.store, b.model)
+    blobs = [v for _, v in b.seal("limit", warmup + frames)]
+
+    def one(i: int) -> None:
+        for o in stage.on_frame(blobs[i], 0, i):
+            if o.topic == topics.TILE_FEATURES:
+                classifier.on_record(o.value, 0, i, time.monotonic(), time.time_ns())
+
+    for i in range(warmup):
+        one(i)
+    c0 = time.thread_time()
+    for i in range(warmup, warmup + frames):
+        one(i)
+    return (time.thread_time() - c0) / frames * 1e3
+
+
 def closed_loop(b: Bench, workers: int, n: int, camera: str, tag: str, keep_running: bool = False, **settings):
     """Pre-fill n frames, then start the stage and time until n results. Returns (stats, stage)."""
+    ref_before = inprocess_ms(b) if not tag.startswith("warmup") else float("nan")
     env, app_id, group = b.env(tag, **settings)
     progress(f"[{tag}] pre-filling `frames` with {n} sealed frames")
     records = b.seal(camera, n)
@@ -411,6 +448,10 @@ def closed_loop(b: Bench, workers: int, n: int, camera: str, tag: str, keep_runn
             "processor_ms": stage.processor_means_ms(), "ingest_cpu_ms_per_frame": ingest,
             "pipeline_cpu_ms": pipeline_cpu_ms(cpu_ms, ingest), "broker_jit_ms": broker_jit,
         }
+        if ref_before == ref_before:  # measured (not a warm-up round)
+            ref_after = inprocess_ms(b)
+            stats["inprocess_ms"] = [ref_before, ref_after]
+            progress(f"[{tag}] in-process work of a frame, before / after the step: {ref_before:.2f} / {ref_after:.2f} ms")
         progress(f"[{tag}] {n} results: steady {steady:.1f} frames/s, cold {stats['fps_cold']:.1f} frames/s; "
                  f"CPU ms/frame {', '.join(f'{k} {v:.1f}' for k, v in cpu_ms.items())} "
                  f"(of the broker's, JIT compiling {broker_jit:.2f})")
@@ -799,7 +840,7 @@ def run(frames: int = 800, workers=(1, 2), seconds: float = 25.0, loads=(0.5, 0.
             cl = measure("vtest", imgs, "jpeg", 80, FeatureConfig(), model, store, Sealer(store, "limit"))
             compute_limit_fps = cl["fps_limit"]
         res["compute_limit_fps"] = compute_limit_fps
-        b = Bench(lk, tmp, model_path, encoded, cameras, store)
+        b = Bench(lk, tmp, model_path, encoded, cameras, store, model)
         progress("warming the broker up (JIT) with frame- and tile-sized records")
         warm_broker(lk.bootstrap)
         with ResultsWatcher(lk.bootstrap, store.path) as watcher:
