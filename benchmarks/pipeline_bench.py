@@ -930,13 +930,17 @@ def tables(res: dict) -> dict[str, str]:
         names = sorted({k for r in res["runs"] for k in r["pipeline_cpu_ms"]}, key=_part_order)
         cpu = table(
             ["workers", *[f"{n} ms" for n in names], "of the broker's: JIT compiling ms", "pipeline CPU ms/frame",
-             "/ compute limit", "cores busy at that rate", "bench reader ms (not in total)"],
+             "in-process work before / after the step ms", "/ that work", "/ compute limit", "cores busy at that rate",
+             "bench reader ms (not in total)"],
             [[r["workers"], *[_cell(r["pipeline_cpu_ms"].get(n), ".1f") for n in names],
               _cell(r.get("broker_jit_ms"), ".2f"),
-              f"{sum(r['pipeline_cpu_ms'].values()):.1f}", f"{sum(r['pipeline_cpu_ms'].values()) * lim / 1e3:.2f}x",
+              f"{sum(r['pipeline_cpu_ms'].values()):.1f}",
+              " / ".join(f"{v:.1f}" for v in r["inprocess_ms"]) if r.get("inprocess_ms") else "-",
+              f"{sum(r['pipeline_cpu_ms'].values()) / (sum(r['inprocess_ms']) / 2):.2f}x" if r.get("inprocess_ms") else "-",
+              f"{sum(r['pipeline_cpu_ms'].values()) * lim / 1e3:.2f}x",
               f"{sum(r['pipeline_cpu_ms'].values()) * r['fps_steady'] / 1e3:.2f}",
               _cell(r["cpu_ms_per_frame"].get("bench"), ".1f")] for r in res["runs"]]
-            + [["compute limit (1 thread)", *["" for _ in names], "", f"{1e3 / lim:.1f}", "1.00x", "1.00", ""]])
+            + [["compute limit (1 thread)", *["" for _ in names], "", f"{1e3 / lim:.1f}", "", "", "1.00x", "1.00", ""]])
     else:  # results from before the pipeline's own total (the bench process counted in)
         names = sorted({k for r in res["runs"] for k in r["cpu_ms_per_frame"]})
         cpu = table(
