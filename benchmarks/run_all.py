@@ -35,6 +35,7 @@ import traceback
 from pathlib import Path
 
 from benchmarks.common import local_broker, machine, machine_load, progress, table, verdict, warm_broker
+from benchmarks.pipeline_bench import step_work_ms
 
 HERE = Path(__file__).resolve().parent
 STEPS = ("compute", "transport", "pipeline", "sweep", "peers", "agent")
@@ -181,13 +182,6 @@ def strip(res: dict) -> dict:
 
 def _verdict(ok: bool | None, measured: int = 1) -> str:
     return verdict(ok, measured)
-
-
-def step_work_ms(run: dict, limit: float) -> float:
-    """One frame's in-process work for a pipeline step: measured in one thread right before and
-    after that step (pipeline_bench.inprocess_ms), else the compute step's limit."""
-    ref = [v for v in run.get("inprocess_ms") or () if v == v]
-    return sum(ref) / len(ref) if ref else 1e3 / limit
 
 
 def _work_note(run: dict) -> str:

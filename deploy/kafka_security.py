@@ -132,16 +132,15 @@ def _write_private(path: Path, data: bytes) -> None:
     os.replace(_private_tmp(path, data), path)
 
 
-def _create_private(path: Path, data: bytes) -> bool:
-    """Create ``path`` with ``data`` (0600) unless it exists; True if this call created it.
-    ``link`` fails when the name exists, so of two writers racing (threads or processes) the
-    first wins and the second reads the winner's content."""
+def _create_private(path: Path, data: bytes) -> None:
+    """Create ``path`` with ``data`` (0600) unless it exists. ``link`` fails when the name
+    exists, so of two writers racing (threads or processes) the first wins and the second reads
+    the winner's content."""
     tmp = _private_tmp(path, data)
     try:
         os.link(tmp, path)
-        return True
     except FileExistsError:
-        return False
+        pass
     finally:
         tmp.unlink()
 
@@ -434,7 +433,7 @@ def add_camera_user(admin, state_dir: Path | None, camera_id: str) -> str:
         raise SecurityError(f"the broker refused the credential of {user}: {errors[user]}", "scram_refused")
     _create_acls(admin, role_acls("agent", user))
     if state_dir is not None:
-        with _CREDENTIALS_LOCK:  # read-modify-write: two cameras added at once both stay
+        with _CREDENTIALS_LOCK:  # read-modify-write: two cameras added at once (threads of one process) both stay
             creds = load_credentials(state_dir)
             creds["cameras"][camera_id] = password
             _save_credentials(state_dir, creds)

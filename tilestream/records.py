@@ -497,24 +497,28 @@ class FrameResult:
         return cls.from_bytes(payload, max_bytes, max_tiles)
 
 
-
 # The head of a result as FrameResult.to_json writes it (fields in dataclass order). After a
 # rebalance the classifier reads back every result of its dedup margin (120 s: ~9,600 results at
 # 80 frames/s) and needs only their frame ids: the whole FrameResult of a 108-tile result took
-# 0.49 ms, signature check + this match 0.24 ms (0.17 of it Ed25519).
-_RESULT_HEAD = re.compile(rb'\{"camera_id":"([^"\\]{1,128})","seq":(0|[1-9][0-9]{0,18}),"frame_id":"([^"\\]{1,128})"')
+# 0.55 ms, signature check + this match 0.16 ms (same sitting, 2026-12-03). Ids no longer than
+# MAX_ID_LEN and a seq of at most 18 digits (within the strict reader's int64); anything else is
+# read whole.
+_RESULT_HEAD = re.compile(rb'\{"camera_id":"([^"\\]{1,%d})","seq":(0|[1-9][0-9]{0,17}),"frame_id":"([^"\\]{1,%d})"'
+                          % (MAX_ID_LEN, MAX_ID_LEN))
 
 
 def signed_result_frame_id(data: bytes, keys: Callable[[str], ed25519.Ed25519PublicKey | None],
                            max_bytes: int = MAX_RESULT_BYTES) -> str:
     """The ``frame_id`` of a ``results`` record whose signature verified (see
-    :meth:`FrameResult.from_signed`, same refusals); a payload written in another field order is
-    read whole."""
+    :meth:`FrameResult.from_signed`: the same refusals of the envelope and signature). A signed
+    payload whose head matches is trusted for the rest (our classifier wrote it); one written in
+    another field order is read whole and strictly."""
     _, payload = open_signed_result(data, keys, max_bytes)
     m = _RESULT_HEAD.match(payload)
     if m and m.group(3) == m.group(1) + b"/" + m.group(2):
         return m.group(3).decode("ascii")
     return FrameResult.from_bytes(payload, max_bytes).frame_id
+
 
 # What a dead letter keeps of the original record: enough to inspect and replay any legitimate
 # frame (4 MiB frames + envelope), while the letter stays under the dead-letters topic's limit
