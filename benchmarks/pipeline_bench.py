@@ -31,6 +31,10 @@ Then, for each worker count:
    (how late the loop wakes a 100 ms sleep, probed every ~0.6 s) is taken from their /metrics
    over the same phase (p99 of a few dozen probes per worker: close to their maximum).
 
+After the steps, on the same warm broker, Kafka alone moves the same records at the 1-worker
+step's rate (``transport.kafka_floor``): the part of the pipeline's CPU and latency no stage code
+can remove.
+
 Peak RSS of each process is its VmHWM, read just before it is stopped. The compute limit
 (benchmarks/compute_limit.py) is measured in the same run, unless given.
 With ``--profile``, py-spy samples the (1-worker) processor and the classifier during an
@@ -58,6 +62,7 @@ from benchmarks.common import (ResultsWatcher, Sealer, bench_keys, child_env, co
                                jit_cpu_s, local_broker, machine, machine_load, percentile, proc_cpu_s, proc_status_kib,
                                progress, self_peak_rss_mib, table, topic_disk_bytes, vtest_encoded, warm_broker,
                                write_json)
+from benchmarks.transport import kafka_floor
 
 POOL_FRAMES = 200  # distinct vtest frames, reused with fresh sequence numbers
 
@@ -887,6 +892,14 @@ def run(frames: int = 800, workers=(1, 2), seconds: float = 25.0, loads=(0.5, 0.
 
         res["topic_bytes_per_frame"] = {t: topic_disk_bytes(lk, t) / max(1, b.frames_sent)
                                         for t in (topics.FRAMES, topics.TILE_FEATURES, topics.RESULTS)}
+        if res["runs"]:
+            # Kafka alone with the same records at the fewest workers' rate, on the same warm broker:
+            # the part of the pipeline's CPU no stage code can remove (see transport.kafka_floor).
+            marks_bytes = topic_disk_bytes(lk, topics.REPLAY_MARKS) / max(1, b.frames_sent)
+            res["kafka_floor"] = kafka_floor(
+                lk, {**{t: round(v) for t, v in res["topic_bytes_per_frame"].items()},
+                     topics.REPLAY_MARKS: round(marks_bytes)},
+                res["runs"][0]["fps_steady"], seconds=4.0 if quick else 20.0, warmup_s=2.0 if quick else 5.0)
         res["bench_peak_rss_mib"] = self_peak_rss_mib()
     res["tables"] = tables(res)
     return res
@@ -982,6 +995,17 @@ def tables(res: dict) -> dict[str, str]:
     out = {"pipeline_throughput": thr, "pipeline_processor_ms": pm, "pipeline_latency": lat, "pipeline_cpu": cpu, "pipeline_rss": rss,
            "pipeline_bytes": table(["topic", "bytes on the broker's disk per frame"],
                                    [[t, f"{v:.0f}"] for t, v in res["topic_bytes_per_frame"].items()])}
+    fl = res.get("kafka_floor")
+    if fl and res["runs"]:
+        work = step_work_ms(res["runs"][0], lim)
+        out["pipeline_kafka_floor"] = table(
+            ["Kafka alone: the same records, stage to stage", "frames/s", "broker ms", "of the broker's: JIT ms",
+             "librdkafka clients ms", "together ms", "/ in-process work of the step",
+             "camera -> reader, 3 hops: p50 / p99 ms"],
+            [["4 librdkafka clients that do nothing else (transport.kafka_floor)", f"{fl['rate']:.1f}",
+              f"{fl['broker_ms']:.2f}", f"{fl['broker_jit_ms']:.2f}", f"{fl['clients_ms']:.2f}",
+              f"{fl['broker_ms'] + fl['clients_ms']:.2f}", f"{(fl['broker_ms'] + fl['clients_ms']) / work:.2f}x",
+              f"{_cell(fl.get('latency_p50_ms'), '.1f')} / {_cell(fl.get('latency_p99_ms'), '.1f')}"]])
     if hop_rows:
         out["pipeline_hops"] = table(["workers", "load", "capture -> read ms (p50 / p99 / slowest 2 % mean)",
                                       *[f"{h} ms (p50 / p99 / slowest 2 % mean)" for h in HOPS],

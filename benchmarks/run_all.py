@@ -290,6 +290,20 @@ def explain(res: dict) -> list[str]:
                            f"the event loop, of which verify+open+decode+features {pm['frame'] - pm['send_and_loop']:.1f}"
                            f" ms and sending its tile records (one TileBatch per frame) "
                            f"{pm['send_and_loop']:.1f} ms; the agent handles one frame at a time (concurrency 1).")
+        fl = pl.get("kafka_floor")
+        if fl and pl["runs"]:
+            r = pl["runs"][0]
+            work, floor = step_work_ms(r, limit), fl["broker_ms"] + fl["clients_ms"]
+            tot = sum((r.get("pipeline_cpu_ms") or r["cpu_ms_per_frame"]).values())
+            out.append(f"Kafka alone, moving the same records stage to stage at the same {fl['rate']:.1f} frames/s with "
+                       f"librdkafka clients that do nothing else, costs the broker {fl['broker_ms']:.2f} ms and the "
+                       f"clients {fl['clients_ms']:.2f} ms per frame: {floor:.1f} ms, {floor / work:.2f}x the "
+                       f"{work:.1f} ms of in-process work before any stage code runs, where the CPU goal leaves "
+                       f"{GOALS['cpu'] - 1:.1f}x for everything. Above that floor the {r['workers']}-worker pipeline "
+                       f"spends {tot - work - floor:.1f} ms ({(tot - work - floor) / work:.2f}x)."
+                       + (f" The same records take p50 {fl['latency_p50_ms']:.1f} / p99 {fl['latency_p99_ms']:.1f} ms "
+                          f"from the camera to the reader through the three hops, with no stage work in them."
+                          if "latency_p99_ms" in fl else ""))
         prof = next((r.get("profile") for r in pl["runs"] if r.get("profile")), None)
         if prof:
             for proc, p in prof.items():
@@ -346,6 +360,11 @@ def limits(res: dict) -> str | None:
     row("crypto, camera side (HPKE seal + Ed25519 sign)", ms["seal"] + ms["sign"], "compute_limit (on the camera)")
     row("replay check, tile batch build + MAC, mark; MAC check + parse", ms["records"] + ms["parse"], "compute_limit")
     row("**the in-process work of a frame** (compute limit)", v["ms_limit"], "compute_limit: on_frame + on_record")
+    fl = (pl or {}).get("kafka_floor")
+    if fl:
+        row(f"Kafka alone: the frame's records through the broker at {fl['rate']:.0f} frames/s (broker "
+            f"{fl['broker_ms']:.2f} + librdkafka clients {fl['clients_ms']:.2f})", fl["broker_ms"] + fl["clients_ms"],
+            "pipeline_bench: transport.kafka_floor")
     if pe and pe.get("seed"):
         s = max(pe["seed"], key=lambda x: x["processes"])
         rows.append([f"seed Pool({s['processes']}) design: decode + features, no crypto, no Kafka", "",
@@ -581,7 +600,8 @@ def render(res: dict, charts: dict[str, str], where: Path) -> str:
         ("compute", "Single-process compute limit (benchmarks/compute_limit.py)",
          ["compute_summary", "compute_stages", "compute_crypto", "compute_sizes"], ["stages"]),
         ("pipeline", "End to end over the real broker (benchmarks/pipeline_bench.py)",
-         ["pipeline_throughput", "pipeline_processor_ms", "pipeline_latency", "pipeline_hops", "pipeline_cpu", "pipeline_rss", "pipeline_bytes",
+         ["pipeline_throughput", "pipeline_processor_ms", "pipeline_latency", "pipeline_hops", "pipeline_cpu", "pipeline_kafka_floor", "pipeline_rss",
+          "pipeline_bytes",
           "pipeline_profile", "pipeline_profile_leaves", "pipeline_soak"], ["throughput", "latency"]),
         ("sweep", "Choosing the tile size (benchmarks/tile_sweep.py)", ["tile_sweep", "tile_sweep_process"],
          ["tile_sweep"]),
@@ -606,6 +626,13 @@ def render(res: dict, charts: dict[str, str], where: Path) -> str:
                          "the reader's receive time); 'queued' = waiting for the same worker's previous frame "
                          "(its tile-features time), derived from the partition each worker holds.",
         "pipeline_cpu": "CPU ms per frame of each process over the closed loop's sustained window (/proc).",
+        "pipeline_kafka_floor": "What Kafka alone costs per frame: after the steps, on the same warm broker, the "
+                                "records a frame puts on `frames`, `tile-features`, `replay-marks` and `results` "
+                                "(their measured sizes) passed stage to stage at the 1-worker step's rate by "
+                                "librdkafka clients that do nothing else, as the services' clients are set up "
+                                "(acks=all, idempotent, commits every second). CPU ms per frame over the measured "
+                                "window (/proc); latency = the reader's receive time minus the frame's scheduled "
+                                "send time.",
         "pipeline_rss": "Peak RSS (VmHWM) of each process, read before it was stopped.",
         "pipeline_bytes": "Bytes on the broker's disk per frame sent (records and batch headers).",
         "pipeline_profile": "py-spy samples of the 1-worker processor and the classifier during a closed-loop burst.",

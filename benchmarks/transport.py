@@ -10,11 +10,20 @@ through kafka-python, the client the agent and the classifier use, against the s
 broker. A frame puts one record on each topic, so records/s is also the frames/s the transport
 alone would carry (until 2026-12-02 this step sent one record per *tile*, 50x as many, the layout
 before TileBatch).
+
+:func:`kafka_floor` (called by the pipeline bench after its steps, with the sizes and the rate it
+measured) is what Kafka alone costs per frame in the pipeline's own record flow: frame -> tile
+batch + replay mark -> result -> reader, one record per request as at camera rates. Found with it
+(2026-12-03 06:38, warm broker, 77/37/11.5 KB records at 65 frames/s): the broker 2.4-2.6 CPU ms
+per frame, the four librdkafka clients 1.1 together, and three hops p50 2.4-2.7 / p99 5.7-5.8
+ms with no stage work in them; the same flow of 150-byte records still cost the broker 1.3-1.5
+ms, so it is paid per request more than per byte.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import tempfile
 import time
@@ -23,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import (Sealer, bench_keys, local_broker, machine, machine_load, make_stage, progress,
-                               table, vtest_encoded, write_json)
+from benchmarks.common import (Sealer, bench_keys, jit_cpu_s, local_broker, machine, machine_load, make_stage,
+                               percentile, proc_cpu_s, progress, table, vtest_encoded, write_json)
 
 def record_sizes(tmp: Path) -> tuple[int, int]:
     from tilestream import topics
@@ -103,6 +112,136 @@ def python_consume(lk, topic: str, n: int) -> dict:
     finally:
         c.close()
     return {"records_per_s": got / dt, "mb_per_s": size / dt / 2**20}
+
+
+# --------------------------------------------------------------------------- Kafka's floor for a frame
+
+# A frame's records, in the order the pipeline writes them: what each stage reads, and what it writes
+# for every record it read (the processor: the tile batch, then the replay mark; see
+# stream_processor.stage). The reader at the end plays the services that consume `results`.
+FLOOR_FLOW = (("camera", None, ("frames",)),
+              ("processor", "frames", ("tile-features", "replay-marks")),
+              ("classifier", "tile-features", ("results",)),
+              ("reader", "results", ()))
+
+
+def kafka_floor(lk, record_bytes: dict[str, int], rate: float, seconds: float = 20.0, warmup_s: float = 10.0) -> dict:
+    """What Kafka alone costs per frame: the pipeline's records, passed stage to stage at ``rate``
+    frames/s by librdkafka clients that do nothing else, on topics made as the pipeline's are.
+
+    ``record_bytes``: bytes per frame of each topic of :data:`FLOOR_FLOW` (what the pipeline step
+    measured on the broker's disk; random bytes, as incompressible as sealed frames and MACed
+    batches). Every stage is a group consumer and an idempotent ``acks=all`` producer of
+    ``kafkaio.rdkafka`` with the profiles the agent (``frames``) and the classifier (``stage``) use,
+    committing every second as the services do; the four run as threads of this process.
+
+    Returns the broker's CPU ms per frame (its JIT compiler threads' share shown apart) and this
+    process's: the clients' floor, their Python loop included. No Python client can move the same
+    records for less broker CPU than the first figure, so the pipeline's overhead over its
+    in-process work can not drop below it either. Measured after ``warmup_s`` unmeasured seconds
+    at the same rate."""
+    import threading
+
+    from kafkaio import rdkafka
+    from kafkaio.clients import ensure_topics
+    from tilestream.config import KafkaSettings
+    from tilestream.topics import TopicSpec, pipeline_topics
+
+    tag = uuid.uuid4().hex[:6]
+    names = {t: f"floor-{t}-{tag}" for _, _, outs in FLOOR_FLOW for t in outs}
+    specs = {s.name: s for s in pipeline_topics(KafkaSettings())}
+    ensure_topics(lk.bootstrap, [TopicSpec(n, specs[t].partitions, specs[t].configs) for t, n in names.items()])
+    rng = np.random.default_rng(0)
+    payload = {t: rng.integers(0, 256, max(1, record_bytes[t]), dtype=np.uint8).tobytes() for t in names}
+    stop, read = threading.Event(), [0]
+    latency: list[float] = []  # the reader's receive time minus the frame's scheduled send time, s
+    first_measured = [1 << 62]  # the first frame of the measured window
+    t0 = time.perf_counter() + 1.0  # the camera's clock starts once the consumers had a second to join
+    errors: list[BaseException] = []
+
+    def producer(profile: str):
+        return rdkafka.producer(lk.bootstrap, profile, max_request_bytes=4 * 2**20, delivery_timeout_ms=60000)
+
+    def relay(name: str, src: str, outs: tuple[str, ...]) -> None:
+        try:
+            # Offsets stored as consumed, committed once a second, as the services commit.
+            c = rdkafka.group_consumer(lk.bootstrap, f"floor-{name}-{tag}", f"floor-{name}",
+                                       **{"enable.auto.offset.store": True})
+            p = producer("stage") if outs else None
+            c.subscribe([names[src]])
+            last_commit = time.monotonic()
+            while not stop.is_set():
+                # As the classifier reads: poll() returns at the first record, consume(n, 0) takes
+                # what is already fetched (consume(n, timeout) would wait for n or the timeout).
+                first = c.poll(0.1)
+                msgs = [] if first is None else [first, *c.consume(499, 0)]
+                for m in msgs:
+                    if m.error() is None:
+                        for t in outs:
+                            p.produce(names[t], value=payload[t], key=m.key())
+                        if name == "reader":
+                            read[0] += 1
+                            i = int(m.key().rpartition(b"/")[2])
+                            if i >= first_measured[0]:
+                                latency.append(time.perf_counter() - t0 - i / rate)
+                if p is not None:
+                    p.poll(0)
+                if msgs and time.monotonic() - last_commit >= 1.0:
+                    c.commit(asynchronous=True)
+                    last_commit = time.monotonic()
+            if p is not None:
+                p.flush(30)
+            c.close()
+        except BaseException as exc:  # noqa: BLE001 - reported by the caller
+            errors.append(exc)
+
+    threads = [threading.Thread(target=relay, args=(n, src, outs), daemon=True)
+               for n, src, outs in FLOOR_FLOW if src is not None]
+    for th in threads:
+        th.start()
+    cam = producer("frames")
+    broker_pid, me = lk.status().pid, os.getpid()
+    total = warmup_s + seconds
+    progress(f"Kafka's floor: the pipeline's records at {rate:.1f} frames/s, {warmup_s:.0f} s unmeasured, "
+             f"then {seconds:.0f} s measured")
+    marks: dict[str, tuple] = {}
+    i = 0
+    while True:
+        el = time.perf_counter() - t0
+        if "start" not in marks and el >= warmup_s:
+            marks["start"] = (i, proc_cpu_s(broker_pid), jit_cpu_s(broker_pid), proc_cpu_s(me))
+            first_measured[0] = i
+        if el >= total:
+            break
+        due = i / rate
+        if el < due:
+            time.sleep(min(due - el, 0.05))
+            continue
+        cam.produce(names["frames"], value=payload["frames"], key=f"floor/{i}".encode())
+        cam.poll(0)
+        i += 1
+    marks["end"] = (i, proc_cpu_s(broker_pid), jit_cpu_s(broker_pid), proc_cpu_s(me))
+    cam.flush(30)
+    deadline = time.monotonic() + 60
+    while read[0] < i and time.monotonic() < deadline and not errors:
+        time.sleep(0.05)
+    stop.set()
+    for th in threads:
+        th.join(60)
+    if errors:
+        raise RuntimeError(f"Kafka's floor: a client failed: {errors[0]!r}")
+    if read[0] < i:
+        raise RuntimeError(f"Kafka's floor: {read[0]} of {i} frames reached the reader in 60 s")
+    (n0, b0, j0, c0), (n1, b1, j1, c1) = marks["start"], marks["end"]
+    n = max(1, n1 - n0)
+    lat_ms = [1e3 * x for x in latency]
+    out = {"rate": rate, "frames": n, "seconds": seconds, "record_bytes": dict(record_bytes),
+           "broker_ms": (b1 - b0) * 1e3 / n, "broker_jit_ms": (j1 - j0) * 1e3 / n, "clients_ms": (c1 - c0) * 1e3 / n,
+           "latency_p50_ms": percentile(lat_ms, 50), "latency_p99_ms": percentile(lat_ms, 99)}
+    progress(f"Kafka's floor: broker {out['broker_ms']:.2f} ms/frame (JIT {out['broker_jit_ms']:.2f}), "
+             f"librdkafka clients {out['clients_ms']:.2f} ms/frame; camera -> reader p50 "
+             f"{out['latency_p50_ms']:.1f} ms, p99 {out['latency_p99_ms']:.1f} ms")
+    return out
 
 
 def run(frames: int = 5000, quick: bool = False, broker=None) -> dict:
