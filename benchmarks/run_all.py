@@ -299,8 +299,12 @@ def explain(res: dict) -> list[str]:
                        f"librdkafka clients that do nothing else, costs the broker {fl['broker_ms']:.2f} ms and the "
                        f"clients {fl['clients_ms']:.2f} ms per frame: {floor:.1f} ms, {floor / work:.2f}x the "
                        f"{work:.1f} ms of in-process work before any stage code runs, where the CPU goal leaves "
-                       f"{GOALS['cpu'] - 1:.1f}x for everything. Above that floor the {r['workers']}-worker pipeline "
-                       f"spends {tot - work - floor:.1f} ms ({(tot - work - floor) / work:.2f}x)."
+                       f"{GOALS['cpu'] - 1:.1f}x for everything. What the {r['workers']}-worker pipeline spends "
+                       f"beyond its in-process work and that floor: {tot - work - floor:.1f} ms "
+                       f"({(tot - work - floor) / work:.2f}x)"
+                       + (f", where the in-process work itself measured {min(r['inprocess_ms']):.1f} and "
+                          f"{max(r['inprocess_ms']):.1f} ms around the step" if r.get("inprocess_ms") else "")
+                       + "."
                        + (f" The same records take p50 {fl['latency_p50_ms']:.1f} / p99 {fl['latency_p99_ms']:.1f} ms "
                           f"from the camera to the reader through the three hops, with no stage work in them."
                           if "latency_p99_ms" in fl else ""))

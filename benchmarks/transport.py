@@ -135,11 +135,12 @@ def kafka_floor(lk, record_bytes: dict[str, int], rate: float, seconds: float = 
     ``kafkaio.rdkafka`` with the profiles the agent (``frames``) and the classifier (``stage``) use,
     committing every second as the services do; the four run as threads of this process.
 
-    Returns the broker's CPU ms per frame (its JIT compiler threads' share shown apart) and this
-    process's: the clients' floor, their Python loop included. No Python client can move the same
-    records for less broker CPU than the first figure, so the pipeline's overhead over its
-    in-process work can not drop below it either. Measured after ``warmup_s`` unmeasured seconds
-    at the same rate."""
+    Returns the broker's CPU ms per frame (its JIT compiler threads' share shown apart), this
+    process's (the four clients, their Python loop included) and the camera-to-reader latency of
+    the three hops. It is a reference, not a proof: clients that batch more (longer lingers and
+    fetch waits) make fewer requests and cost the broker less, at the price of latency; at camera
+    rates, one record per request is what the services do. Measured after ``warmup_s`` unmeasured
+    seconds at the same rate."""
     import threading
 
     from kafkaio import rdkafka
@@ -167,6 +168,10 @@ def kafka_floor(lk, record_bytes: dict[str, int], rate: float, seconds: float = 
             # Offsets stored as consumed, committed once a second, as the services commit.
             c = rdkafka.group_consumer(lk.bootstrap, f"floor-{name}-{tag}", f"floor-{name}",
                                        **{"enable.auto.offset.store": True})
+            # No linger, as the services' librdkafka producers. (A 1 ms linger for the processor's
+            # two records, to put them in one request as aiokafka does, made the broker no cheaper:
+            # 2.7-3.3 ms/frame and p50 4.0 ms at 07:08, against 2.4-2.6 and 2.4-2.8 without it at
+            # 06:38-06:56; minutes apart on a drifting host, but not the drop it would have to be.)
             p = producer("stage") if outs else None
             c.subscribe([names[src]])
             last_commit = time.monotonic()
