@@ -16,8 +16,9 @@ measured) is what Kafka alone costs per frame in the pipeline's own record flow:
 batch + replay mark -> result -> reader, one record per request as at camera rates. Found with it
 (2026-12-03 06:38, warm broker, 77/37/11.5 KB records at 65 frames/s): the broker 2.4-2.6 CPU ms
 per frame, the four librdkafka clients 1.1 together, and three hops p50 2.4-2.7 / p99 5.7-5.8
-ms with no stage work in them; the same flow of 150-byte records still cost the broker 1.3-1.5
-ms, so it is paid per request more than per byte.
+ms with no stage work in them. It is paid per request more than per byte: in one later sitting
+(07:11, a slower minute) 150-byte records cost the broker 2.3 and 2.9 ms per frame against 3.2
+and 3.0 with the real sizes, and 2.8-3.3 with half the tile and a quarter of the result bytes.
 """
 
 from __future__ import annotations
