@@ -130,6 +130,15 @@ def test_the_dedup_read_back_takes_the_frame_id_of_a_verified_result_only():
         with pytest.raises(Refused) as refused:
             signed_result_frame_id(sign_result(payload, "00112233445566aa", key), keys)
         assert refused.value.reason == "malformed"
+    # In our field order but with a raw control character in the ids (JSON does not allow one; our
+    # classifier escapes it): the strict reader refuses it, so the head match must not take it.
+    raw_ctl = (b'{"camera_id":"cam\x01d","seq":7,"frame_id":"cam\x01d/7"'
+               + _result("camd", 7).to_json()[len(b'{"camera_id":"camd","seq":7,"frame_id":"camd/7"'):])
+    signed = sign_result(raw_ctl, "00112233445566aa", key)
+    for read in (verify_result, signed_result_frame_id):
+        with pytest.raises(Refused) as refused:
+            read(signed, keys)
+        assert refused.value.reason == "malformed"
 
 
 def test_an_unsigned_result_is_refused_as_unsigned():

@@ -501,10 +501,12 @@ class FrameResult:
 # rebalance the classifier reads back every result of its dedup margin (120 s: ~9,600 results at
 # 80 frames/s) and needs only their frame ids: the whole FrameResult of a 108-tile result took
 # 0.55 ms, signature check + this match 0.16 ms (same sitting, 2026-12-03). Ids no longer than
-# MAX_ID_LEN and a seq of at most 18 digits (within the strict reader's int64); anything else is
-# read whole.
-_RESULT_HEAD = re.compile(rb'\{"camera_id":"([^"\\]{1,%d})","seq":(0|[1-9][0-9]{0,17}),"frame_id":"([^"\\]{1,%d})"'
-                          % (MAX_ID_LEN, MAX_ID_LEN))
+# MAX_ID_LEN of printable ASCII without quote or backslash (so no escape to interpret, and nothing
+# the strict JSON reader refuses, such as a raw control character) and a seq of at most 18 digits
+# (within the strict reader's int64); anything else is read whole.
+_ID_CHARS = rb'[\x20\x21\x23-\x5b\x5d-\x7e]'
+_RESULT_HEAD = re.compile(rb'\{"camera_id":"(%s{1,%d})","seq":(0|[1-9][0-9]{0,17}),"frame_id":"(%s{1,%d})"'
+                          % (_ID_CHARS, MAX_ID_LEN, _ID_CHARS, MAX_ID_LEN))
 
 
 def signed_result_frame_id(data: bytes, keys: Callable[[str], ed25519.Ed25519PublicKey | None],
