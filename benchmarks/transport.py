@@ -35,9 +35,10 @@ import numpy as np
 
 from benchmarks.common import (Sealer, bench_keys, jit_cpu_s, local_broker, machine, machine_load, make_stage,
                                percentile, proc_cpu_s, progress, table, vtest_encoded, write_json)
+from tilestream import topics
+
 
 def record_sizes(tmp: Path) -> tuple[int, int]:
-    from tilestream import topics
     from tilestream.config import FeatureConfig
 
     store = bench_keys(tmp / "keys", ["size"])
@@ -120,10 +121,10 @@ def python_consume(lk, topic: str, n: int) -> dict:
 # A frame's records, in the order the pipeline writes them: what each stage reads, and what it writes
 # for every record it read (the processor: the tile batch, then the replay mark; see
 # stream_processor.stage). The reader at the end plays the services that consume `results`.
-FLOOR_FLOW = (("camera", None, ("frames",)),
-              ("processor", "frames", ("tile-features", "replay-marks")),
-              ("classifier", "tile-features", ("results",)),
-              ("reader", "results", ()))
+FLOOR_FLOW = (("camera", None, (topics.FRAMES,)),
+              ("processor", topics.FRAMES, (topics.TILE_FEATURES, topics.REPLAY_MARKS)),
+              ("classifier", topics.TILE_FEATURES, (topics.RESULTS,)),
+              ("reader", topics.RESULTS, ()))
 
 
 def kafka_floor(lk, record_bytes: dict[str, int], rate: float, seconds: float = 20.0, warmup_s: float = 10.0) -> dict:
@@ -223,7 +224,7 @@ def kafka_floor(lk, record_bytes: dict[str, int], rate: float, seconds: float = 
         if el < due:
             time.sleep(min(due - el, 0.05))
             continue
-        cam.produce(names["frames"], value=payload["frames"], key=f"floor/{i}".encode())
+        cam.produce(names[topics.FRAMES], value=payload[topics.FRAMES], key=f"floor/{i}".encode())
         cam.poll(0)
         i += 1
     marks["end"] = (i, proc_cpu_s(broker_pid), jit_cpu_s(broker_pid), proc_cpu_s(me))
