@@ -53,7 +53,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks.common import CpuTimer, local_broker, machine, machine_load, progress, table
+from benchmarks.common import CpuTimer, broker_for, local_broker, machine, machine_load, progress, table
 import edge_agent.agent as agent_module
 from edge_agent.agent import EdgeAgent
 from edge_agent.encode import encode_image
@@ -482,12 +482,10 @@ def enrolled_camera(tmp: Path, video: str, bootstrap: str) -> tuple[KeyStore, Ed
 
 def run(rates=(10.0, 25.0), seconds: float = 15.0, reps: int = 2, quick: bool = False, broker=None) -> dict:
     """The camera-rate measurement alone, for ``benchmarks.run_all`` (its broker given)."""
-    from benchmarks.pipeline_bench import _nullctx
-
     if quick:
         seconds, reps = min(seconds, 8.0), 1
     video = str(samples.path("vtest.avi"))
-    with tempfile.TemporaryDirectory() as tmp, (local_broker() if broker is None else _nullctx(broker)) as lk:
+    with tempfile.TemporaryDirectory() as tmp, broker_for(broker) as lk:
         store, sealer, blobs = enrolled_camera(Path(tmp), video, lk.bootstrap)
         sealer.spool.close()
         results = run_paced(video, list(rates), seconds, reps, store, lk.bootstrap, Path(tmp), blobs)

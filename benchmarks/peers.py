@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import (Sealer, bench_keys, child_env, commit_group_to_end, local_broker, machine, machine_load,
+from benchmarks.common import (Sealer, bench_keys, broker_for, child_env, commit_group_to_end, machine, machine_load,
                                proc_cpu_s, proc_status_kib, progress, table, vtest_encoded, write_json)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -187,7 +187,7 @@ def _stop(proc: subprocess.Popen, timeout: float = 20) -> None:
 def run(frames: int = 160, quix_frames: int = 300, quix: bool = True, e2e_fps: float | None = None,
         compute_limit_fps: float | None = None, quick: bool = False, broker=None) -> dict:
     from benchmarks.compute_limit import measure
-    from benchmarks.pipeline_bench import _nullctx, prepare_model
+    from benchmarks.pipeline_bench import prepare_model
     import sampledata as samples
     from tilestream.config import FeatureConfig
 
@@ -214,7 +214,7 @@ def run(frames: int = 160, quix_frames: int = 300, quix: bool = True, e2e_fps: f
             progress(f"seed design: multiprocessing.Pool({procs}) over {frames} images, classification at the centre")
             res["seed"].append(seed_pool(jpegs, model, cfg, procs))
         if quix:
-            with (local_broker() if broker is None else _nullctx(broker)) as lk:
+            with broker_for(broker) as lk:
                 res["processor"] = []
                 for kind in WARMUP_ORDER:
                     try:

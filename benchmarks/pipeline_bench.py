@@ -58,8 +58,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import (ResultsWatcher, Sealer, bench_keys, child_env, commit_group_to_end, frames_producer,
-                               jit_cpu_s, local_broker, machine, machine_load, percentile, proc_cpu_s, proc_status_kib,
+from benchmarks.common import (ResultsWatcher, Sealer, bench_keys, broker_for, child_env, commit_group_to_end,
+                               frames_producer, jit_cpu_s, machine, machine_load, percentile, proc_cpu_s, proc_status_kib,
                                progress, self_peak_rss_mib, table, topic_disk_bytes, vtest_encoded, warm_broker,
                                write_json)
 from benchmarks.transport import kafka_floor
@@ -837,7 +837,7 @@ def run(frames: int = 800, workers=(1, 2), seconds: float = 25.0, loads=(0.5, 0.
     res: dict = {"frames": frames, "workers": list(workers), "seconds": seconds, "loads": list(loads), "runs": [],
                  "latency_repeats": latency_repeats}
     with tempfile.TemporaryDirectory(prefix="tilestream-bench-") as tmp_s, \
-            (local_broker() if broker is None else _nullctx(broker)) as lk:
+            broker_for(broker) as lk:
         tmp = Path(tmp_s)
         cameras = [f"w{w}-closed" for w in workers] + [_phase_camera(w, l, k) for w in workers for l, k in phases]
         cameras += ["profile", "limit", "soak"] + [f"warmup-{r}" for r in range(1, WARMUP_ROUNDS + 1)]
@@ -903,17 +903,6 @@ def run(frames: int = 800, workers=(1, 2), seconds: float = 25.0, loads=(0.5, 0.
         res["bench_peak_rss_mib"] = self_peak_rss_mib()
     res["tables"] = tables(res)
     return res
-
-
-class _nullctx:
-    def __init__(self, v):
-        self.v = v
-
-    def __enter__(self):
-        return self.v
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _cell(v, fmt: str) -> str:

@@ -180,12 +180,12 @@ def run(frames: int = 60, sizes=SIZES, pipeline_frames: int = 100, quick: bool =
 
 def _pipeline(res: dict, tmp: Path, store, encoded, n: int, broker, load: float, seconds: float,
               min_frames: int = 300) -> None:
-    from benchmarks.common import ResultsWatcher, local_broker, proc_status_kib
-    from benchmarks.pipeline_bench import Bench, _nullctx, closed_loop, open_loop
+    from benchmarks.common import ResultsWatcher, broker_for, proc_status_kib
+    from benchmarks.pipeline_bench import Bench, closed_loop, open_loop
     from tilestream import topics
 
     on_disk = (topics.FRAMES, topics.TILE_FEATURES, topics.RESULTS)
-    with (local_broker() if broker is None else _nullctx(broker)) as lk:
+    with broker_for(broker) as lk:
         if broker is None:
             progress("warming the broker up (JIT) with frame- and tile-sized records")
             warm_broker(lk.bootstrap)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import (Sealer, bench_keys, jit_cpu_s, local_broker, machine, machine_load, make_stage,
+from benchmarks.common import (Sealer, bench_keys, broker_for, jit_cpu_s, machine, machine_load, make_stage,
                                percentile, proc_cpu_s, progress, table, vtest_encoded, write_json)
 from tilestream import topics
 
@@ -252,7 +252,6 @@ def kafka_floor(lk, record_bytes: dict[str, int], rate: float, seconds: float = 
 
 
 def run(frames: int = 5000, quick: bool = False, broker=None) -> dict:
-    from benchmarks.pipeline_bench import _nullctx
     from kafkaio.clients import ensure_topics
     from tilestream.topics import TopicSpec
 
@@ -260,7 +259,7 @@ def run(frames: int = 5000, quick: bool = False, broker=None) -> dict:
         frames = min(frames, 300)
     res: dict = {"frames": frames, "rows": []}
     with tempfile.TemporaryDirectory(prefix="tilestream-bench-") as tmp_s, \
-            (local_broker() if broker is None else _nullctx(broker)) as lk:
+            broker_for(broker) as lk:
         frame_size, tile_size = record_sizes(Path(tmp_s))
         res["frame_record_bytes"], res["tile_record_bytes"] = frame_size, tile_size
         tag = uuid.uuid4().hex[:6]
