@@ -16,8 +16,9 @@ end-to-end rate (from benchmarks/pipeline_bench.py in the same run, when given).
 per-record path, ``ProcessorStage.on_frame``, confluent-kafka underneath) against tilestream's
 Faust worker, one process each, each fed the same pre-filled `frames` on the same broker with
 nothing else running; rate = TileBatch records (one per frame) appearing on `tile-features` (10%-90% window).
-Run in the order Faust, Quix, Quix, Faust (:data:`PROCESSOR_ORDER`), after one unmeasured short run of
-each (:data:`WARMUP_ORDER`); the ratio is of the two means.
+Run as ABBA twice (:data:`PROCESSOR_ORDER`), after one unmeasured short run of each
+(:data:`WARMUP_ORDER`); the ratio is of the two means, and each adjacent Faust/Quix pair's ratio is
+shown beside it, so a verdict that rests on the host's drift shows as a wide spread.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ REPO = Path(__file__).resolve().parents[1]
 # machine's other load (make bench 16:05: Faust first, 14.3 vs 14.1 CPU ms/frame, i.e. the same
 # work, yet 69.4 vs 72.2 frames/s = 0.96x, from the CPU it was given).
 PROCESSOR_ORDER = ("faust", "quix", "quix", "faust")
+# ... and twice, with runs half as long: one ABBA of 1,000 frames each still rode the host's drift
+# (make bench 2026-12-03 07:34: Faust 57.0 and 58.5 frames/s around Quix's 63.2 and 63.6, Faust's
+# CPU per frame 17.4 and 17.0 ms against Quix's 15.9 and 15.8, the same compute; an hour before,
+# 79.3 and 76.5 around 78.2 and 76.7). Eight shorter runs spread the same time over more turns.
+PROCESSOR_REPEATS = 2
 # ABBA evens out a drift, not a first run that pays alone: in the make bench of 2026-12-02 23:48
 # run 1 (Faust) did 59.0 frames/s and 17.0 CPU ms/frame, its own verify..features timer 15.1 ms,
 # while run 4 (Faust again) did 72.8, 13.8 and 13.4 ms (Quix 74.6 and 72.3): the same code, the
@@ -72,10 +78,13 @@ def seed_image_features(jpeg: bytes) -> np.ndarray:
     return np.stack([tile_features(pixels, _CFG) for _, pixels in split(img, _CFG)])
 
 
-def seed_pool(jpegs: list[bytes], model, cfg, processes: int) -> dict:
+def seed_pool(jpegs: list[bytes], model, cfg, processes: int, context: str = "fork") -> dict:
+    """The seed design's frames/s over ``jpegs`` with ``processes`` workers (after a warm-up map).
+    ``context``: the multiprocessing start method; "forkserver" from a process whose other threads
+    (Kafka clients) could hold a lock at the fork."""
     import multiprocessing as mp
 
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context(context)
     labels = []
     with ctx.Pool(processes, initializer=_seed_init, initargs=(cfg.as_dict(),)) as pool:
         pool.map(seed_image_features, jpegs[:2 * processes])  # warm the workers up
@@ -197,7 +206,8 @@ def run(frames: int = 160, quix_frames: int = 300, quix: bool = True, e2e_fps: f
     cfg = FeatureConfig()
     with tempfile.TemporaryDirectory(prefix="tilestream-bench-") as tmp_s:
         tmp = Path(tmp_s)
-        store = bench_keys(tmp / "keys", ["peer-limit"] + [f"peer-{kind}-{k}" for k, kind in enumerate(PROCESSOR_ORDER)]
+        store = bench_keys(tmp / "keys", ["peer-limit"] + [f"peer-{kind}-{k}" for k, kind
+                                                           in enumerate(PROCESSOR_ORDER * PROCESSOR_REPEATS)]
                            + [f"peer-warmup-{kind}" for kind in WARMUP_ORDER])
         _, model = prepare_model(tmp, cfg)
         encoded = vtest_encoded(frames)
@@ -223,7 +233,7 @@ def run(frames: int = 160, quix_frames: int = 300, quix: bool = True, e2e_fps: f
                         progress(f"[{kind}] warm-up (unmeasured) {warm['fps']:.1f} frames/s")
                     except Exception as exc:  # noqa: BLE001 - the measured run of that kind reports it
                         progress(f"[{kind}] warm-up failed: {exc}")
-                for k, kind in enumerate(PROCESSOR_ORDER):
+                for k, kind in enumerate(PROCESSOR_ORDER * PROCESSOR_REPEATS):
                     try:
                         res["processor"].append(processor_only(lk, store, tmp, kind, quix_frames, encoded, 1,
                                                                f"peer-{kind}-{k}"))
@@ -244,6 +254,17 @@ def processor_means(res: dict) -> dict[str, dict[str, float]]:
         if runs:
             out[kind] = {"fps": float(np.mean([p["fps"] for p in runs])), "runs": len(runs),
                          "cpu_ms_per_frame": float(np.mean([p["cpu_ms_per_frame"] for p in runs]))}
+    return out
+
+
+def pair_ratios(res: dict) -> list[float]:
+    """Faust / Quix frames/s of each adjacent pair of runs (runs 1-2, 3-4, ...), in run order."""
+    runs = res.get("processor", [])
+    out = []
+    for a, b in zip(runs[0::2], runs[1::2]):
+        if "fps" in a and "fps" in b and {a["kind"], b["kind"]} == {"faust", "quix"}:
+            f, q = (a, b) if a["kind"] == "faust" else (b, a)
+            out.append(f["fps"] / q["fps"])
     return out
 
 
