@@ -688,6 +688,11 @@ class LocalKafka:
         # One node keeps the heap it always had; a cluster runs three JVMs on a 2-core,
         # shared machine, where 512 MB each is ample for test traffic.
         heap = ("-Xms256m", "-Xmx1g") if self.brokers == 1 else ("-Xms128m", "-Xmx512m")
+        # Kafka's defaults for threads and G1 stay: fewer broker threads (num.network.threads=1,
+        # num.io.threads=2, background.threads=2) and/or -XX:+UseSerialGC did not make a frame
+        # cheaper for the broker (benchmarks.transport.kafka_floor at 65 frames/s, third run on each
+        # fresh broker, 2026-12-03 08:53-09:03: 2.78 default, 2.66 threads, 3.32 SerialGC, 2.88 and
+        # 3.98 both, ms/frame; idle 22-32 ms/s for all), so nothing to trade defaults for.
         cmd = self._java(
             *heap, "-XX:+UseG1GC", "-Djava.awt.headless=true",
             f"-Dlog4j2.configurationFile={HERE / 'log4j2.properties'}",
