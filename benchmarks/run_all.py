@@ -285,6 +285,12 @@ def _peers():
     return peers
 
 
+def _run_cpu(run: dict) -> dict[str, float]:
+    """A closed-loop step's CPU ms per frame by process: the pipeline's own (sender and broker intake
+    in, bench reader out), else, for results from before that split, every sampled process."""
+    return run.get("pipeline_cpu_ms") or run["cpu_ms_per_frame"]
+
+
 def explain(res: dict) -> list[str]:
     """Why the misses, from the measured CPU split and the py-spy profile of this run."""
     out = []
@@ -292,7 +298,7 @@ def explain(res: dict) -> list[str]:
     if pl and pl["runs"]:
         limit = pl["compute_limit_fps"]
         for r in pl["runs"]:
-            cpu = r.get("pipeline_cpu_ms") or r["cpu_ms_per_frame"]
+            cpu = _run_cpu(r)
             if not cpu:
                 continue
             tot, work = sum(cpu.values()), step_work_ms(r, limit)
@@ -314,7 +320,7 @@ def explain(res: dict) -> list[str]:
         if fl and pl["runs"]:
             r = pl["runs"][0]
             work, floor = step_work_ms(r, limit), fl["broker_ms"] + fl["clients_ms"]
-            tot = sum((r.get("pipeline_cpu_ms") or r["cpu_ms_per_frame"]).values())
+            tot = sum(_run_cpu(r).values())
             out.append(f"Kafka alone, moving the same records stage to stage at the same {fl['rate']:.1f} frames/s with "
                        f"librdkafka clients that do nothing else, costs the broker {fl['broker_ms']:.2f} ms and the "
                        f"clients {fl['clients_ms']:.2f} ms per frame: {floor:.1f} ms, {floor / work:.2f}x the "
