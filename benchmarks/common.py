@@ -72,11 +72,11 @@ def local_broker(version: str | None = None) -> Iterator["object"]:
             lk.stop()
 
 
-
 def broker_for(broker=None):
     """A context of the broker a step runs on: ``broker`` when given (``benchmarks.run_all``
     shares one; left running on exit), else a fresh :func:`local_broker` (stopped on exit)."""
     return local_broker() if broker is None else contextlib.nullcontext(broker)
+
 
 class CpuTimer:
     """Wall and process CPU time (all threads of this process) of a block."""
